@@ -1,0 +1,1 @@
+"""gradscope's command line (installed as ``gradscope.cli``); thin click commands over the library."""

@@ -1,0 +1,98 @@
+"""The layer table: which modules are watched, their names, and their order of execution.
+
+Records are keyed by the qualified name from ``named_modules()`` (as TransformerLens does), and
+layers are ordered by first execution rather than registration, because registration order says
+nothing about where a module sits in the computation (shared or reused modules, ModuleDicts).
+``rel_depth = depth / (n - 1)`` lets networks of different depth line up in reports.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable, Union
+
+from torch import nn
+
+from gradscope.stats import saturation_range
+
+#: What ``watch(modules=...)`` accepts: a glob on qualified names, a module type, a predicate
+#: ``(name, module) -> bool``, or a list of those (a module matching any of them is watched).
+ModuleFilter = Union[str, type, Callable[[str, nn.Module], bool], Iterable[Any]]
+
+
+@dataclass
+class Layer:
+    """One watched module: a row of the layer table in ``meta.json``."""
+
+    name: str
+    type: str
+    params: int  # number of elements in the module's *own* parameters (not its children's)
+    row: int  # index in the recorder's device buffer (registration order)
+    depth: int | None = None  # index in order of first execution; None if it never ran
+    rel_depth: float | None = None
+    calls: int = 0  # most forward calls seen in one recorded step
+    saturation_bounds: tuple[float, float] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["saturation_bounds"] = list(self.saturation_bounds) if self.saturation_bounds else None
+        return d
+
+
+def own_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return list(module.parameters(recurse=False))
+
+
+def _default_filter(name: str, module: nn.Module) -> bool:
+    """Leaf modules that own parameters: the layers whose gradients a user can act on."""
+    return next(module.children(), None) is None and bool(own_parameters(module))
+
+
+def _as_predicate(spec: ModuleFilter) -> Callable[[str, nn.Module], bool]:
+    if isinstance(spec, str):
+        return lambda name, _m: fnmatch.fnmatchcase(name, spec)
+    if isinstance(spec, type):
+        if not issubclass(spec, nn.Module):
+            raise TypeError(f"modules=: {spec.__name__} is not an nn.Module subclass")
+        return lambda _n, m: isinstance(m, spec)
+    if callable(spec):
+        return spec
+    try:
+        parts = [_as_predicate(s) for s in spec]
+    except TypeError:
+        raise TypeError(
+            f"modules= takes a glob string, an nn.Module type, a predicate (name, module) -> bool, "
+            f"or a list of those; got {type(spec).__name__}"
+        ) from None
+    return lambda name, m: any(p(name, m) for p in parts)
+
+
+def select_layers(model: nn.Module, modules: ModuleFilter | None = None) -> list[tuple[Layer, nn.Module]]:
+    """Watched modules of ``model`` in registration order, each with its layer-table row."""
+    keep = _default_filter if modules is None else _as_predicate(modules)
+    chosen = [(name, m) for name, m in model.named_modules() if keep(name, m)]
+    if not chosen:
+        what = "no module owns parameters" if modules is None else f"modules={modules!r} matched no module"
+        raise ValueError(f"gradscope.watch: nothing to watch in {type(model).__name__}: {what}")
+    return [
+        (
+            Layer(
+                name=name,
+                type=type(m).__name__,
+                params=sum(p.numel() for p in own_parameters(m)),
+                row=row,
+                saturation_bounds=saturation_range(m),
+            ),
+            m,
+        )
+        for row, (name, m) in enumerate(chosen)
+    ]
+
+
+def assign_depths(layers: list[Layer], execution_order: list[int]) -> None:
+    """Set ``depth``/``rel_depth`` from the rows in order of first execution."""
+    n = len(execution_order)
+    for depth, row in enumerate(execution_order):
+        layers[row].depth = depth
+        layers[row].rel_depth = depth / (n - 1) if n > 1 else 0.0

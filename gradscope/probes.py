@@ -1,0 +1,120 @@
+"""What is measured where: forward hooks on watched modules and gradient hooks on their outputs.
+
+Probes are observers. They run their statistics under ``no_grad`` so nothing joins the user's
+graph, never return a value (so outputs and gradients pass through untouched), and hold no
+tensor past the call. The gradient flowing back through a layer, dL/dy, is taken with a hook on
+the output *tensor* rather than ``register_full_backward_hook``: a module backward hook wraps the
+output in a view that ``ReLU(inplace=True)`` then fails to modify, while a tensor hook registered
+before an in-place op receives exactly the gradient of the tensor as the layer produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from gradscope.stats import (
+    EVAL,
+    GRAD_OUT_SS,
+    N_ACT_STATS,
+    TRAIN,
+    activation_moments,
+    merge_activation_,
+)
+
+if TYPE_CHECKING:
+    from gradscope.recorder import Recorder
+
+_MAX_NESTING = 4
+
+
+def first_float_tensor(output: Any, _depth: int = 0) -> Tensor | None:
+    """The first floating-point tensor in a module's output, searching containers in order.
+
+    Handles tensors, tuples/lists/namedtuples, dicts (and Hugging Face ``ModelOutput``, a dict),
+    and dataclasses. Integer and boolean tensors (indices, masks) are skipped.
+    """
+    if isinstance(output, Tensor):
+        return output if output.is_floating_point() else None
+    if _depth >= _MAX_NESTING or output is None:
+        return None
+    if isinstance(output, dict):
+        items: Any = output.values()
+    elif isinstance(output, (tuple, list)):
+        items = output
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
+        items = (getattr(output, f.name) for f in dataclasses.fields(output))
+    else:
+        return None
+    for item in items:
+        found = first_float_tensor(item, _depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+class LayerProbe:
+    """Forward hook of one watched module.
+
+    On recorded steps it merges the output's moments into the recorder's buffer row and, in
+    training, hooks the output tensor for dL/dy. On other steps it returns after one attribute
+    test, doing no tensor work.
+    """
+
+    __slots__ = ("rec", "row", "bounds")
+
+    def __init__(self, rec: "Recorder", row: int, bounds: tuple[float, float] | None) -> None:
+        self.rec, self.row, self.bounds = rec, row, bounds
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        rec = self.rec
+        if not rec._recording:
+            return
+        y = first_float_tensor(output)
+        if y is None or y.numel() == 0:
+            return
+        train = module.training and torch.is_grad_enabled()
+        phase = TRAIN if train else EVAL
+        slot = rec._open_slot(train_forward=train)
+        rec._note_execution(self.row)
+        counts, n = rec._counts, y.numel()
+        seen = int(counts.act_n[slot, phase, self.row])
+        with torch.no_grad():
+            moments = activation_moments(y.detach(), self.bounds)
+            dst = rec._layer_buf[slot, phase, self.row, :N_ACT_STATS]
+            if seen == 0:
+                dst.copy_(moments)
+            else:  # the module ran again in this step: merge the calls
+                merge_activation_(dst, moments, seen, n)
+        counts.act_n[slot, phase, self.row] += n
+        counts.act_calls[slot, phase, self.row] += 1
+        if train and y.requires_grad:
+            y.register_hook(GradientProbe(rec, self.row, rec.step_index))
+
+
+class GradientProbe:
+    """Tensor hook on a layer's output: accumulates ||dL/dy||^2 for the step it was made in."""
+
+    __slots__ = ("rec", "row", "step")
+
+    def __init__(self, rec: "Recorder", row: int, step: int) -> None:
+        self.rec, self.row, self.step = rec, row, step
+
+    def __call__(self, grad: Tensor) -> None:
+        rec = self.rec
+        slot = rec._slots.get(self.step)
+        if slot is None or rec._closed:  # backward after the step was flushed or the recorder closed
+            return
+        counts = rec._counts
+        with torch.no_grad():
+            ss = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+            dst = rec._layer_buf[slot, TRAIN, self.row, GRAD_OUT_SS]
+            if counts.grad_calls[slot, self.row] == 0:
+                dst.copy_(ss)
+            else:
+                dst.add_(ss)
+        counts.grad_n[slot, self.row] += grad.numel()
+        counts.grad_calls[slot, self.row] += 1

@@ -1,0 +1,493 @@
+"""Recorder: attach to a model, follow its training steps, flush statistics to a run directory.
+
+The recorder owns a device buffer ``[slots, phases, layers, stats]`` (one slot per recorded
+step). Hooks and ``step()`` only launch device kernels that write into it; every ``flush_every``
+recorded steps, and at close, the filled slots are copied to host memory without blocking and a
+background thread turns them into Parquet. Between flushes nothing waits for the device.
+
+Step boundaries: with ``optimizer=`` the optimizer's own step hooks mark them (the pre-hook sees
+the final gradients, after clipping and AMP unscaling, just before the update); without it the
+user calls ``step()`` after ``backward()``. Gradient accumulation therefore merges micro-batches
+into one recorded step, as it should.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime as _dt
+import os
+import platform
+import weakref
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from gradscope.layers import Layer, ModuleFilter, assign_depths, own_parameters, select_layers
+from gradscope.probes import LayerProbe
+from gradscope.stats import (
+    ACCURACY,
+    GRAD_GLOBAL_SS,
+    GRAD_SS,
+    LOSS,
+    LOSS_SCALE,
+    N_LAYER_STATS,
+    N_STEP_STATS,
+    PARAM_SS,
+    PHASES,
+    TRAIN,
+    HostCounts,
+    squared_norms,
+)
+from gradscope.store import SCHEMA_VERSION, FlushJob, RunWriter
+
+# Models currently watched, so that a second watch() on the same modules is refused.
+_WATCHED: "weakref.WeakSet[Recorder]" = weakref.WeakSet()
+
+
+def watch(
+    model: nn.Module,
+    run: str | os.PathLike[str] | None = None,
+    *,
+    every: int = 1,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: Any = None,
+    modules: ModuleFilter | None = None,
+    flush_every: int = 50,
+    overwrite: bool = False,
+    device: torch.device | str | None = None,
+) -> "Recorder":
+    """Start recording ``model``'s gradient flow into the run directory ``run``.
+
+    Args:
+        model: any ``nn.Module``; its forward, backward and the optimizer are left untouched.
+        run: directory to write (default ``runs/<ModelClass>-<timestamp>``).
+        every: record steps 0, every, 2*every, ...; other steps cost one Python test per hook.
+        optimizer: mark a step at each ``optimizer.step()`` and read learning rates from it.
+            Without it, call ``rec.step()`` after each ``backward()``.
+        scaler: a ``torch.amp.GradScaler`` in use; gradient statistics are unscaled.
+        modules: which modules to watch: glob(s) on qualified names, module types, or a
+            predicate ``(name, module) -> bool``. Default: every leaf module owning parameters.
+        flush_every: recorded steps held on the device between writes to disk.
+        overwrite: replace an existing run at ``run`` instead of refusing.
+        device: where statistics live (default: the device of the model's first parameter).
+
+    Returns:
+        The ``Recorder``; use it as a context manager or call ``close()``.
+    """
+    return Recorder(model, run, every=every, optimizer=optimizer, scaler=scaler, modules=modules,
+                    flush_every=flush_every, overwrite=overwrite, device=device)
+
+
+class Recorder:
+    """Records one model's statistics; a handle that is also a context manager."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        run: str | os.PathLike[str] | None = None,
+        *,
+        every: int = 1,
+        optimizer: torch.optim.Optimizer | None = None,
+        scaler: Any = None,
+        modules: ModuleFilter | None = None,
+        flush_every: int = 50,
+        overwrite: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"gradscope.watch expects an nn.Module, got {type(model).__name__}")
+        for name, value in (("every", every), ("flush_every", flush_every)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"gradscope.watch: {name} must be a positive integer, got {value!r}")
+        _refuse_if_watched(model)
+        self.model, self.every, self.flush_every = model, every, flush_every
+        self.optimizer, self.scaler = optimizer, scaler
+        self.device = torch.device(device) if device is not None else _model_device(model)
+        self._closed = True  # until fully set up, so a failed __init__ leaves nothing to close
+
+        chosen = select_layers(model, modules)
+        self.layers: list[Layer] = [layer for layer, _ in chosen]
+        n = len(self.layers)
+        self._layer_buf = torch.zeros(flush_every, len(PHASES), n, N_LAYER_STATS, device=self.device)
+        self._step_buf = torch.zeros(flush_every, N_STEP_STATS, device=self.device)
+        self._counts = HostCounts(flush_every, n)
+        self._bounded = np.array([layer.saturation_bounds is not None for layer in self.layers])
+        self._calls = np.zeros(n, np.int64)
+        self._execution_order: list[int] = []
+        self._executed = [False] * n
+        self._parameters = _ParameterIndex(model, chosen, optimizer, self.device)
+
+        # Step state; all plain Python so hooks can test it without touching a tensor.
+        self.step_index = 0
+        self._recording = True
+        self._train_forward_seen = False
+        self._slot_steps: list[int] = []  # step number held in each used slot
+        self._slots: dict[int, int] = {}  # step number -> slot
+
+        self.path = Path(run) if run is not None else _default_run_path(model)
+        self._started_at = _now()
+        self._writer = RunWriter(self.path, overwrite=overwrite)
+        self._writer.write_meta_now(self._meta("running"))
+
+        self._handles: list[Any] = []
+        try:
+            for layer, module in chosen:
+                probe = LayerProbe(self, layer.row, layer.saturation_bounds)
+                self._handles.append(module.register_forward_hook(probe))
+            if optimizer is not None:
+                self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
+                self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+        except BaseException:
+            self._remove_hooks()
+            self._writer.close()
+            raise
+        self._closed = False
+        _WATCHED.add(self)
+
+    # ---------------------------------------------------------------- public API
+
+    def step(self, loss: Tensor | float | None = None, accuracy: Tensor | float | None = None) -> None:
+        """Mark the end of a training step (without ``optimizer=``) and record its scalars.
+
+        With ``optimizer=`` the optimizer marks steps and this only records ``loss`` and
+        ``accuracy``, for the step whose training forward ran last, so it may be called before
+        or after ``optimizer.step()``.
+        """
+        self._check_open()
+        if self.optimizer is None:
+            if self._recording:
+                slot = self._open_slot()
+                self._record_parameters(slot)
+                self._record_scalars(slot, loss, accuracy)
+            self._advance()
+            return
+        step = self.step_index if self._train_forward_seen else self.step_index - 1
+        slot = self._open_slot() if step == self.step_index and self._recording else self._slots.get(step)
+        if slot is not None:
+            self._record_scalars(slot, loss, accuracy)
+
+    def flush(self, wait: bool = False) -> None:
+        """Write every completed recorded step to disk (``wait=True`` blocks until written)."""
+        self._check_open()
+        current = self._slots.get(self.step_index)
+        completed = len(self._slot_steps) - (1 if current is not None else 0)
+        self._flush(completed)
+        if wait:
+            self._writer.wait()
+
+    def close(self, *, failed: bool = False) -> None:
+        """Remove every hook, write what is left, and mark the run finished (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._remove_hooks()
+        finally:
+            try:
+                self._flush(len(self._slot_steps))
+                self._writer.submit_meta(self._meta("failed" if failed else "finished"))
+            finally:
+                self._writer.close()
+                _WATCHED.discard(self)
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(failed=exc_type is not None)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"step {self.step_index}"
+        return f"Recorder({type(self.model).__name__}, run={str(self.path)!r}, {len(self.layers)} layers, {state})"
+
+    # ---------------------------------------------------------------- called by probes and hooks
+
+    def _open_slot(self, train_forward: bool = False) -> int:
+        """Buffer slot of the current step, allocated on first use (flushing a full buffer)."""
+        if train_forward:
+            self._train_forward_seen = True
+        slot = self._slots.get(self.step_index)
+        if slot is None:
+            if len(self._slot_steps) == self.flush_every:
+                self._flush(len(self._slot_steps))
+            slot = len(self._slot_steps)
+            self._slot_steps.append(self.step_index)
+            self._slots[self.step_index] = slot
+            self._counts.clear(slot)
+        return slot
+
+    def _note_execution(self, row: int) -> None:
+        if not self._executed[row]:
+            self._executed[row] = True
+            self._execution_order.append(row)
+
+    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._recording:
+            self._record_parameters(self._open_slot())
+
+    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._advance()
+
+    # ---------------------------------------------------------------- internals
+
+    def _advance(self) -> None:
+        self.step_index += 1
+        self._recording = self.step_index % self.every == 0
+        self._train_forward_seen = False
+
+    def _record_parameters(self, slot: int) -> None:
+        """Own-parameter and gradient norms of every row, and the global gradient norm."""
+        p = self._parameters
+        with torch.no_grad():
+            grad_ss, rows_with_grad = p.gradient_norms(self._layer_buf[slot, TRAIN, :, GRAD_SS],
+                                                       self._layer_buf[slot, TRAIN, :, PARAM_SS])
+            self._step_buf[slot, GRAD_GLOBAL_SS].copy_(grad_ss)
+        counts = self._counts
+        counts.param_rows[slot] = p.rows_with_params
+        counts.grad_rows[slot] = rows_with_grad
+        counts.step_set[slot, GRAD_GLOBAL_SS] = True
+        counts.lr[slot], counts.step_lr[slot] = p.learning_rates()
+        if self.scaler is not None and getattr(self.scaler, "_scale", None) is not None \
+                and self.scaler.is_enabled():
+            self._step_buf[slot, LOSS_SCALE].copy_(self.scaler._scale.reshape(()))
+            counts.step_set[slot, LOSS_SCALE] = True
+            counts.grads_scaled[slot] = not _scaler_unscaled(self.scaler, self.optimizer)
+
+    def _record_scalars(self, slot: int, loss: Any, accuracy: Any) -> None:
+        for column, value in ((LOSS, loss), (ACCURACY, accuracy)):
+            if value is None:
+                continue
+            dst = self._step_buf[slot, column]
+            if isinstance(value, Tensor):
+                if value.numel() != 1:
+                    raise ValueError(f"gradscope: step() expects a scalar, got a tensor of shape {tuple(value.shape)}")
+                dst.copy_(value.detach().reshape(()))
+            else:
+                dst.fill_(float(value))
+            self._counts.step_set[slot, column] = True
+
+    def _flush(self, upto: int) -> None:
+        """Hand slots [0, upto) to the writer; keep the rest (at most the current step)."""
+        if upto <= 0:
+            return
+        counts = self._counts.take(upto)
+        self._calls = np.maximum(self._calls, counts.act_calls.max(axis=(0, 1)))
+        layer_host, ready = _to_host(self._layer_buf[:upto])
+        step_host, ready = _to_host(self._step_buf[:upto])
+        self._writer.submit(FlushJob(
+            steps=self._slot_steps[:upto], layer_buf=layer_host, step_buf=step_host, counts=counts,
+            layer_names=[layer.name for layer in self.layers], bounded=self._bounded, ready=ready))
+        rest = self._slot_steps[upto:]
+        for i in range(len(rest)):  # move the unfinished step down to slot i
+            self._layer_buf[i].copy_(self._layer_buf[upto + i])
+            self._step_buf[i].copy_(self._step_buf[upto + i])
+            self._counts.move(upto + i, i)
+        self._slot_steps = rest
+        self._slots = {step: i for i, step in enumerate(rest)}
+        self._writer.submit_meta(self._meta("running"))
+
+    def _meta(self, status: str) -> dict[str, Any]:
+        assign_depths(self.layers, self._execution_order)
+        for layer in self.layers:
+            layer.calls = int(self._calls[layer.row])
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "gradscope_version": _version(),
+            "run": self.path.name,
+            "status": status,
+            "started_at": self._started_at,
+            "updated_at": _now(),
+            "model": {"class": type(self.model).__name__, "registry_name": None, "config": None,
+                      "parameters": sum(p.numel() for p in self.model.parameters())},
+            "layers": [layer.to_json() for layer in self.layers],
+            "blocks": [],
+            "task": None,
+            "optimizer": _describe_optimizer(self.optimizer),
+            "schedule": {"every": self.every, "flush_every": self.flush_every,
+                         "last_step": self.step_index},
+            "env": {"torch": torch.__version__, "python": platform.python_version(),
+                    "device": str(self.device), "world_size": 1,
+                    "amp_scaler": self.scaler is not None},
+        }
+
+    def _remove_hooks(self) -> None:
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("gradscope: this Recorder is closed")
+
+
+class _ParameterIndex:
+    """Maps the model's parameters to buffer rows so all norms come from batched kernels.
+
+    ``torch._foreach_norm`` computes every norm in one call (per device and dtype); an
+    ``index_add_`` then sums squared norms into rows. Index tensors are built once per pattern
+    of which parameters have gradients, and copied to the device without a blocking transfer.
+    """
+
+    def __init__(self, model: nn.Module, chosen: list[tuple[Layer, nn.Module]],
+                 optimizer: torch.optim.Optimizer | None, device: torch.device) -> None:
+        self.device = device
+        self.params: list[nn.Parameter] = list(model.parameters())  # unique, shared ones once
+        position = {id(p): i for i, p in enumerate(self.params)}
+        pairs = [(position[id(p)], layer.row) for layer, m in chosen for p in own_parameters(m)
+                 if id(p) in position]
+        self.owned = [i for i, _ in pairs]  # parameter index of each (parameter, row) pair
+        self.rows = _device_index([r for _, r in pairs], device)
+        self.rows_with_params = np.zeros(len(chosen), bool)
+        self.rows_with_params[[r for _, r in pairs]] = True
+        self._pair_rows = np.array([r for _, r in pairs], np.int64)
+        self._cache: dict[tuple[bool, ...], tuple[Tensor, Tensor, np.ndarray]] = {}
+
+        # learning rate per row: the param group of the row's first own parameter
+        self.optimizer = optimizer
+        self.row_group = np.full(len(chosen), -1, np.int64)
+        if optimizer is not None:
+            group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
+            for layer, m in chosen:
+                for p in own_parameters(m):
+                    if id(p) in group_of:
+                        self.row_group[layer.row] = group_of[id(p)]
+                        break
+
+    def gradient_norms(self, grad_col: Tensor, param_col: Tensor) -> tuple[Tensor, np.ndarray]:
+        """Write per-row squared norms into the two buffer columns; return the global ||g||^2."""
+        param_col.zero_().index_add_(0, self.rows, squared_norms([self.params[i] for i in self.owned], self.device))
+        has_grad = tuple(p.grad is not None for p in self.params)
+        if has_grad not in self._cache:
+            self._cache[has_grad] = self._grad_index(has_grad)
+        take, rows, rows_with_grad = self._cache[has_grad]
+        grads = [p.grad for p in self.params if p.grad is not None]
+        grad_sq = squared_norms(grads, self.device)
+        grad_col.zero_().index_add_(0, rows, grad_sq.index_select(0, take))
+        return grad_sq.sum(), rows_with_grad
+
+    def _grad_index(self, has_grad: tuple[bool, ...]) -> tuple[Tensor, Tensor, np.ndarray]:
+        where = np.cumsum(has_grad) - 1  # position of each parameter's grad in the grad list
+        keep = [k for k, i in enumerate(self.owned) if has_grad[i]]
+        take = _device_index([int(where[self.owned[k]]) for k in keep], self.device)
+        rows = _device_index([int(self._pair_rows[k]) for k in keep], self.device)
+        rows_with_grad = np.zeros_like(self.rows_with_params)
+        rows_with_grad[self._pair_rows[keep]] = True
+        return take, rows, rows_with_grad
+
+    def learning_rates(self) -> tuple[np.ndarray, float]:
+        """Per-row learning rate and the first group's, as host floats (NaN where unknown)."""
+        if self.optimizer is None:
+            return np.full(len(self.row_group), np.nan), float("nan")
+        lrs = np.array([_host_float(g.get("lr")) for g in self.optimizer.param_groups] + [np.nan])
+        return lrs[self.row_group], float(lrs[0])
+
+
+# -------------------------------------------------------------------- helpers
+
+
+def _device_index(values: list[int], device: torch.device) -> Tensor:
+    """An int64 index tensor on ``device``, copied without a blocking host transfer."""
+    t = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _to_host(t: Tensor) -> tuple[Tensor, Any]:
+    """A host copy of ``t`` that may still be in flight, and the event that marks it done."""
+    if t.device.type == "cuda":
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+    return t.detach().to("cpu", copy=True), None
+
+
+def _host_float(value: Any) -> float:
+    """A learning rate as a float without waiting on a device (CUDA tensors give NaN)."""
+    if isinstance(value, Tensor):
+        return float(value) if value.device.type == "cpu" else float("nan")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _scaler_unscaled(scaler: Any, optimizer: Any) -> bool:
+    """Whether the scaler has already unscaled this optimizer's gradients in this step."""
+    if optimizer is None:
+        return False
+    state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer), {})
+    stage = state.get("stage")
+    return getattr(stage, "name", None) in ("UNSCALED", "STEPPED")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in _chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _chain(*iterables: Iterator[Tensor]) -> Iterator[Tensor]:
+    for it in iterables:
+        yield from it
+
+
+def _refuse_if_watched(model: nn.Module) -> None:
+    mine = {id(m) for m in model.modules()}
+    for rec in list(_WATCHED):
+        if not rec._closed and mine & {id(m) for m in rec.model.modules()}:
+            raise RuntimeError(
+                f"gradscope.watch: {type(model).__name__} (or a module inside it) is already watched "
+                f"by {rec!r}; close that recorder first")
+
+
+def _default_run_path(model: nn.Module) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{type(model).__name__.lower()}-{stamp}"
+
+
+def _describe_optimizer(optimizer: Any) -> dict[str, Any] | None:
+    if optimizer is None:
+        return None
+    defaults = {k: v for k, v in optimizer.defaults.items() if _json_safe(v)}
+    return {"class": type(optimizer).__name__, "defaults": defaults,
+            "param_groups": len(optimizer.param_groups)}
+
+
+def _json_safe(value: Any) -> bool:
+    if isinstance(value, (bool, int, str)) or value is None:
+        return True
+    if isinstance(value, float):
+        return np.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_json_safe(v) for v in value)
+    return False
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _version() -> str:
+    from gradscope import __version__
+
+    return __version__
+
+
+@atexit.register
+def _close_open_recorders() -> None:
+    """Write what open recorders still hold when the interpreter exits (no lost data)."""
+    for rec in list(_WATCHED):
+        try:
+            rec.close()
+        except Exception:  # exiting anyway; nothing better to do with the error
+            pass

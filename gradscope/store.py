@@ -1,0 +1,269 @@
+"""The run directory (DESIGN.md Run format): a background writer and a reader.
+
+A run is JSON plus Parquet, never pickle, so it can be read by pandas, DuckDB or Spark directly
+and loading it cannot execute code. Every file is written under a temporary name and renamed, so
+a process killed at any moment leaves only whole parts. Writing happens on a daemon thread: the
+training thread only hands over host copies whose device-to-host transfer may still be in flight
+(the job waits on its CUDA event first).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from gradscope.stats import PHASES, HostCounts, finalize_layers, finalize_steps
+
+SCHEMA_VERSION = 1
+META_FILE = "meta.json"
+TABLES = ("layers", "blocks", "scalars")
+
+LAYER_COLUMNS = (
+    "act_mean", "act_std", "act_rms", "act_absmax", "act_zero_frac", "act_sat_frac",
+    "grad_out_norm", "grad_out_rms", "param_norm", "grad_norm", "update_ratio",
+)
+STEP_COLUMNS = ("loss", "accuracy", "lr", "grad_global_norm", "loss_scale")
+
+
+class RunError(Exception):
+    """A run directory that cannot be read or written; the message names the file."""
+
+
+class RunNotFoundError(RunError, FileNotFoundError):
+    """No run at the given path."""
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass
+class FlushJob:
+    """Host copies of a flushed slice of the recorder's buffers, turned into Parquet parts."""
+
+    steps: list[int]  # step number of each slot
+    layer_buf: torch.Tensor  # [slots, phases, layers, stats] on the host (maybe still filling)
+    step_buf: torch.Tensor  # [slots, step stats]
+    counts: HostCounts
+    layer_names: list[str]
+    bounded: np.ndarray  # [layers] bool: bounded activation (saturation is defined)
+    ready: Any = None  # torch.cuda.Event to wait on before reading the host copies
+
+    def tables(self) -> dict[str, pa.Table]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        layer_buf, step_buf = self.layer_buf.numpy(), self.step_buf.numpy()
+        steps = np.asarray(self.steps, dtype=np.int64)
+        out: dict[str, pa.Table] = {}
+
+        rows = finalize_layers(layer_buf, step_buf, self.counts, self.bounded)
+        if len(rows["slot"]):
+            names = pa.array(self.layer_names, pa.string())
+            cols: dict[str, Any] = {
+                "step": pa.array(steps[rows["slot"]]),
+                "phase": pa.DictionaryArray.from_arrays(
+                    pa.array(rows["phase"].astype(np.int32)), pa.array(PHASES, pa.string())),
+                "layer": pa.DictionaryArray.from_arrays(pa.array(rows["row"].astype(np.int32)), names),
+            }
+            cols.update({c: pa.array(rows[c].astype(np.float32)) for c in LAYER_COLUMNS})
+            out["layers"] = pa.table(cols)
+
+        scalars = finalize_steps(step_buf, self.counts)
+        if len(scalars["slot"]):
+            cols = {"step": pa.array(steps[scalars["slot"]])}
+            cols.update({c: pa.array(scalars[c].astype(np.float64)) for c in STEP_COLUMNS})
+            out["scalars"] = pa.table(cols)
+        return out
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    _atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2, allow_nan=False)))
+
+
+class RunWriter:
+    """Owns one run directory; writes parts and meta.json in order on a daemon thread."""
+
+    def __init__(self, path: str | os.PathLike[str], overwrite: bool = False) -> None:
+        self.path = Path(path)
+        _prepare_directory(self.path, overwrite)
+        self._parts = {t: 0 for t in TABLES}
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._errors: list[str] = []
+        self._thread = threading.Thread(target=self._loop, name=f"gradscope-writer:{self.path}",
+                                        daemon=True)
+        self._thread.start()
+
+    def write_meta_now(self, meta: dict[str, Any]) -> None:
+        write_json(self.path / META_FILE, meta)
+
+    def submit_meta(self, meta: dict[str, Any]) -> None:
+        self._queue.put(("meta", meta))
+
+    def submit(self, job: FlushJob) -> None:
+        self._queue.put(("parts", job))
+
+    def wait(self) -> None:
+        """Block until everything submitted is on disk; raise if anything failed to write."""
+        self._queue.join()
+        self._raise_errors()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise_errors()
+
+    def _raise_errors(self) -> None:
+        if self._errors:
+            errors, self._errors = self._errors, []
+            raise RunError(f"gradscope could not write run {self.path}: " + "; ".join(errors))
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                kind, payload = item
+                if kind == "meta":
+                    self.write_meta_now(payload)
+                else:
+                    for table, data in payload.tables().items():
+                        self._write_part(table, data)
+            except Exception as exc:  # keep writing later parts; report at wait()/close()
+                self._errors.append(f"{type(exc).__name__}: {exc}")
+                warnings.warn(f"gradscope: writing run {self.path} failed: {exc}", RuntimeWarning,
+                              stacklevel=1)
+            finally:
+                self._queue.task_done()
+
+    def _write_part(self, table: str, data: pa.Table) -> None:
+        folder = self.path / table
+        folder.mkdir(exist_ok=True)
+        part = folder / f"part-{self._parts[table]:06d}.parquet"
+        self._parts[table] += 1
+        _atomic_write(part, lambda p: pq.write_table(data, p))
+
+
+def _prepare_directory(path: Path, overwrite: bool) -> None:
+    """Create the run directory; refuse to mix two runs' data unless asked to replace it."""
+    if path.exists() and not path.is_dir():
+        raise RunError(f"run path {path} exists and is not a directory")
+    ours = [path / META_FILE, *(path / t for t in TABLES)]
+    if any(p.exists() for p in ours):
+        if not overwrite:
+            raise FileExistsError(
+                f"{path} already holds a gradscope run; pass overwrite=True to replace it, "
+                "or choose another run= path")
+        for p in ours:
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class Run:
+    """A recorded run: ``meta`` as written, and its tables as pandas DataFrames."""
+
+    path: Path
+    meta: dict[str, Any]
+    layers: pd.DataFrame
+    blocks: pd.DataFrame
+    scalars: pd.DataFrame
+    layer_table: pd.DataFrame = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return str(self.meta.get("run", self.path.name))
+
+    @property
+    def status(self) -> str:
+        return str(self.meta.get("status", "unknown"))
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    meta_path = path / META_FILE
+    if not path.is_dir():
+        raise RunNotFoundError(f"no gradscope run at {path}: directory not found")
+    if not meta_path.is_file():
+        raise RunNotFoundError(f"no gradscope run at {path}: {meta_path} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunError(f"{meta_path} is damaged: {exc}") from None
+    if not isinstance(meta, dict):
+        raise RunError(f"{meta_path} is damaged: expected a JSON object")
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise RunError(
+            f"{meta_path} has schema_version {version!r}; this gradscope reads version "
+            f"{SCHEMA_VERSION} (was the run written by another gradscope release?)")
+    return meta
+
+
+def _read_table(folder: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+    tables = []
+    for part in parts:
+        try:
+            tables.append(pq.read_table(part))
+        except (OSError, pa.ArrowException) as exc:
+            raise RunError(f"{part} is damaged or truncated: {exc}") from None
+    if not tables:
+        return pd.DataFrame({c: pd.Series(dtype="float64") for c in columns})
+    try:
+        table = pa.concat_tables(tables, promote_options="default")
+    except pa.ArrowException as exc:
+        raise RunError(f"parts in {folder} do not share a schema: {exc}") from None
+    return table.to_pandas()
+
+
+def load_run(path: str | os.PathLike[str]) -> Run:
+    """Read a run directory written by ``gradscope.watch``.
+
+    Raises:
+        RunNotFoundError: nothing at ``path`` or no ``meta.json`` in it.
+        RunError: a damaged file or an unknown schema version; the message names the file.
+    """
+    path = Path(path)
+    meta = read_meta(path)
+    layer_table = pd.DataFrame(meta.get("layers", []),
+                               columns=["name", "type", "params", "row", "depth", "rel_depth", "calls"])
+    layers = _read_table(path / "layers", ("step", "phase", "layer", *LAYER_COLUMNS))
+    if len(layers):
+        for col in ("phase", "layer"):
+            layers[col] = layers[col].astype(str)
+        info = layer_table.rename(columns={"name": "layer"})[["layer", "type", "depth", "rel_depth"]]
+        layers = layers.merge(info, on="layer", how="left")
+        layers = layers.sort_values(["step", "phase", "depth"], kind="stable", ignore_index=True)
+    scalars = _read_table(path / "scalars", ("step", *STEP_COLUMNS))
+    if len(scalars):
+        scalars = scalars.sort_values("step", kind="stable", ignore_index=True)
+    blocks = _read_table(path / "blocks", ("step", "block"))
+    return Run(path=path, meta=meta, layers=layers, blocks=blocks, scalars=scalars,
+               layer_table=layer_table)
