@@ -72,6 +72,8 @@ class LayerProbe:
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
         rec = self.rec
         if not rec._recording:
+            if module.training:  # lets step(loss=) tell this step from the previous one
+                rec._train_forward_seen = True
             return
         y = first_float_tensor(output)
         if y is None or y.numel() == 0:

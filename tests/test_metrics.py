@@ -1,0 +1,238 @@
+"""Recorded values agree with a direct float64 computation (DESIGN.md Metrics)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradscope
+from gradscope.testing import TinyCNN, TinyMLP, TwiceCalled
+from conftest import batches
+
+RTOL = 1e-4
+
+
+class Reference:
+    """Captures, for chosen modules, every output and dL/dy in float64 with hooks of its own."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.outputs: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+        self.grads: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            self.outputs[name].append(output.detach().double().clone())
+            if output.requires_grad:
+                output.register_hook(lambda g: self.grads[name].append(g.double().clone()))
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def close(a: float, b: float, scale: float | None = None) -> bool:
+    """|a - b| <= RTOL * scale, scale defaulting to |b| (relative agreement)."""
+    scale = abs(b) if scale is None else scale
+    return abs(a - b) <= RTOL * scale + 1e-12
+
+
+def record_one_step(model, x, y, run, lr=0.1, **kw):
+    """One SGD step under watch(); returns the recorder's run and float64 references."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    rec = gradscope.watch(model, run, optimizer=opt, **kw)
+    ref = Reference({layer.name: model.get_submodule(layer.name) for layer in rec.layers})
+    params_before, grads_before = {}, {}
+
+    def capture(optimizer, args, kwargs):  # parameters and grads as the update sees them
+        for name, m in model.named_modules():
+            own = list(m.parameters(recurse=False))
+            params_before[name] = math.sqrt(sum(float(p.detach().double().norm() ** 2) for p in own))
+            grads_before[name] = math.sqrt(sum(float(p.grad.double().norm() ** 2) for p in own if p.grad is not None))
+
+    h = opt.register_step_pre_hook(capture)
+    try:
+        with rec:
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            rec.step(loss=loss, accuracy=torch.tensor(0.25))
+            opt.step()
+    finally:
+        h.remove()
+        ref.close()
+    return gradscope.load_run(run), ref, params_before, grads_before, float(loss.detach())
+
+
+def expected_activation(ys: list[torch.Tensor]) -> dict[str, float]:
+    y = torch.cat([t.flatten() for t in ys])
+    return {
+        "act_mean": float(y.mean()),
+        "act_std": float(y.std(unbiased=False)),
+        "act_rms": float(y.square().mean().sqrt()),
+        "act_absmax": float(y.abs().max()),
+        "act_zero_frac": float((y == 0).double().mean()),
+    }
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "twice"])
+def test_layer_columns_match_float64(kind, run_dir):
+    torch.manual_seed(0)
+    model = {"mlp": TinyMLP, "cnn": TinyCNN, "twice": TwiceCalled}[kind]()
+    (x, y), = batches("cnn" if kind == "cnn" else "mlp", steps=1, batch=16)
+    run, ref, params, grads, loss = record_one_step(model, x, y, run_dir)
+
+    rows = run.layers[(run.layers.step == 0) & (run.layers.phase == "train")].set_index("layer")
+    assert set(rows.index) == set(ref.outputs)
+    for name, outs in ref.outputs.items():
+        got = rows.loc[name]
+        want = expected_activation(outs)
+        for col, value in want.items():
+            scale = want["act_rms"] if col == "act_mean" else None  # mean may be ~0 (after BN)
+            assert close(got[col], value, scale), (name, col, got[col], value)
+        g = torch.cat([t.flatten() for t in ref.grads[name]])
+        assert close(got["grad_out_norm"], float(g.norm())), (name, got["grad_out_norm"], float(g.norm()))
+        assert close(got["grad_out_rms"], float(g.square().mean().sqrt()))
+        assert close(got["param_norm"], params[name])
+        assert close(got["grad_norm"], grads[name])
+        assert close(got["update_ratio"], 0.1 * grads[name] / params[name])
+        assert math.isnan(got["act_sat_frac"])  # no bounded activation is watched here
+
+    if kind == "twice":
+        assert run.layer_table.set_index("name").loc["shared", "calls"] == 2
+        assert len(ref.outputs["shared"]) == 2
+
+    s = run.scalars.set_index("step").loc[0]
+    assert close(s["loss"], loss)
+    assert s["accuracy"] == 0.25 and s["lr"] == 0.1
+    all_grads = math.sqrt(sum(float(p.grad.double().norm() ** 2) for p in model.parameters()))
+    # grads were zeroed by nothing after the step, so they are the step's gradients
+    assert close(s["grad_global_norm"], all_grads)
+    assert math.isnan(s["loss_scale"])
+
+
+class Offset(nn.Module):
+    """A layer whose output mean is huge against its spread: y = x * 1e-2 + 1e4 (+ shift on call 2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1e-2))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x * self.scale + (1e4 if self.calls % 2 else 1e4 + 0.05)
+
+
+class TwiceOffset(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.offset = Offset()
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        a = self.offset(x)
+        b = self.offset(x)
+        return self.head((a + b - 2e4))
+
+
+def test_variance_accurate_when_mean_dwarfs_spread(run_dir):
+    torch.manual_seed(0)
+    model = TwiceOffset()
+    x = torch.randn(256, 8)
+    run, ref, *_ = record_one_step(model, x, torch.randint(0, 4, (256,)), run_dir)
+    got = run.layers.set_index("layer").loc["offset"]
+    want = expected_activation(ref.outputs["offset"])
+    assert want["act_std"] < 1e-5 * want["act_mean"]  # the hard case for float32 sums of squares
+    assert close(got["act_std"], want["act_std"]), (got["act_std"], want["act_std"])
+    assert close(got["act_mean"], want["act_mean"])
+    # The naive float32 formula really does fail here, so the test can tell the difference.
+    y32 = torch.cat([t.float().flatten() for t in ref.outputs["offset"]])
+    naive = float((y32.square().mean() - y32.mean().square()).clamp_min(0).sqrt())
+    assert not close(naive, want["act_std"])
+
+
+def test_saturation_fraction_of_bounded_activations(run_dir):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Sigmoid(), nn.Linear(32, 32), nn.Tanh(),
+                          nn.Linear(32, 32), nn.Hardtanh(-0.5, 0.5), nn.Linear(32, 4))
+    with torch.no_grad():
+        model[0].weight.mul_(20)  # push the sigmoid into saturation
+    x = torch.randn(64, 8)
+    run, ref, *_ = record_one_step(model, x, torch.randint(0, 4, (64,)), run_dir,
+                                   modules=[nn.Linear, nn.Sigmoid, nn.Tanh, nn.Hardtanh])
+    rows = run.layers.set_index("layer")
+    bounds = {"1": (0.0, 1.0), "3": (-1.0, 1.0), "5": (-0.5, 0.5)}
+    for name, (lo, hi) in bounds.items():
+        y = torch.cat([t.flatten() for t in ref.outputs[name]])
+        margin = 0.01 * (hi - lo)
+        want = float(((y <= lo + margin) | (y >= hi - margin)).double().mean())
+        assert abs(rows.loc[name, "act_sat_frac"] - want) < 1e-6, name
+    assert rows.loc["1", "act_sat_frac"] > 0.3  # the setup really saturates
+    assert math.isnan(rows.loc["0", "act_sat_frac"])  # Linear: not a bounded activation
+    # parameter-free modules have no parameter columns
+    assert math.isnan(rows.loc["1", "param_norm"]) and math.isnan(rows.loc["1", "grad_norm"])
+
+
+def test_dead_units_counted_as_zero_fraction(run_dir):
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)  # every unit dead
+    run, *_ = record_one_step(model, torch.randn(32, 8), torch.randint(0, 4, (32,)), run_dir,
+                              modules=["0", "1", "2"])
+    rows = run.layers.set_index("layer")
+    assert rows.loc["1", "act_zero_frac"] == 1.0
+    assert rows.loc["0", "act_zero_frac"] == 0.0
+
+
+def test_step_without_optimizer_records_parameters_and_scalars(run_dir):
+    torch.manual_seed(0)
+    model = TinyMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = batches("mlp", steps=3)
+    with gradscope.watch(model, run_dir) as rec:
+        for x, y in data:
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            rec.step(loss=loss, accuracy=0.5)
+            opt.step()
+    run = gradscope.load_run(run_dir)
+    assert list(run.scalars.step) == [0, 1, 2]
+    assert run.scalars.accuracy.eq(0.5).all()
+    assert run.scalars.lr.isna().all()  # unknown without an optimizer
+    train_rows = run.layers[run.layers.phase == "train"]
+    assert train_rows.groupby("step").size().tolist() == [4, 4, 4]
+    assert train_rows.update_ratio.isna().all() and train_rows.grad_norm.gt(0).all()
+
+
+def test_loss_scale_recorded_and_gradients_unscaled(run_dir):
+    torch.manual_seed(0)
+    model = TinyMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    (x, y), = batches("mlp", steps=1)
+    ref = Reference({"0": model[0]})
+    grads = {}
+    h = opt.register_step_pre_hook(lambda o, a, k: grads.update(
+        g0=float(model[0].weight.grad.double().norm() ** 2 + model[0].bias.grad.double().norm() ** 2) ** 0.5))
+    with gradscope.watch(model, run_dir, optimizer=opt, scaler=scaler) as rec:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    h.remove(); ref.close()
+    run = gradscope.load_run(run_dir)
+    s = run.scalars.set_index("step").loc[0]
+    assert s["loss_scale"] == 1024.0
+    row = run.layers.set_index("layer").loc["0"]
+    scaled_grad_out = float(torch.cat([g.flatten() for g in ref.grads["0"]]).norm())
+    assert close(row["grad_out_norm"], scaled_grad_out / 1024.0)
+    assert close(row["grad_norm"], grads["g0"])  # the optimizer saw unscaled gradients
