@@ -1,0 +1,117 @@
+"""CUDA-only checks: no host synchronisation between flushes, observer and accuracy on the GPU.
+
+Skipped without CUDA; run them on a GPU machine with ``pytest tests/test_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gradscope
+from gradscope.testing import TinyCNN, TinyMLP, TwiceCalled
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def data(kind, steps, device, batch=32):
+    g = torch.Generator().manual_seed(0)
+    shape = (batch, 3, 16, 16) if kind == "cnn" else (batch, 8)
+    return [(torch.randn(shape, generator=g).to(device), torch.randint(0, 4, (batch,), generator=g).to(device))
+            for _ in range(steps)]
+
+
+def loop(model, opt, batches, rec=None, amp=False):
+    for x, y in batches:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        if rec is not None:
+            rec.step(loss=loss)
+        opt.step()
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_no_host_sync_between_flushes(kind, amp, tmp_path):
+    torch.manual_seed(0)
+    model = (TinyCNN() if kind == "cnn" else TinyMLP()).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    batches = data(kind, 8, "cuda")
+    loop(model, opt, batches[:2], amp=amp)  # warm up kernels and the optimizer state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loop(model, opt, batches[:2], amp=amp)  # the loop alone is sync-free
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    with gradscope.watch(model, tmp_path / "r", optimizer=opt, flush_every=32) as rec:
+        loop(model, opt, batches[:1], rec, amp=amp)  # first step builds index tensors
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loop(model, opt, batches[1:], rec, amp=amp)
+            with torch.no_grad():
+                model.eval(); model(batches[0][0]); model.train()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    run = gradscope.load_run(tmp_path / "r")
+    train = run.layers[run.layers.phase == "train"]
+    assert sorted(train.step.unique()) == list(range(8))
+    assert train.grad_out_norm.notna().all()
+    # the eval forward after the last optimizer step belongs to step 8
+    assert run.layers[run.layers.phase == "eval"].step.unique().tolist() == [8]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "twice"])
+def test_parameters_bit_identical_on_cuda(kind, tmp_path):
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.manual_seed(0)
+    base = {"mlp": TinyMLP, "cnn": TinyCNN, "twice": TwiceCalled}[kind]().cuda()
+    batches = data("cnn" if kind == "cnn" else "mlp", 20, "cuda")
+    results = []
+    for watched in (False, False, True):
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        if watched:
+            with gradscope.watch(model, tmp_path / "r", optimizer=opt, flush_every=3) as rec:
+                loop(model, opt, batches, rec)
+        else:
+            loop(model, opt, batches)
+        results.append(model.state_dict())
+    if any(not torch.equal(a, b) for a, b in zip(results[0].values(), results[1].values())):
+        pytest.skip("training itself is not deterministic on this GPU")
+    for name, a in results[0].items():
+        assert torch.equal(a, results[2][name]), name
+
+
+def test_values_match_float64_on_cuda(tmp_path):
+    torch.manual_seed(0)
+    model = TinyCNN().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    (x, y), = data("cnn", 1, "cuda")
+    outs, grads = {}, {}
+    handles = []
+    for name in ("features.0", "features.1", "head"):
+        def hook(m, i, o, name=name):
+            outs[name] = o.detach().double().clone()
+            o.register_hook(lambda g: grads.__setitem__(name, g.double().clone()))
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    with gradscope.watch(model, tmp_path / "r", optimizer=opt) as rec:
+        F.cross_entropy(model(x), y).backward()
+        pnorm = float(model.head.weight.detach().double().norm() ** 2 + model.head.bias.detach().double().norm() ** 2) ** 0.5
+        opt.step()
+    for h in handles:
+        h.remove()
+    rows = gradscope.load_run(tmp_path / "r").layers.set_index("layer")
+    for name, o in outs.items():
+        assert math.isclose(rows.loc[name, "act_std"], float(o.std(unbiased=False)), rel_tol=1e-4)
+        assert math.isclose(rows.loc[name, "act_absmax"], float(o.abs().max()), rel_tol=1e-4)
+        assert math.isclose(rows.loc[name, "grad_out_norm"], float(grads[name].norm()), rel_tol=1e-4)
+    assert math.isclose(rows.loc["head", "param_norm"], pnorm, rel_tol=1e-4)
