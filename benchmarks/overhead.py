@@ -23,9 +23,10 @@ import gradscope
 
 def cnn(width: int = 32, blocks: int = 9) -> nn.Module:
     """A plain 3x3-conv stack with BatchNorm and in-place ReLU, resnet20-sized."""
-    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
-    for _ in range(2 * blocks):
-        layers += [nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+    layers: list[nn.Module] = []
+    for i in range(2 * blocks + 1):
+        layers += [nn.Conv2d(3 if i == 0 else width, width, 3, padding=1, bias=False),
+                   nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
 
 

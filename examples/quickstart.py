@@ -46,7 +46,7 @@ def main() -> None:
     x, y = synthetic_task(4096)
 
     with gradscope.watch(model, args.run, every=args.every, optimizer=opt, overwrite=True) as rec:
-        for step in range(args.steps):
+        for _ in range(args.steps):
             idx = torch.randint(0, len(x), (128,))
             logits = model(x[idx])
             loss = F.cross_entropy(logits, y[idx])

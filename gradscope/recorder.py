@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import atexit
 import datetime as _dt
+import itertools
 import os
 import platform
 import weakref
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -246,8 +247,8 @@ class Recorder:
         """Own-parameter and gradient norms of every row, and the global gradient norm."""
         p = self._parameters
         with torch.no_grad():
-            grad_ss, rows_with_grad = p.gradient_norms(self._layer_buf[slot, TRAIN, :, GRAD_SS],
-                                                       self._layer_buf[slot, TRAIN, :, PARAM_SS])
+            grad_ss, rows_with_grad = p.write_norms(param_col=self._layer_buf[slot, TRAIN, :, PARAM_SS],
+                                                    grad_col=self._layer_buf[slot, TRAIN, :, GRAD_SS])
             self._step_buf[slot, GRAD_GLOBAL_SS].copy_(grad_ss)
         counts = self._counts
         counts.param_rows[slot] = p.rows_with_params
@@ -360,9 +361,13 @@ class _ParameterIndex:
                         self.row_group[layer.row] = group_of[id(p)]
                         break
 
-    def gradient_norms(self, grad_col: Tensor, param_col: Tensor) -> tuple[Tensor, np.ndarray]:
-        """Write per-row squared norms into the two buffer columns; return the global ||g||^2."""
-        param_col.zero_().index_add_(0, self.rows, squared_norms([self.params[i] for i in self.owned], self.device))
+    def write_norms(self, param_col: Tensor, grad_col: Tensor) -> tuple[Tensor, np.ndarray]:
+        """Write per-row squared norms into the two buffer columns.
+
+        Returns the global squared gradient norm (a device scalar) and which rows had gradients.
+        """
+        owned = [self.params[i] for i in self.owned]
+        param_col.zero_().index_add_(0, self.rows, squared_norms(owned, self.device))
         has_grad = tuple(p.grad is not None for p in self.params)
         if has_grad not in self._cache:
             self._cache[has_grad] = self._grad_index(has_grad)
@@ -431,14 +436,9 @@ def _scaler_unscaled(scaler: Any, optimizer: Any) -> bool:
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    for tensor in _chain(model.parameters(), model.buffers()):
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
         return tensor.device
     return torch.device("cpu")
-
-
-def _chain(*iterables: Iterator[Tensor]) -> Iterator[Tensor]:
-    for it in iterables:
-        yield from it
 
 
 def _refuse_if_watched(model: nn.Module) -> None:

@@ -197,13 +197,17 @@ def finalize_steps(steps: np.ndarray, counts: HostCounts) -> dict[str, np.ndarra
     """Per-step scalar columns for every slot that has any of them."""
     st = steps.astype(np.float64)
     present = counts.step_set.any(axis=1) | ~np.isnan(counts.step_lr)
+
+    def written(col: int, values: np.ndarray) -> np.ndarray:
+        return np.where(counts.step_set[:, col], values, np.nan)
+
+    grad_scale = np.where(counts.grads_scaled, loss_scales(steps, counts), 1.0)
     cols = {
-        "loss": np.where(counts.step_set[:, LOSS], st[:, LOSS], np.nan),
-        "accuracy": np.where(counts.step_set[:, ACCURACY], st[:, ACCURACY], np.nan),
+        "loss": written(LOSS, st[:, LOSS]),
+        "accuracy": written(ACCURACY, st[:, ACCURACY]),
         "lr": counts.step_lr,
-        "grad_global_norm": np.where(counts.step_set[:, GRAD_GLOBAL_SS],
-                                     np.sqrt(st[:, GRAD_GLOBAL_SS]) / np.where(counts.grads_scaled, loss_scales(steps, counts), 1.0), np.nan),
-        "loss_scale": np.where(counts.step_set[:, LOSS_SCALE], st[:, LOSS_SCALE], np.nan),
+        "grad_global_norm": written(GRAD_GLOBAL_SS, np.sqrt(st[:, GRAD_GLOBAL_SS]) / grad_scale),
+        "loss_scale": written(LOSS_SCALE, st[:, LOSS_SCALE]),
     }
     slot = np.nonzero(present)[0]
     out = {name: col[slot] for name, col in cols.items()}

@@ -85,7 +85,7 @@ def test_parameters_bit_identical_on_cuda(kind, tmp_path):
         else:
             loop(model, opt, batches)
         results.append(model.state_dict())
-    if any(not torch.equal(a, b) for a, b in zip(results[0].values(), results[1].values())):
+    if any(not torch.equal(a, b) for a, b in zip(results[0].values(), results[1].values(), strict=True)):
         pytest.skip("training itself is not deterministic on this GPU")
     for name, a in results[0].items():
         assert torch.equal(a, results[2][name]), name

@@ -25,7 +25,7 @@ def test_parameters_bit_identical_with_recorder(kind, optimizer_cls, tmp_path):
     # flush_every=3 forces several flushes mid-training, so the flush path is covered too.
     train(watched, data, optimizer_cls=optimizer_cls, lr=0.01, run=tmp_path / "r", every=1, flush_every=3)
 
-    for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values()):
+    for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values(), strict=True):
         assert torch.equal(a, b), f"{kind}: {name} differs with gradscope attached"
 
 
