@@ -1,0 +1,71 @@
+"""Deep MLPs, plain and residual: the simplest place to watch gradients vanish.
+
+Images are flattened, a stem ``Linear`` maps them to ``width``, then ``depth - 2`` blocks of
+``Linear`` + activation, then a linear head: ``depth`` weighted layers in all. A residual block
+adds its input back, y = x + act(W x + b); the plain twin has the same blocks without the skip.
+With sigmoid the plain net's gradient shrinks toward the input (the derivative is at most 1/4,
+Glorot and Bengio 2010); the skip gives it a path that does not shrink.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from gradscope.blocks import BlockSpec
+from gradscope.models.registry import register_model
+
+ACTIVATIONS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, width: int, activation: str, residual: bool) -> None:
+        super().__init__()
+        self.branch = nn.Sequential(nn.Linear(width, width), ACTIVATIONS[activation]())
+        self.residual = residual
+
+    def forward(self, x: Tensor) -> Tensor:  # [batch, width]
+        out = self.branch(x)
+        return x + out if self.residual else out
+
+
+class DeepMLP(nn.Module):
+    def __init__(self, depth: int, width: int, activation: str, residual: bool, in_features: int,
+                 num_classes: int) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        if depth < 3:
+            raise ValueError(f"depth counts weighted layers (stem, blocks, head) and must be >= 3, got {depth}")
+        self.depth, self.residual = depth, residual
+        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), ACTIVATIONS[activation]())
+        self.blocks = nn.Sequential(*(MLPBlock(width, activation, residual) for _ in range(depth - 2)))
+        self.head = nn.Linear(width, num_classes)
+        gain = "relu" if activation in ("relu", "gelu") else None
+        for m in self.modules():
+            if isinstance(m, nn.Linear):  # Glorot for saturating units, He for rectifiers
+                if gain:
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                else:
+                    nn.init.xavier_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:  # [batch, ...] -> [batch, classes]
+        return self.head(self.blocks(self.stem(x)))
+
+    def gradscope_blocks(self) -> list[BlockSpec]:
+        return [BlockSpec(f"blocks.{i}", branch=f"blocks.{i}.branch", residual=self.residual)
+                for i in range(len(self.blocks))]
+
+
+def _factory(residual: bool):
+    def factory(depth: int = 20, width: int = 128, activation: str = "relu", num_classes: int = 10,
+                in_channels: int = 3, input_size: int = 32) -> nn.Module:
+        return DeepMLP(depth, width, activation, residual, in_channels * input_size**2, num_classes)
+
+    return factory
+
+
+register_model("mlp_plain", family="mlp", input_kind="image",
+               description="plain deep MLP on flattened images (depth, width, activation overridable)")(_factory(False))
+register_model("mlp_residual", family="mlp", input_kind="image",
+               description="residual deep MLP, y = x + act(Wx + b) per block")(_factory(True))
