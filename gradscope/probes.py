@@ -23,12 +23,18 @@ from gradscope.stats import (
     TRAIN,
     activation_moments,
     merge_activation_,
+    norm32,
 )
 
 if TYPE_CHECKING:
     from gradscope.recorder import Recorder
 
 _MAX_NESTING = 4
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
+def _in_backward() -> bool:
+    return _graph_task_id() != -1
 
 
 def first_float_tensor(output: Any, _depth: int = 0) -> Tensor | None:
@@ -71,16 +77,21 @@ class LayerProbe:
 
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
         rec = self.rec
+        if rec._watch_scaler:
+            rec._check_scaler_update()
+        grad_on = torch.is_grad_enabled()
+        if grad_on:  # lets step(loss=) tell this step from the previous one
+            rec._grad_forward_seen = True
         if not rec._recording:
-            if module.training:  # lets step(loss=) tell this step from the previous one
-                rec._train_forward_seen = True
+            return
+        if _in_backward():  # activation checkpointing recomputes forwards during backward
             return
         y = first_float_tensor(output)
         if y is None or y.numel() == 0:
             return
-        train = module.training and torch.is_grad_enabled()
+        train = module.training and grad_on
         phase = TRAIN if train else EVAL
-        slot = rec._open_slot(train_forward=train)
+        slot = rec._open_slot()
         rec._note_execution(self.row)
         counts, n = rec._counts, y.numel()
         seen = int(counts.act_n[slot, phase, self.row])
@@ -93,7 +104,9 @@ class LayerProbe:
                 merge_activation_(dst, moments, seen, n)
         counts.act_n[slot, phase, self.row] += n
         counts.act_calls[slot, phase, self.row] += 1
-        if train and y.requires_grad:
+        # Only non-leaf outputs: a hook on a leaf (a module returning a parameter) would outlive
+        # the step and the recorder; a non-leaf's hook goes with its graph.
+        if train and y.grad_fn is not None:
             y.register_hook(GradientProbe(rec, self.row, rec.step_index))
 
 
@@ -112,7 +125,8 @@ class GradientProbe:
             return
         counts = rec._counts
         with torch.no_grad():
-            ss = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+            rec._capture_loss_scale(slot)  # the scale this backward ran with
+            ss = norm32(grad).square()
             dst = rec._layer_buf[slot, TRAIN, self.row, GRAD_OUT_SS]
             if counts.grad_calls[slot, self.row] == 0:
                 dst.copy_(ss)

@@ -18,7 +18,7 @@ import datetime as _dt
 import itertools
 import os
 import platform
-import weakref
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,9 @@ from gradscope.stats import (
 )
 from gradscope.store import SCHEMA_VERSION, FlushJob, RunWriter
 
-# Models currently watched, so that a second watch() on the same modules is refused.
-_WATCHED: "weakref.WeakSet[Recorder]" = weakref.WeakSet()
+# Open recorders, held strongly so that one a user forgets to close still writes its data at exit
+# (and so that a second watch() on the same modules can be refused).
+_OPEN: "set[Recorder]" = set()
 
 
 def watch(
@@ -71,7 +72,7 @@ def watch(
         scaler: a ``torch.amp.GradScaler`` in use; gradient statistics are unscaled.
         modules: which modules to watch: glob(s) on qualified names, module types, or a
             predicate ``(name, module) -> bool``. Default: every leaf module owning parameters.
-        flush_every: recorded steps held on the device between writes to disk.
+        flush_every: recorded steps written to disk at a time (the device holds one more).
         overwrite: replace an existing run at ``run`` instead of refusing.
         device: where statistics live (default: the device of the model's first parameter).
 
@@ -112,9 +113,12 @@ class Recorder:
         chosen = select_layers(model, modules)
         self.layers: list[Layer] = [layer for layer, _ in chosen]
         n = len(self.layers)
-        self._layer_buf = torch.zeros(flush_every, len(PHASES), n, N_LAYER_STATS, device=self.device)
-        self._step_buf = torch.zeros(flush_every, N_STEP_STATS, device=self.device)
-        self._counts = HostCounts(flush_every, n)
+        # One slot more than a flush writes: the latest step stays on the device after a flush,
+        # so step(loss=) called after optimizer.step() still finds it.
+        self._capacity = flush_every + 1
+        self._layer_buf = torch.zeros(self._capacity, len(PHASES), n, N_LAYER_STATS, device=self.device)
+        self._step_buf = torch.zeros(self._capacity, N_STEP_STATS, device=self.device)
+        self._counts = HostCounts(self._capacity, n)
         self._bounded = np.array([layer.saturation_bounds is not None for layer in self.layers])
         self._calls = np.zeros(n, np.int64)
         self._execution_order: list[int] = []
@@ -124,9 +128,14 @@ class Recorder:
         # Step state; all plain Python so hooks can test it without touching a tensor.
         self.step_index = 0
         self._recording = True
-        self._train_forward_seen = False
+        self._grad_forward_seen = False  # a forward with autograd on ran in this step
         self._slot_steps: list[int] = []  # step number held in each used slot
         self._slots: dict[int, int] = {}  # step number -> slot
+        self._late_scalars_dropped = False
+        # A GradScaler that finds inf/NaN skips optimizer.step(), so the optimizer's hooks never
+        # mark that step; scaler.update() replacing its per-optimizer state dict still does.
+        self._watch_scaler = scaler is not None and optimizer is not None
+        self._scaler_states: Any = None
 
         self.path = Path(run) if run is not None else _default_run_path(model)
         self._started_at = _now()
@@ -146,7 +155,7 @@ class Recorder:
             self._writer.close()
             raise
         self._closed = False
-        _WATCHED.add(self)
+        _OPEN.add(self)
 
     # ---------------------------------------------------------------- public API
 
@@ -165,10 +174,17 @@ class Recorder:
                 self._record_scalars(slot, loss, accuracy)
             self._advance()
             return
-        step = self.step_index if self._train_forward_seen else self.step_index - 1
-        slot = self._open_slot() if step == self.step_index and self._recording else self._slots.get(step)
+        step = self.step_index if self._grad_forward_seen else self.step_index - 1
+        if step % self.every:
+            return  # not a recorded step
+        slot = self._open_slot() if step == self.step_index else self._slots.get(step)
         if slot is not None:
             self._record_scalars(slot, loss, accuracy)
+        elif step >= 0 and not self._late_scalars_dropped:
+            self._late_scalars_dropped = True
+            warnings.warn(f"gradscope: step(loss=...) for step {step} came after that step was flushed; "
+                          "it was dropped (call step() before optimizer.step() to avoid this)",
+                          RuntimeWarning, stacklevel=2)
 
     def flush(self, wait: bool = False) -> None:
         """Write every completed recorded step to disk (``wait=True`` blocks until written)."""
@@ -192,7 +208,7 @@ class Recorder:
                 self._writer.submit_meta(self._meta("failed" if failed else "finished"))
             finally:
                 self._writer.close()
-                _WATCHED.discard(self)
+                _OPEN.discard(self)
 
     def __enter__(self) -> "Recorder":
         return self
@@ -210,19 +226,35 @@ class Recorder:
 
     # ---------------------------------------------------------------- called by probes and hooks
 
-    def _open_slot(self, train_forward: bool = False) -> int:
+    def _open_slot(self) -> int:
         """Buffer slot of the current step, allocated on first use (flushing a full buffer)."""
-        if train_forward:
-            self._train_forward_seen = True
         slot = self._slots.get(self.step_index)
         if slot is None:
-            if len(self._slot_steps) == self.flush_every:
-                self._flush(len(self._slot_steps))
+            if len(self._slot_steps) == self._capacity:
+                self._flush(len(self._slot_steps) - 1)  # keep the latest step for a late step(loss=)
             slot = len(self._slot_steps)
             self._slot_steps.append(self.step_index)
             self._slots[self.step_index] = slot
             self._counts.clear(slot)
         return slot
+
+    def _check_scaler_update(self) -> None:
+        """End a step that the GradScaler skipped (called from forward hooks, pure Python)."""
+        states = self.scaler._per_optimizer_states
+        if states is not self._scaler_states:
+            if self._scaler_states is not None:  # update() ran with no optimizer step since
+                self._advance()
+            self._scaler_states = states
+
+    def _capture_loss_scale(self, slot: int) -> None:
+        """Copy the scaler's current scale tensor into the slot, once per step (no sync)."""
+        scaler = self.scaler
+        if scaler is None or self._counts.step_set[slot, LOSS_SCALE] or not scaler.is_enabled():
+            return
+        scale = getattr(scaler, "_scale", None)
+        if scale is not None:
+            self._step_buf[slot, LOSS_SCALE].copy_(scale.reshape(()))
+            self._counts.step_set[slot, LOSS_SCALE] = True
 
     def _note_execution(self, row: int) -> None:
         if not self._executed[row]:
@@ -241,7 +273,8 @@ class Recorder:
     def _advance(self) -> None:
         self.step_index += 1
         self._recording = self.step_index % self.every == 0
-        self._train_forward_seen = False
+        self._grad_forward_seen = False
+        self._scaler_states = None
 
     def _record_parameters(self, slot: int) -> None:
         """Own-parameter and gradient norms of every row, and the global gradient norm."""
@@ -255,10 +288,8 @@ class Recorder:
         counts.grad_rows[slot] = rows_with_grad
         counts.step_set[slot, GRAD_GLOBAL_SS] = True
         counts.lr[slot], counts.step_lr[slot] = p.learning_rates()
-        if self.scaler is not None and getattr(self.scaler, "_scale", None) is not None \
-                and self.scaler.is_enabled():
-            self._step_buf[slot, LOSS_SCALE].copy_(self.scaler._scale.reshape(()))
-            counts.step_set[slot, LOSS_SCALE] = True
+        self._capture_loss_scale(slot)
+        if counts.step_set[slot, LOSS_SCALE]:
             counts.grads_scaled[slot] = not _scaler_unscaled(self.scaler, self.optimizer)
 
     def _record_scalars(self, slot: int, loss: Any, accuracy: Any) -> None:
@@ -280,8 +311,8 @@ class Recorder:
             return
         counts = self._counts.take(upto)
         self._calls = np.maximum(self._calls, counts.act_calls.max(axis=(0, 1)))
-        layer_host, ready = _to_host(self._layer_buf[:upto])
-        step_host, ready = _to_host(self._step_buf[:upto])
+        layer_host, step_host = _to_host(self._layer_buf[:upto]), _to_host(self._step_buf[:upto])
+        ready = _copies_done(self.device)
         self._writer.submit(FlushJob(
             steps=self._slot_steps[:upto], layer_buf=layer_host, step_buf=step_host, counts=counts,
             layer_names=[layer.name for layer in self.layers], bounded=self._bounded, ready=ready))
@@ -370,11 +401,12 @@ class _ParameterIndex:
         """
         owned = [self.params[i] for i in self.owned]
         param_col.zero_().index_add_(0, self.rows, squared_norms(owned, self.device))
-        has_grad = tuple(p.grad is not None for p in self.params)
+        # Sparse gradients (nn.Embedding(sparse=True)) have no batched norm: left out, NaN.
+        has_grad = tuple(p.grad is not None and not p.grad.is_sparse for p in self.params)
         if has_grad not in self._cache:
             self._cache[has_grad] = self._grad_index(has_grad)
         take, rows, rows_with_grad = self._cache[has_grad]
-        grads = [p.grad for p in self.params if p.grad is not None]
+        grads = [p.grad for p, has in zip(self.params, has_grad) if has]
         grad_sq = squared_norms(grads, self.device)
         grad_col.zero_().index_add_(0, rows, grad_sq.index_select(0, take))
         return grad_sq.sum(), rows_with_grad
@@ -407,15 +439,21 @@ def _device_index(values: list[int], device: torch.device) -> Tensor:
     return t.to(device)
 
 
-def _to_host(t: Tensor) -> tuple[Tensor, Any]:
-    """A host copy of ``t`` that may still be in flight, and the event that marks it done."""
+def _to_host(t: Tensor) -> Tensor:
+    """A host copy of ``t``; from CUDA it is pinned and may still be in flight."""
     if t.device.type == "cuda":
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        host.copy_(t, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return host, event
-    return t.detach().to("cpu", copy=True), None
+        return host.copy_(t, non_blocking=True)
+    return t.detach().to("cpu", copy=True)
+
+
+def _copies_done(device: torch.device) -> Any:
+    """A CUDA event after the copies just queued on ``device`` (None where copies are synchronous)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
 
 
 def _host_float(value: Any) -> float:
@@ -429,12 +467,14 @@ def _host_float(value: Any) -> float:
 
 
 def _scaler_unscaled(scaler: Any, optimizer: Any) -> bool:
-    """Whether the scaler has already unscaled this optimizer's gradients in this step."""
-    if optimizer is None:
-        return False
-    state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer), {})
-    stage = state.get("stage")
-    return getattr(stage, "name", None) in ("UNSCALED", "STEPPED")
+    """Whether the scaler has already unscaled the gradients in this step.
+
+    With an optimizer, its own state says; without one, any optimizer unscaled by the scaler
+    (``scaler.unscale_(opt)`` before clipping, say) counts.
+    """
+    states = getattr(scaler, "_per_optimizer_states", {})
+    chosen = [states.get(id(optimizer), {})] if optimizer is not None else list(states.values())
+    return any(getattr(s.get("stage"), "name", None) in ("UNSCALED", "STEPPED") for s in chosen)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -445,7 +485,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def _refuse_if_watched(model: nn.Module) -> None:
     mine = {id(m) for m in model.modules()}
-    for rec in list(_WATCHED):
+    for rec in list(_OPEN):
         if not rec._closed and mine & {id(m) for m in rec.model.modules()}:
             raise RuntimeError(
                 f"gradscope.watch: {type(model).__name__} (or a module inside it) is already watched "
@@ -488,7 +528,7 @@ def _version() -> str:
 @atexit.register
 def _close_open_recorders() -> None:
     """Write what open recorders still hold when the interpreter exits (no lost data)."""
-    for rec in list(_WATCHED):
+    for rec in list(_OPEN):
         try:
             rec.close()
         except Exception:  # exiting anyway; nothing better to do with the error

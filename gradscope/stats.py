@@ -77,11 +77,35 @@ def merge_activation_(row: Tensor, new: Tensor, n_old: int, n_new: int) -> None:
     row[ACT_ZEROS : ACT_SAT + 1].add_(new[ACT_ZEROS : ACT_SAT + 1])
 
 
+_NARROW = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def norm32(t: Tensor) -> Tensor:
+    """L2 norm as a float32 scalar, accumulated in float32 (or float64 for float64 input)."""
+    if t.dtype in _NARROW:
+        return torch.linalg.vector_norm(t, dtype=torch.float32)
+    return torch.linalg.vector_norm(t).float()
+
+
 def squared_norms(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
-    """[len(tensors)] float32 squared L2 norms from batched ``torch._foreach_norm`` calls."""
+    """[len(tensors)] float32 squared L2 norms from batched ``torch._foreach_norm`` calls.
+
+    One call covers every tensor (it groups by device and dtype internally); float32
+    accumulation is asked for only where it widens, since it cannot narrow float64.
+    """
     if not tensors:
         return torch.zeros(0, device=device)
-    norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float32)
+    tensors = list(tensors)
+    wide = {i for i, t in enumerate(tensors) if t.dtype not in _NARROW}
+    if not wide:
+        norms = list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    else:  # float64 (rare) gets a call of its own
+        norms = [torch.empty(0)] * len(tensors)
+        narrow = [i for i in range(len(tensors)) if i not in wide]
+        for idx, kwargs in ((narrow, {"dtype": torch.float32}), (sorted(wide), {})):
+            if idx:
+                for i, r in zip(idx, torch._foreach_norm([tensors[i] for i in idx], 2, **kwargs)):
+                    norms[i] = r.float()
     if any(t.device != device for t in norms):
         norms = [t.to(device, non_blocking=True) for t in norms]
     return torch.stack(norms).square()

@@ -36,6 +36,11 @@ LAYER_COLUMNS = (
     "grad_out_norm", "grad_out_rms", "param_norm", "grad_norm", "update_ratio",
 )
 STEP_COLUMNS = ("loss", "accuracy", "lr", "grad_global_norm", "loss_scale")
+# pandas dtypes of each table as load_run returns it, also when a run has no rows yet
+LAYER_SCHEMA = {"step": "int64", "phase": "object", "layer": "object",
+                **{c: "float32" for c in LAYER_COLUMNS}}
+STEP_SCHEMA = {"step": "int64", **{c: "float64" for c in STEP_COLUMNS}}
+BLOCK_SCHEMA = {"step": "int64", "block": "object"}
 
 
 class RunError(Exception):
@@ -226,7 +231,8 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _read_table(folder: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+def _read_table(folder: Path, schema: dict[str, str]) -> pd.DataFrame:
+    """All parts of one table; an empty frame with the same columns and dtypes when there are none."""
     parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
     tables = []
     for part in parts:
@@ -235,7 +241,7 @@ def _read_table(folder: Path, columns: tuple[str, ...]) -> pd.DataFrame:
         except (OSError, pa.ArrowException) as exc:
             raise RunError(f"{part} is damaged or truncated: {exc}") from None
     if not tables:
-        return pd.DataFrame({c: pd.Series(dtype="float64") for c in columns})
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in schema.items()})
     try:
         table = pa.concat_tables(tables, promote_options="default")
     except pa.ArrowException as exc:
@@ -254,16 +260,14 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     meta = read_meta(path)
     layer_table = pd.DataFrame(meta.get("layers", []),
                                columns=["name", "type", "params", "row", "depth", "rel_depth", "calls"])
-    layers = _read_table(path / "layers", ("step", "phase", "layer", *LAYER_COLUMNS))
-    if len(layers):
-        for col in ("phase", "layer"):
-            layers[col] = layers[col].astype(str)
-        info = layer_table.rename(columns={"name": "layer"})[["layer", "type", "depth", "rel_depth"]]
-        layers = layers.merge(info, on="layer", how="left")
-        layers = layers.sort_values(["step", "phase", "depth"], kind="stable", ignore_index=True)
-    scalars = _read_table(path / "scalars", ("step", *STEP_COLUMNS))
-    if len(scalars):
-        scalars = scalars.sort_values("step", kind="stable", ignore_index=True)
-    blocks = _read_table(path / "blocks", ("step", "block"))
+    layers = _read_table(path / "layers", LAYER_SCHEMA)
+    for col in ("phase", "layer"):
+        layers[col] = layers[col].astype(str)
+    info = layer_table.rename(columns={"name": "layer"})[["layer", "type", "depth", "rel_depth"]]
+    info = info.astype({"layer": str, "depth": "float64", "rel_depth": "float64"})
+    layers = layers.merge(info, on="layer", how="left")
+    layers = layers.sort_values(["step", "phase", "depth"], kind="stable", ignore_index=True)
+    scalars = _read_table(path / "scalars", STEP_SCHEMA).sort_values("step", kind="stable", ignore_index=True)
+    blocks = _read_table(path / "blocks", BLOCK_SCHEMA)
     return Run(path=path, meta=meta, layers=layers, blocks=blocks, scalars=scalars,
                layer_table=layer_table)

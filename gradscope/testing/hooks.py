@@ -15,13 +15,17 @@ _OPTIMIZER_HOOK_DICTS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hook
 
 
 def hook_counts(model: nn.Module, optimizer: Any = None) -> dict[str, int]:
-    """Number of hooks registered per ``"module_name.hook_dict"``, zero entries left out."""
+    """Number of hooks per ``"module_name.hook_dict"`` (and parameter tensor hooks), zeros left out."""
     counts: dict[str, int] = {}
     for name, module in model.named_modules():
         for attr in _MODULE_HOOK_DICTS:
             n = len(getattr(module, attr, {}) or {})
             if n:
                 counts[f"{name or '<root>'}.{attr}"] = n
+        for pname, p in module.named_parameters(recurse=False):
+            n = len(getattr(p, "_backward_hooks", None) or {})
+            if n:
+                counts[f"{name or '<root>'}.{pname}._backward_hooks"] = n
     if optimizer is not None:
         for attr in _OPTIMIZER_HOOK_DICTS:
             n = len(getattr(optimizer, attr, {}) or {})

@@ -1,0 +1,215 @@
+"""Training setups that trip naive recorders: dtypes, AMP skips, late step() calls, checkpointing."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import gradscope
+from gradscope.testing import TinyMLP, assert_no_hooks
+from conftest import batches
+
+
+def test_float64_model_records_and_trains(run_dir):
+    torch.manual_seed(0)
+    model = TinyMLP().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 4, (16,))
+    outs = []
+    model[0].register_forward_hook(lambda m, i, o: outs.append(o.detach()))
+    with gradscope.watch(model, run_dir, optimizer=opt) as rec:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        rec.step()
+        want_grad = float(model[0].weight.grad.norm() ** 2 + model[0].bias.grad.norm() ** 2) ** 0.5
+        opt.step()
+    row = gradscope.load_run(run_dir).layers.set_index("layer").loc["0"]
+    assert math.isclose(row["act_std"], float(outs[0].std(unbiased=False)), rel_tol=1e-5)
+    assert math.isclose(row["grad_norm"], want_grad, rel_tol=1e-5)
+
+
+def test_loss_lands_in_its_step_when_training_in_eval_mode(run_dir):
+    model = TinyMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    model.eval()  # e.g. fine-tuning with BatchNorm statistics frozen
+    with gradscope.watch(model, run_dir, optimizer=opt) as rec:
+        for i, (x, y) in enumerate(batches("mlp", steps=3)):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            rec.step(loss=torch.tensor(float(i + 1)))
+            opt.step()
+    assert gradscope.load_run(run_dir).scalars.set_index("step").loss.to_dict() == {0: 1.0, 1: 2.0, 2: 3.0}
+
+
+@pytest.mark.parametrize("flush_every", [1, 2, 50])
+def test_step_after_optimizer_step_and_eval_pass_keeps_the_loss(flush_every, run_dir):
+    model = TinyMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradscope.watch(model, run_dir, optimizer=opt, flush_every=flush_every) as rec:
+        for i, (x, y) in enumerate(batches("mlp", steps=6)):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            with torch.no_grad():  # validation between the optimizer step and step(loss=)
+                model.eval()
+                model(x)
+                model.train()
+            rec.step(loss=float(i))
+    scalars = gradscope.load_run(run_dir).scalars.set_index("step").loss
+    assert scalars.to_dict() == {i: float(i) for i in range(6)}
+
+
+def test_loss_given_after_manual_flush_is_dropped_with_a_warning(run_dir):
+    model = TinyMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    (x, y), = batches("mlp", steps=1)
+    with gradscope.watch(model, run_dir, optimizer=opt) as rec:
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        rec.flush()
+        with pytest.warns(RuntimeWarning, match="dropped"):
+            rec.step(loss=1.0)
+
+
+def _amp_loop(model, opt, scaler, rec, losses_scale, unscale_first=False):
+    """A GradScaler loop; ``losses_scale`` multiplies each step's loss (inf forces a skip)."""
+    for i, (x, y) in enumerate(batches("mlp", steps=len(losses_scale))):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y) * losses_scale[i]
+        scaler.scale(loss).backward()
+        if unscale_first:
+            scaler.unscale_(opt)
+        rec.step(loss=loss)
+        scaler.step(opt)
+        scaler.update()
+
+
+def test_scaler_skipped_step_is_recorded_as_its_own_step(run_dir):
+    torch.manual_seed(0)
+    model = TinyMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    with gradscope.watch(model, run_dir, optimizer=opt, scaler=scaler) as rec:
+        _amp_loop(model, opt, scaler, rec, [1.0, float("inf"), 1.0, 1.0])
+    run = gradscope.load_run(run_dir)
+    assert run.scalars.step.tolist() == [0, 1, 2, 3]
+    assert run.scalars.loss_scale.tolist() == [1024.0, 1024.0, 512.0, 512.0]  # backed off after the skip
+    assert run.layer_table.calls.max() == 1  # no two iterations merged
+    train = run.layers[run.layers.phase == "train"]
+    skipped = train[train.step == 1]
+    assert skipped.param_norm.isna().all()  # no optimizer step: no parameter row data
+    assert not math.isfinite(float(run.scalars.loss[1]))
+    ok = train[train.step == 2]
+    assert ok.grad_out_norm.notna().all() and ok.grad_out_norm.lt(10).all()  # unscaled by 512, not 1024
+
+
+def test_scaler_without_optimizer_after_unscale(run_dir):
+    torch.manual_seed(0)
+    model = TinyMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    seen = {}
+
+    def remember(optimizer, args, kwargs):  # the unscaled, final gradients
+        seen["g"] = math.sqrt(sum(float(p.grad.double().norm() ** 2) for p in model.parameters()))
+
+    opt.register_step_pre_hook(remember)
+    with gradscope.watch(model, run_dir, scaler=scaler) as rec:
+        _amp_loop(model, opt, scaler, rec, [1.0], unscale_first=True)
+    s = gradscope.load_run(run_dir).scalars.iloc[0]
+    assert math.isclose(s["grad_global_norm"], seen["g"], rel_tol=1e-4)
+    assert s["loss_scale"] == 256.0
+
+
+def test_module_returning_a_parameter_leaves_no_hook(run_dir):
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Parameter(torch.randn(4, 8))
+
+        def forward(self, x):
+            return self.pos
+
+    model = nn.Sequential(Positions(), nn.Linear(8, 2))
+    with gradscope.watch(model, run_dir) as rec:
+        for _ in range(3):
+            model(torch.randn(4, 8)).sum().backward()
+            rec.step()
+    assert_no_hooks(model)
+    rows = gradscope.load_run(run_dir).layers.set_index(["step", "layer"])
+    assert rows.loc[(2, "0"), "grad_norm"] > 0  # the parameter's own gradient is still recorded
+
+
+def test_sparse_gradients_do_not_break_training(run_dir):
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.watch(model, run_dir, optimizer=opt):
+        model(torch.tensor([1, 2, 3])).sum().backward()
+        opt.step()
+    rows = gradscope.load_run(run_dir).layers.set_index("layer")
+    assert math.isnan(rows.loc["0", "grad_norm"]) and rows.loc["0", "param_norm"] > 0
+    assert rows.loc["1", "grad_norm"] > 0
+
+
+def test_activation_checkpointing_recomputation_is_not_counted(run_dir, tmp_path):
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x, use_checkpoint=True):
+            h = checkpoint(self.inner, x, use_reentrant=False) if use_checkpoint else self.inner(x)
+            return self.head(h)
+
+    torch.manual_seed(0)
+    model = Checkpointed()
+    x = torch.randn(4, 8)
+    tables = []
+    for i, use in enumerate((True, False)):
+        with gradscope.watch(model, tmp_path / str(i)) as rec:
+            model(x, use_checkpoint=use).sum().backward()
+            rec.step()
+        model.zero_grad()
+        tables.append(gradscope.load_run(tmp_path / str(i)))
+    assert tables[0].layer_table.calls.tolist() == [1, 1, 1]
+    cols = ["act_std", "grad_out_norm", "grad_norm"]
+    a, b = (t.layers.set_index("layer")[cols] for t in tables)
+    assert (a - b).abs().max().max() < 1e-6
+
+
+def test_unclosed_recorder_writes_its_data_at_exit(tmp_path):
+    script = textwrap.dedent("""
+        import sys, torch, gradscope
+        from gradscope.testing import TinyMLP
+        def train():
+            model = TinyMLP()
+            rec = gradscope.watch(model, sys.argv[1])
+            for _ in range(3):
+                model(torch.randn(2, 8)).sum().backward()
+                rec.step()
+        train()   # the recorder and model go out of scope without close()
+        import gc; gc.collect()
+    """)
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "r")], check=True, timeout=120)
+    run = gradscope.load_run(tmp_path / "r")
+    assert run.status == "finished" and run.scalars.step.tolist() == [0, 1, 2]
+
+
+def test_run_without_rows_has_the_full_schema(run_dir):
+    model = TinyMLP()
+    gradscope.watch(model, run_dir).close()
+    run = gradscope.load_run(run_dir)
+    assert len(run.layers) == 0
+    assert {"step", "phase", "layer", "type", "depth", "rel_depth", "act_std"} <= set(run.layers.columns)
+    assert run.layers[run.layers.phase == "train"].empty
+    assert str(run.scalars.step.dtype) == "int64"
