@@ -1,16 +1,25 @@
-"""Blocks: units that could carry a residual connection, H(x) = F(x) + x.
+"""Blocks: units that could carry a residual connection, H(x) = F(x) + x, and how close to the
+identity they are (DESIGN.md Blocks and the per-block Metrics).
 
-A block's input and output have the same shape, so how close it is to the identity can be
-measured. Reference models declare their blocks and residual branches (``gradscope_blocks()``),
-and a plain twin declares the same block names as its residual twin so the two line up.
+A block's input and output have the same shape, so it can be compared with the identity in the
+forward direction (``||y - x|| / ||x||``, per-sample cosine) and in the backward direction
+(``||dL/dx|| / ||dL/dy||``, about 1 for a residual block, He et al. 2016). Reference models
+declare their blocks and residual branches (``gradscope_blocks()``); a plain twin declares the
+same names as its residual twin so the two line up. Other models are searched: a block is a
+non-leaf module with a sibling of the same class in an ``nn.Sequential`` or ``nn.ModuleList``
+(``BasicBlock`` in ``layer1``, ``GPT2Block`` in ``transformer.h``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
+from gradscope.layers import ModuleFilter, as_predicate
 
 @dataclass(frozen=True)
 class BlockSpec:
@@ -21,9 +30,101 @@ class BlockSpec:
     residual: bool = True  # False for a plain twin's block (same boundaries, no skip)
 
 
+@dataclass
+class Block:
+    """A watched block: a row of the block table in ``meta.json``."""
+
+    name: str
+    type: str
+    row: int
+    source: str  # "declared" (reference model), "discovered", or "selected" (watch(blocks=...))
+    branch: str | None = None
+    residual: bool | None = None  # None where the model does not say
+    depth: int | None = None  # order of first execution among blocks
+    rel_depth: float | None = None
+    calls: int = 0
+    reason: str | None = None  # why identity metrics are NaN (the block changes shape)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def declared_blocks(model: nn.Module) -> list[BlockSpec] | None:
     """Blocks a model declares through ``gradscope_blocks()``, or None if it declares none."""
     declare = getattr(model, "gradscope_blocks", None)
     if declare is None or not callable(declare):
         return None
     return list(declare())
+
+
+def discover_blocks(model: nn.Module) -> list[str]:
+    """Qualified names of modules that look like repeated blocks (see the module docstring).
+
+    The same-shape condition is checked when the block runs: one that changes shape is kept
+    in the table with the reason, so a stage's downsampling block still shows up.
+    """
+    found = []
+    for name, container in model.named_modules():
+        if not isinstance(container, (nn.Sequential, nn.ModuleList)):
+            continue
+        children = list(container.named_children())
+        classes = Counter(type(child) for _, child in children)
+        for child_name, child in children:
+            if classes[type(child)] > 1 and next(child.children(), None) is not None:
+                found.append(f"{name}.{child_name}" if name else child_name)
+    return found
+
+
+def select_blocks(model: nn.Module, blocks: ModuleFilter | None) -> list[tuple[Block, nn.Module, nn.Module | None]]:
+    """Watched blocks with their modules and branch modules, in registration order.
+
+    ``blocks=None`` takes the model's declaration, else discovery; a filter picks modules
+    itself (declared branches are still used for the modules it picks).
+    """
+    modules = dict(model.named_modules())
+    declared = {spec.name: spec for spec in declared_blocks(model) or []}
+    if blocks is not None:
+        keep = as_predicate(blocks)
+        names, source = [n for n, m in modules.items() if keep(n, m)], "selected"
+    elif declared:
+        names, source = list(declared), "declared"
+    else:
+        names, source = discover_blocks(model), "discovered"
+    out = []
+    for row, name in enumerate(names):
+        if name not in modules:
+            raise ValueError(f"{type(model).__name__} declares block {name!r}, which is not one of its modules")
+        spec = declared.get(name)
+        branch = modules.get(spec.branch) if spec and spec.branch else None
+        block = Block(name=name, type=type(modules[name]).__name__, row=row,
+                      source="declared" if spec and source != "selected" else source,
+                      branch=spec.branch if spec else None, residual=spec.residual if spec else None)
+        out.append((block, modules[name], branch))
+    return out
+
+
+def identity_moments(x: Tensor, y: Tensor) -> Tensor:
+    """[3] float32 sums over samples: ||y - x||^2, ||x||^2, and cos(x_i, y_i).
+
+    Samples are the leading dimension; each is flattened. ``y - x`` is formed explicitly rather
+    than expanded into dot products, so an exact identity gives exactly 0.
+    """
+    n = x.shape[0] if x.dim() > 0 else 1
+    x2, y2 = x.reshape(n, -1).float(), y.reshape(n, -1).float()
+    diff_ss = torch.linalg.vector_norm(y2 - x2).square()
+    x_ss = x2.square().sum(dim=1)
+    y_ss = y2.square().sum(dim=1)
+    cos = (x2 * y2).sum(dim=1) / (x_ss * y_ss).sqrt().clamp_min(1e-30)
+    return torch.stack([diff_ss, x_ss.sum(), cos.sum()])
+
+
+def token_cosine_sum(y: Tensor) -> Tensor:
+    """Sum over the batch of the mean pairwise cosine between tokens of ``y`` [batch, tokens, dim].
+
+    With unit vectors u_i, the mean over pairs i != j of u_i . u_j is
+    (||sum_i u_i||^2 - T) / (T (T - 1)); near 1 means the tokens collapsed to one direction.
+    """
+    t = y.shape[1]
+    u = torch.nn.functional.normalize(y.float(), dim=-1)
+    s = u.sum(dim=1).square().sum(dim=-1)  # [batch]
+    return ((s - t) / (t * (t - 1))).sum()

@@ -49,7 +49,7 @@ def _default_filter(name: str, module: nn.Module) -> bool:
     return next(module.children(), None) is None and bool(own_parameters(module))
 
 
-def _as_predicate(spec: ModuleFilter) -> Callable[[str, nn.Module], bool]:
+def as_predicate(spec: ModuleFilter) -> Callable[[str, nn.Module], bool]:
     if isinstance(spec, str):
         return lambda name, _m: fnmatch.fnmatchcase(name, spec)
     if isinstance(spec, type):
@@ -59,7 +59,7 @@ def _as_predicate(spec: ModuleFilter) -> Callable[[str, nn.Module], bool]:
     if callable(spec):
         return spec
     try:
-        parts = [_as_predicate(s) for s in spec]
+        parts = [as_predicate(s) for s in spec]
     except TypeError:
         raise TypeError(
             f"modules= takes a glob string, an nn.Module type, a predicate (name, module) -> bool, "
@@ -70,7 +70,7 @@ def _as_predicate(spec: ModuleFilter) -> Callable[[str, nn.Module], bool]:
 
 def select_layers(model: nn.Module, modules: ModuleFilter | None = None) -> list[tuple[Layer, nn.Module]]:
     """Watched modules of ``model`` in registration order, each with its layer-table row."""
-    keep = _default_filter if modules is None else _as_predicate(modules)
+    keep = _default_filter if modules is None else as_predicate(modules)
     chosen = [(name, m) for name, m in model.named_modules() if keep(name, m)]
     if not chosen:
         what = "no module owns parameters" if modules is None else f"modules={modules!r} matched no module"
@@ -90,9 +90,9 @@ def select_layers(model: nn.Module, modules: ModuleFilter | None = None) -> list
     ]
 
 
-def assign_depths(layers: list[Layer], execution_order: list[int]) -> None:
-    """Set ``depth``/``rel_depth`` from the rows in order of first execution."""
+def assign_depths(rows: list[Any], execution_order: list[int]) -> None:
+    """Set ``depth``/``rel_depth`` of layers (or blocks) from their rows in order of first execution."""
     n = len(execution_order)
     for depth, row in enumerate(execution_order):
-        layers[row].depth = depth
-        layers[row].rel_depth = depth / (n - 1) if n > 1 else 0.0
+        rows[row].depth = depth
+        rows[row].rel_depth = depth / (n - 1) if n > 1 else 0.0

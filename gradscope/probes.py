@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from gradscope.blocks import identity_moments, token_cosine_sum
 from gradscope.stats import (
+    B_BRANCH_SS,
+    B_COS_SUM,
+    B_DIFF_SS,
+    B_GRAD_IN_SS,
+    B_GRAD_OUT_SS,
+    B_TOKEN_COS_SUM,
     EVAL,
     GRAD_OUT_SS,
     N_ACT_STATS,
@@ -134,3 +141,102 @@ class GradientProbe:
                 dst.add_(ss)
         counts.grad_n[slot, self.row] += grad.numel()
         counts.grad_calls[slot, self.row] += 1
+
+
+class BlockProbe:
+    """Forward pre-hook and hook of one block: compares its output with its input.
+
+    The pre-hook notes the input tensor and its version counter; the hook measures identity
+    closeness against it, unless the block modified its input in place (then the input it
+    saw is gone and the call is skipped). Tensor hooks on the input and output give
+    ||dL/dx|| and ||dL/dy||. Nothing is kept once the call returns.
+    """
+
+    __slots__ = ("rec", "row", "_inputs")
+
+    def __init__(self, rec: "Recorder", row: int) -> None:
+        self.rec, self.row = rec, row
+        self._inputs: list[tuple[Tensor | None, int]] = []  # a stack: blocks may nest or recurse
+
+    def _active(self, module: nn.Module) -> bool:
+        rec = self.rec
+        return rec._recording and module.training and torch.is_grad_enabled() and not _in_backward()
+
+    def before(self, module: nn.Module, args: Any) -> None:
+        if not self._active(module):
+            return
+        x = first_float_tensor(args)
+        self._inputs.append((x, x._version if x is not None else 0))
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not self._active(module) or not self._inputs:
+            return
+        x, version = self._inputs.pop()
+        y = first_float_tensor(output)
+        if x is None or y is None:
+            return
+        rec, row = self.rec, self.row
+        slot = rec._open_slot()
+        rec._note_block_execution(row)
+        counts = rec._counts
+        counts.block_calls[slot, row] += 1
+        buf = rec._block_buf[slot, row]
+        with torch.no_grad():
+            block = rec.blocks[row]
+            if x.shape != y.shape:
+                if block.reason is None:
+                    block.reason = f"changes shape: {tuple(x.shape[1:])} -> {tuple(y.shape[1:])} per sample"
+            elif x._version != version:
+                if block.reason is None:
+                    block.reason = "modifies its input in place"
+            elif y.numel():
+                buf[B_DIFF_SS: B_COS_SUM + 1].add_(identity_moments(x.detach(), y.detach()))
+                counts.block_samples[slot, row] += x.shape[0] if x.dim() else 1
+            if y.dim() == 3 and y.shape[1] > 1:  # [batch, tokens, dim]
+                buf[B_TOKEN_COS_SUM].add_(token_cosine_sum(y.detach()))
+                counts.block_tokens[slot, row] += y.shape[0]
+        if x.grad_fn is not None:
+            x.register_hook(BlockGradientProbe(rec, row, rec.step_index, B_GRAD_IN_SS))
+        if y.grad_fn is not None:
+            y.register_hook(BlockGradientProbe(rec, row, rec.step_index, B_GRAD_OUT_SS))
+
+
+class BranchProbe:
+    """Forward hook on a block's residual branch F: accumulates ||F(x)||^2 for branch_ratio."""
+
+    __slots__ = ("rec", "row")
+
+    def __init__(self, rec: "Recorder", row: int) -> None:
+        self.rec, self.row = rec, row
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        rec = self.rec
+        if not (rec._recording and module.training and torch.is_grad_enabled()) or _in_backward():
+            return
+        f = first_float_tensor(output)
+        if f is None:
+            return
+        slot = rec._open_slot()
+        with torch.no_grad():
+            rec._block_buf[slot, self.row, B_BRANCH_SS].add_(norm32(f).square())
+        rec._counts.block_branch[slot, self.row] += 1
+
+
+class BlockGradientProbe:
+    """Tensor hook on a block's input or output: accumulates the squared gradient norm."""
+
+    __slots__ = ("rec", "row", "step", "column")
+
+    def __init__(self, rec: "Recorder", row: int, step: int, column: int) -> None:
+        self.rec, self.row, self.step, self.column = rec, row, step, column
+
+    def __call__(self, grad: Tensor) -> None:
+        rec = self.rec
+        slot = rec._slots.get(self.step)
+        if slot is None or rec._closed:
+            return
+        with torch.no_grad():
+            rec._capture_loss_scale(slot)
+            rec._block_buf[slot, self.row, self.column].add_(norm32(grad).square())
+        seen = rec._counts.block_grad_in if self.column == B_GRAD_IN_SS else rec._counts.block_grad_out
+        seen[slot, self.row] += 1

@@ -26,14 +26,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gradscope.blocks import Block, select_blocks
 from gradscope.layers import Layer, ModuleFilter, assign_depths, own_parameters, select_layers
-from gradscope.probes import LayerProbe
+from gradscope.probes import BlockProbe, BranchProbe, LayerProbe
 from gradscope.stats import (
     ACCURACY,
     GRAD_GLOBAL_SS,
     GRAD_SS,
     LOSS,
     LOSS_SCALE,
+    N_BLOCK_STATS,
     N_LAYER_STATS,
     N_STEP_STATS,
     PARAM_SS,
@@ -57,6 +59,7 @@ def watch(
     optimizer: torch.optim.Optimizer | None = None,
     scaler: Any = None,
     modules: ModuleFilter | None = None,
+    blocks: ModuleFilter | None = None,
     flush_every: int = 50,
     overwrite: bool = False,
     device: torch.device | str | None = None,
@@ -72,6 +75,9 @@ def watch(
         scaler: a ``torch.amp.GradScaler`` in use; gradient statistics are unscaled.
         modules: which modules to watch: glob(s) on qualified names, module types, or a
             predicate ``(name, module) -> bool``. Default: every leaf module owning parameters.
+        blocks: which modules to compare with the identity (same forms as ``modules``).
+            Default: the blocks a reference model declares, else repeated sibling modules
+            in ``nn.Sequential``/``nn.ModuleList`` containers; ``[]`` for none.
         flush_every: recorded steps written to disk at a time (the device holds one more).
         overwrite: replace an existing run at ``run`` instead of refusing.
         device: where statistics live (default: the device of the model's first parameter).
@@ -80,7 +86,7 @@ def watch(
         The ``Recorder``; use it as a context manager or call ``close()``.
     """
     return Recorder(model, run, every=every, optimizer=optimizer, scaler=scaler, modules=modules,
-                    flush_every=flush_every, overwrite=overwrite, device=device)
+                    blocks=blocks, flush_every=flush_every, overwrite=overwrite, device=device)
 
 
 class Recorder:
@@ -95,6 +101,7 @@ class Recorder:
         optimizer: torch.optim.Optimizer | None = None,
         scaler: Any = None,
         modules: ModuleFilter | None = None,
+        blocks: ModuleFilter | None = None,
         flush_every: int = 50,
         overwrite: bool = False,
         device: torch.device | str | None = None,
@@ -112,17 +119,23 @@ class Recorder:
 
         chosen = select_layers(model, modules)
         self.layers: list[Layer] = [layer for layer, _ in chosen]
-        n = len(self.layers)
+        chosen_blocks = select_blocks(model, blocks)
+        self.blocks: list[Block] = [block for block, _, _ in chosen_blocks]
+        n, nb = len(self.layers), len(self.blocks)
         # One slot more than a flush writes: the latest step stays on the device after a flush,
         # so step(loss=) called after optimizer.step() still finds it.
         self._capacity = flush_every + 1
         self._layer_buf = torch.zeros(self._capacity, len(PHASES), n, N_LAYER_STATS, device=self.device)
         self._step_buf = torch.zeros(self._capacity, N_STEP_STATS, device=self.device)
-        self._counts = HostCounts(self._capacity, n)
+        self._block_buf = torch.zeros(self._capacity, nb, N_BLOCK_STATS, device=self.device)
+        self._counts = HostCounts(self._capacity, n, nb)
         self._bounded = np.array([layer.saturation_bounds is not None for layer in self.layers])
         self._calls = np.zeros(n, np.int64)
         self._execution_order: list[int] = []
         self._executed = [False] * n
+        self._block_order: list[int] = []
+        self._block_executed = [False] * nb
+        self._block_calls = np.zeros(nb, np.int64)
         self._parameters = _ParameterIndex(model, chosen, optimizer, self.device)
 
         # Step state; all plain Python so hooks can test it without touching a tensor.
@@ -147,6 +160,12 @@ class Recorder:
             for layer, module in chosen:
                 probe = LayerProbe(self, layer.row, layer.saturation_bounds)
                 self._handles.append(module.register_forward_hook(probe))
+            for block, module, branch in chosen_blocks:
+                block_probe = BlockProbe(self, block.row)
+                self._handles.append(module.register_forward_pre_hook(block_probe.before))
+                self._handles.append(module.register_forward_hook(block_probe))
+                if branch is not None:
+                    self._handles.append(branch.register_forward_hook(BranchProbe(self, block.row)))
             if optimizer is not None:
                 self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
                 self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
@@ -236,6 +255,8 @@ class Recorder:
             self._slot_steps.append(self.step_index)
             self._slots[self.step_index] = slot
             self._counts.clear(slot)
+            if self.blocks:
+                self._block_buf[slot].zero_()  # block statistics are pure sums
         return slot
 
     def _check_scaler_update(self) -> None:
@@ -260,6 +281,11 @@ class Recorder:
         if not self._executed[row]:
             self._executed[row] = True
             self._execution_order.append(row)
+
+    def _note_block_execution(self, row: int) -> None:
+        if not self._block_executed[row]:
+            self._block_executed[row] = True
+            self._block_order.append(row)
 
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._recording:
@@ -311,15 +337,19 @@ class Recorder:
             return
         counts = self._counts.take(upto)
         self._calls = np.maximum(self._calls, counts.act_calls.max(axis=(0, 1)))
-        layer_host, step_host = _to_host(self._layer_buf[:upto]), _to_host(self._step_buf[:upto])
+        if self.blocks:
+            self._block_calls = np.maximum(self._block_calls, counts.block_calls.max(axis=0))
+        buffers = (self._layer_buf, self._step_buf, self._block_buf)
+        layer_host, step_host, block_host = (_to_host(b[:upto]) for b in buffers)
         ready = _copies_done(self.device)
         self._writer.submit(FlushJob(
-            steps=self._slot_steps[:upto], layer_buf=layer_host, step_buf=step_host, counts=counts,
-            layer_names=[layer.name for layer in self.layers], bounded=self._bounded, ready=ready))
+            steps=self._slot_steps[:upto], layer_buf=layer_host, step_buf=step_host, block_buf=block_host,
+            counts=counts, layer_names=[layer.name for layer in self.layers],
+            block_names=[block.name for block in self.blocks], bounded=self._bounded, ready=ready))
         rest = self._slot_steps[upto:]
         for i in range(len(rest)):  # move the unfinished step down to slot i
-            self._layer_buf[i].copy_(self._layer_buf[upto + i])
-            self._step_buf[i].copy_(self._step_buf[upto + i])
+            for b in buffers:
+                b[i].copy_(b[upto + i])
             self._counts.move(upto + i, i)
         self._slot_steps = rest
         self._slots = {step: i for i, step in enumerate(rest)}
@@ -327,8 +357,11 @@ class Recorder:
 
     def _meta(self, status: str) -> dict[str, Any]:
         assign_depths(self.layers, self._execution_order)
+        assign_depths(self.blocks, self._block_order)
         for layer in self.layers:
             layer.calls = int(self._calls[layer.row])
+        for block in self.blocks:
+            block.calls = int(self._block_calls[block.row])
         return {
             "schema_version": SCHEMA_VERSION,
             "gradscope_version": _version(),
@@ -341,7 +374,7 @@ class Recorder:
                       "config": getattr(self.model, "gradscope_config", None),
                       "parameters": sum(p.numel() for p in self.model.parameters())},
             "layers": [layer.to_json() for layer in self.layers],
-            "blocks": [],
+            "blocks": [block.to_json() for block in self.blocks],
             "task": None,
             "optimizer": _describe_optimizer(self.optimizer),
             "schedule": {"every": self.every, "flush_every": self.flush_every,

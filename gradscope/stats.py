@@ -26,6 +26,10 @@ GRAD_SS = 7  # sum over own parameters of ||p.grad||^2
 N_LAYER_STATS = 8
 N_ACT_STATS = 5
 
+# Columns of the per-block device buffer [slots, blocks, N_BLOCK_STATS]; all are sums over calls.
+B_DIFF_SS, B_INPUT_SS, B_COS_SUM, B_GRAD_IN_SS, B_GRAD_OUT_SS, B_BRANCH_SS, B_TOKEN_COS_SUM = range(7)
+N_BLOCK_STATS = 7
+
 PHASES = ("train", "eval")
 TRAIN, EVAL = 0, 1
 
@@ -112,7 +116,9 @@ def squared_norms(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
 
 
 _COUNT_FIELDS = ("act_n", "act_calls", "grad_n", "grad_calls", "param_rows", "grad_rows",
-                 "grads_scaled", "step_set", "lr", "step_lr")
+                 "grads_scaled", "step_set", "lr", "step_lr",
+                 "block_calls", "block_samples", "block_grad_in", "block_grad_out", "block_branch",
+                 "block_tokens")
 
 
 class HostCounts:
@@ -122,8 +128,8 @@ class HostCounts:
     rows, to turn moments into means and norms, and to undo the AMP loss scale.
     """
 
-    def __init__(self, slots: int, layers: int) -> None:
-        self.slots, self.layers = slots, layers
+    def __init__(self, slots: int, layers: int, blocks: int = 0) -> None:
+        self.slots, self.layers, self.blocks = slots, layers, blocks
         self.act_n = np.zeros((slots, len(PHASES), layers), np.int64)  # elements seen
         self.act_calls = np.zeros((slots, len(PHASES), layers), np.int64)  # forward calls
         self.grad_n = np.zeros((slots, layers), np.int64)  # dL/dy elements seen
@@ -134,9 +140,17 @@ class HostCounts:
         self.step_set = np.zeros((slots, N_STEP_STATS), bool)  # per-step scalar written
         self.lr = np.full((slots, layers), np.nan)  # learning rate of each row's parameters
         self.step_lr = np.full(slots, np.nan)
+        # per block: forward calls, samples compared with the identity (same-shape calls only),
+        # gradient hooks fired at input and output, branch outputs seen, samples with token_cos
+        self.block_calls = np.zeros((slots, blocks), np.int64)
+        self.block_samples = np.zeros((slots, blocks), np.int64)
+        self.block_grad_in = np.zeros((slots, blocks), np.int64)
+        self.block_grad_out = np.zeros((slots, blocks), np.int64)
+        self.block_branch = np.zeros((slots, blocks), np.int64)
+        self.block_tokens = np.zeros((slots, blocks), np.int64)
 
     def clear(self, slot: int) -> None:
-        fresh = HostCounts(1, self.layers)
+        fresh = HostCounts(1, self.layers, self.blocks)
         for name in _COUNT_FIELDS:
             getattr(self, name)[slot] = getattr(fresh, name)[0]
 
@@ -147,7 +161,7 @@ class HostCounts:
 
     def take(self, n_slots: int) -> "HostCounts":
         """A copy of the first ``n_slots`` slots, handed to the writer thread."""
-        out = HostCounts(0, self.layers)
+        out = HostCounts(0, self.layers, self.blocks)
         out.slots = n_slots
         for name in _COUNT_FIELDS:
             setattr(out, name, getattr(self, name)[:n_slots].copy())
@@ -236,4 +250,35 @@ def finalize_steps(steps: np.ndarray, counts: HostCounts) -> dict[str, np.ndarra
     slot = np.nonzero(present)[0]
     out = {name: col[slot] for name, col in cols.items()}
     out["slot"] = slot
+    return out
+
+
+def finalize_blocks(buf: np.ndarray, steps: np.ndarray, counts: HostCounts) -> dict[str, np.ndarray]:
+    """DESIGN.md Metrics per-block columns from the summed moments, one entry per block called.
+
+    ``buf`` is the host copy [slots, blocks, N_BLOCK_STATS] (columns B_*).
+    Identity metrics are NaN for calls that changed shape (no samples compared).
+    """
+    b = buf.astype(np.float64)
+    samples = counts.block_samples.astype(np.float64)
+    scale = loss_scales(steps, counts)[:, None]
+
+    def where(n: np.ndarray, x: np.ndarray) -> np.ndarray:
+        return np.where(n > 0, x, np.nan)
+
+    grad_in = where(counts.block_grad_in, np.sqrt(b[..., B_GRAD_IN_SS]) / scale)
+    grad_out = where(counts.block_grad_out, np.sqrt(b[..., B_GRAD_OUT_SS]) / scale)
+    cols = {
+        "id_rel_residual": np.sqrt(_div(b[..., B_DIFF_SS], np.where(samples > 0, b[..., B_INPUT_SS], 0))),
+        "id_cos": _div(b[..., B_COS_SUM], samples),
+        "id_grad_ratio": where(counts.block_samples, grad_in / grad_out),
+        "branch_ratio": where(counts.block_branch * counts.block_samples,
+                              np.sqrt(_div(b[..., B_BRANCH_SS], b[..., B_INPUT_SS]))),
+        "token_cos": _div(b[..., B_TOKEN_COS_SUM], counts.block_tokens.astype(np.float64)),
+        "grad_in_norm": grad_in,
+        "grad_out_norm": grad_out,
+    }
+    slot, row = np.nonzero(counts.block_calls > 0)
+    out = {name: col[slot, row] for name, col in cols.items()}
+    out.update(slot=slot, row=row)
     return out

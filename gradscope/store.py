@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from gradscope.stats import PHASES, HostCounts, finalize_layers, finalize_steps
+from gradscope.stats import PHASES, HostCounts, finalize_blocks, finalize_layers, finalize_steps
 
 SCHEMA_VERSION = 1
 META_FILE = "meta.json"
@@ -36,11 +36,13 @@ LAYER_COLUMNS = (
     "grad_out_norm", "grad_out_rms", "param_norm", "grad_norm", "update_ratio",
 )
 STEP_COLUMNS = ("loss", "accuracy", "lr", "grad_global_norm", "loss_scale")
+BLOCK_COLUMNS = ("id_rel_residual", "id_cos", "id_grad_ratio", "branch_ratio", "token_cos",
+                 "grad_in_norm", "grad_out_norm")
 # pandas dtypes of each table as load_run returns it, also when a run has no rows yet
 LAYER_SCHEMA = {"step": "int64", "phase": "object", "layer": "object",
                 **{c: "float32" for c in LAYER_COLUMNS}}
 STEP_SCHEMA = {"step": "int64", **{c: "float64" for c in STEP_COLUMNS}}
-BLOCK_SCHEMA = {"step": "int64", "block": "object"}
+BLOCK_SCHEMA = {"step": "int64", "block": "object", **{c: "float32" for c in BLOCK_COLUMNS}}
 
 
 class RunError(Exception):
@@ -62,8 +64,10 @@ class FlushJob:
     steps: list[int]  # step number of each slot
     layer_buf: torch.Tensor  # [slots, phases, layers, stats] on the host (maybe still filling)
     step_buf: torch.Tensor  # [slots, step stats]
+    block_buf: torch.Tensor  # [slots, blocks, block stats]
     counts: HostCounts
     layer_names: list[str]
+    block_names: list[str]
     bounded: np.ndarray  # [layers] bool: bounded activation (saturation is defined)
     ready: Any = None  # torch.cuda.Event to wait on before reading the host copies
 
@@ -85,6 +89,14 @@ class FlushJob:
             }
             cols.update({c: pa.array(rows[c].astype(np.float32)) for c in LAYER_COLUMNS})
             out["layers"] = pa.table(cols)
+
+        blocks = finalize_blocks(self.block_buf.numpy(), step_buf, self.counts)
+        if len(blocks["slot"]):
+            cols = {"step": pa.array(steps[blocks["slot"]]),
+                    "block": pa.DictionaryArray.from_arrays(pa.array(blocks["row"].astype(np.int32)),
+                                                            pa.array(self.block_names, pa.string()))}
+            cols.update({c: pa.array(blocks[c].astype(np.float32)) for c in BLOCK_COLUMNS})
+            out["blocks"] = pa.table(cols)
 
         scalars = finalize_steps(step_buf, self.counts)
         if len(scalars["slot"]):
@@ -201,6 +213,7 @@ class Run:
     blocks: pd.DataFrame
     scalars: pd.DataFrame
     layer_table: pd.DataFrame = field(repr=False)
+    block_table: pd.DataFrame = field(repr=False)
 
     @property
     def name(self) -> str:
@@ -268,6 +281,13 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     layers = layers.merge(info, on="layer", how="left")
     layers = layers.sort_values(["step", "phase", "depth"], kind="stable", ignore_index=True)
     scalars = _read_table(path / "scalars", STEP_SCHEMA).sort_values("step", kind="stable", ignore_index=True)
+    block_table = pd.DataFrame(meta.get("blocks", []), columns=[
+        "name", "type", "row", "source", "branch", "residual", "depth", "rel_depth", "calls", "reason"])
     blocks = _read_table(path / "blocks", BLOCK_SCHEMA)
+    blocks["block"] = blocks["block"].astype(str)
+    info = block_table.rename(columns={"name": "block"})[["block", "type", "residual", "depth", "rel_depth"]]
+    info = info.astype({"block": str, "depth": "float64", "rel_depth": "float64"})
+    blocks = blocks.merge(info, on="block", how="left")
+    blocks = blocks.sort_values(["step", "depth"], kind="stable", ignore_index=True)
     return Run(path=path, meta=meta, layers=layers, blocks=blocks, scalars=scalars,
-               layer_table=layer_table)
+               layer_table=layer_table, block_table=block_table)

@@ -115,3 +115,48 @@ def test_values_match_float64_on_cuda(tmp_path):
         assert math.isclose(rows.loc[name, "act_absmax"], float(o.abs().max()), rel_tol=1e-4)
         assert math.isclose(rows.loc[name, "grad_out_norm"], float(grads[name].norm()), rel_tol=1e-4)
     assert math.isclose(rows.loc["head", "param_norm"], pnorm, rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("name, overrides", [("resnet20", {}), ("transformer_lm_pre", {"depth": 4})])
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+def test_reference_models_with_blocks_no_sync_and_bit_identical(name, overrides, amp, tmp_path):
+    from gradscope import models
+
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    batches = [tuple(t.cuda() for t in models.example_input(name, batch=16, seed=i, **overrides)) for i in range(6)]
+
+    def run(watched: bool, sync_check: bool):
+        torch.manual_seed(0)
+        model = models.create(name, **overrides).cuda()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step(x, y, rec):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                out = model(x)
+            F.cross_entropy(out.float().flatten(0, -2), y.flatten()).backward()
+            opt.step()
+
+        rec = gradscope.watch(model, tmp_path / f"r{watched}{sync_check}", optimizer=opt, flush_every=16) if watched else None
+        step(*batches[0], rec)
+        torch.cuda.synchronize()
+        if sync_check:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            for x, y in batches[1:]:
+                step(x, y, rec)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        if rec is not None:
+            rec.close()
+        return model.state_dict()
+
+    base = run(False, True)
+    again = run(False, False)
+    watched = run(True, True)
+    run_ = gradscope.load_run(tmp_path / "rTrueTrue")
+    assert len(run_.blocks) > 0 and run_.blocks.id_rel_residual.notna().any()
+    if all(torch.equal(a, b) for a, b in zip(base.values(), again.values())):
+        for key, a in base.items():
+            assert torch.equal(a, watched[key]), key

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradscope
+from gradscope import models
 from gradscope.testing import TinyCNN, TinyMLP
 from conftest import batches, train
 
@@ -107,3 +108,20 @@ def test_parameter_norms_come_from_batched_foreach_norm(run_dir):
     assert log.ops["aten._foreach_norm"] == 2
     assert log.ops["aten.linalg_vector_norm"] == 0
     assert n_params > 2
+
+
+@pytest.mark.parametrize("name, overrides", [("resnet20", {"input_size": 8}),
+                                             ("transformer_lm_pre", {"depth": 2, "seq_len": 8})])
+def test_block_metrics_never_synchronise_with_host(name, overrides, run_dir):
+    torch.manual_seed(0)
+    model = models.create(name, **overrides)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    data = [models.example_input(name, batch=4, seed=i, **overrides) for i in range(3)]
+    with gradscope.watch(model, run_dir, optimizer=opt, flush_every=10) as rec:
+        assert rec.blocks
+        with OpLog(forbid_sync=True):
+            for x, y in data:
+                opt.zero_grad()
+                F.cross_entropy(model(x).flatten(0, -2), y.flatten()).backward()
+                opt.step()
+    assert len(gradscope.load_run(run_dir).blocks) == 3 * len(rec.blocks)
