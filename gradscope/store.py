@@ -262,6 +262,18 @@ def _read_table(folder: Path, schema: dict[str, str]) -> pd.DataFrame:
     return table.to_pandas()
 
 
+def _join_names(frame: pd.DataFrame, table: pd.DataFrame, key: str, order: list[str],
+                extra: list[str] | None = None) -> pd.DataFrame:
+    """Join type and depth from the meta.json table onto rows keyed by name; sort in network order."""
+    frame[key] = frame[key].astype(str)
+    if "phase" in frame:
+        frame["phase"] = frame["phase"].astype(str)
+    info = table.rename(columns={"name": key})[[key, "type", *(extra or []), "depth", "rel_depth"]]
+    info = info.astype({key: str, "depth": "float64", "rel_depth": "float64"})
+    frame = frame.merge(info, on=key, how="left")
+    return frame.sort_values(order, kind="stable", ignore_index=True)
+
+
 def load_run(path: str | os.PathLike[str]) -> Run:
     """Read a run directory written by ``gradscope.watch``.
 
@@ -273,21 +285,12 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     meta = read_meta(path)
     layer_table = pd.DataFrame(meta.get("layers", []),
                                columns=["name", "type", "params", "row", "depth", "rel_depth", "calls"])
-    layers = _read_table(path / "layers", LAYER_SCHEMA)
-    for col in ("phase", "layer"):
-        layers[col] = layers[col].astype(str)
-    info = layer_table.rename(columns={"name": "layer"})[["layer", "type", "depth", "rel_depth"]]
-    info = info.astype({"layer": str, "depth": "float64", "rel_depth": "float64"})
-    layers = layers.merge(info, on="layer", how="left")
-    layers = layers.sort_values(["step", "phase", "depth"], kind="stable", ignore_index=True)
-    scalars = _read_table(path / "scalars", STEP_SCHEMA).sort_values("step", kind="stable", ignore_index=True)
+    layers = _join_names(_read_table(path / "layers", LAYER_SCHEMA), layer_table, "layer",
+                         ["step", "phase", "depth"])
     block_table = pd.DataFrame(meta.get("blocks", []), columns=[
         "name", "type", "row", "source", "branch", "residual", "depth", "rel_depth", "calls", "reason"])
-    blocks = _read_table(path / "blocks", BLOCK_SCHEMA)
-    blocks["block"] = blocks["block"].astype(str)
-    info = block_table.rename(columns={"name": "block"})[["block", "type", "residual", "depth", "rel_depth"]]
-    info = info.astype({"block": str, "depth": "float64", "rel_depth": "float64"})
-    blocks = blocks.merge(info, on="block", how="left")
-    blocks = blocks.sort_values(["step", "depth"], kind="stable", ignore_index=True)
+    blocks = _join_names(_read_table(path / "blocks", BLOCK_SCHEMA), block_table, "block", ["step", "depth"],
+                         extra=["residual"])
+    scalars = _read_table(path / "scalars", STEP_SCHEMA).sort_values("step", kind="stable", ignore_index=True)
     return Run(path=path, meta=meta, layers=layers, blocks=blocks, scalars=scalars,
                layer_table=layer_table, block_table=block_table)
