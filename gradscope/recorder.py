@@ -31,6 +31,8 @@ from gradscope.layers import Layer, ModuleFilter, assign_depths, own_parameters,
 from gradscope.probes import BlockProbe, BranchProbe, LayerProbe
 from gradscope.stats import (
     ACCURACY,
+    EVAL_ACCURACY,
+    EVAL_LOSS,
     GRAD_GLOBAL_SS,
     GRAD_SS,
     LOSS,
@@ -63,6 +65,7 @@ def watch(
     flush_every: int = 50,
     overwrite: bool = False,
     device: torch.device | str | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> "Recorder":
     """Start recording ``model``'s gradient flow into the run directory ``run``.
 
@@ -81,12 +84,13 @@ def watch(
         flush_every: recorded steps written to disk at a time (the device holds one more).
         overwrite: replace an existing run at ``run`` instead of refusing.
         device: where statistics live (default: the device of the model's first parameter).
+        meta: extra JSON-serialisable facts for ``meta.json`` (e.g. ``{"task": {...}}``).
 
     Returns:
         The ``Recorder``; use it as a context manager or call ``close()``.
     """
     return Recorder(model, run, every=every, optimizer=optimizer, scaler=scaler, modules=modules,
-                    blocks=blocks, flush_every=flush_every, overwrite=overwrite, device=device)
+                    blocks=blocks, flush_every=flush_every, overwrite=overwrite, device=device, meta=meta)
 
 
 class Recorder:
@@ -105,6 +109,7 @@ class Recorder:
         flush_every: int = 50,
         overwrite: bool = False,
         device: torch.device | str | None = None,
+        meta: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"gradscope.watch expects an nn.Module, got {type(model).__name__}")
@@ -114,6 +119,7 @@ class Recorder:
         _refuse_if_watched(model)
         self.model, self.every, self.flush_every = model, every, flush_every
         self.optimizer, self.scaler = optimizer, scaler
+        self._extra_meta = dict(meta or {})
         self.device = torch.device(device) if device is not None else _model_device(model)
         self._closed = True  # until fully set up, so a failed __init__ leaves nothing to close
 
@@ -204,6 +210,19 @@ class Recorder:
             warnings.warn(f"gradscope: step(loss=...) for step {step} came after that step was flushed; "
                           "it was dropped (call step() before optimizer.step() to avoid this)",
                           RuntimeWarning, stacklevel=2)
+
+    def log_eval(self, loss: Tensor | float | None = None, accuracy: Tensor | float | None = None) -> None:
+        """Record held-out loss/accuracy against the most recent recorded training step."""
+        self._check_open()
+        slot = self._slots.get(self.step_index)
+        if slot is None and self._slot_steps:
+            slot = len(self._slot_steps) - 1
+        if slot is None:
+            slot = self._open_slot() if self._recording else None
+        if slot is None:
+            return
+        for column, value in ((EVAL_LOSS, loss), (EVAL_ACCURACY, accuracy)):
+            self._put_scalar(slot, column, value)
 
     def flush(self, wait: bool = False) -> None:
         """Write every completed recorded step to disk (``wait=True`` blocks until written)."""
@@ -320,16 +339,20 @@ class Recorder:
 
     def _record_scalars(self, slot: int, loss: Any, accuracy: Any) -> None:
         for column, value in ((LOSS, loss), (ACCURACY, accuracy)):
-            if value is None:
-                continue
-            dst = self._step_buf[slot, column]
-            if isinstance(value, Tensor):
-                if value.numel() != 1:
-                    raise ValueError(f"gradscope: step() expects a scalar, got a tensor of shape {tuple(value.shape)}")
-                dst.copy_(value.detach().reshape(()))
-            else:
-                dst.fill_(float(value))
-            self._counts.step_set[slot, column] = True
+            self._put_scalar(slot, column, value)
+
+    def _put_scalar(self, slot: int, column: int, value: Any) -> None:
+        """Write a Python number or a one-element tensor into the step buffer (no sync)."""
+        if value is None:
+            return
+        dst = self._step_buf[slot, column]
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"gradscope: expected a scalar, got a tensor of shape {tuple(value.shape)}")
+            dst.copy_(value.detach().reshape(()))
+        else:
+            dst.fill_(float(value))
+        self._counts.step_set[slot, column] = True
 
     def _flush(self, upto: int) -> None:
         """Hand slots [0, upto) to the writer; keep the rest (at most the current step)."""
@@ -382,6 +405,7 @@ class Recorder:
             "env": {"torch": torch.__version__, "python": platform.python_version(),
                     "device": str(self.device), "world_size": 1,
                     "amp_scaler": self.scaler is not None},
+            **self._extra_meta,
         }
 
     def _remove_hooks(self) -> None:

@@ -34,8 +34,8 @@ PHASES = ("train", "eval")
 TRAIN, EVAL = 0, 1
 
 # Columns of the per-step device buffer [slots, N_STEP_STATS].
-LOSS, ACCURACY, GRAD_GLOBAL_SS, LOSS_SCALE = range(4)
-N_STEP_STATS = 4
+LOSS, ACCURACY, GRAD_GLOBAL_SS, LOSS_SCALE, EVAL_LOSS, EVAL_ACCURACY = range(6)
+N_STEP_STATS = 6
 
 # Outputs within this fraction of a bounded activation's range from either bound count as saturated.
 SATURATION_MARGIN = 0.01
@@ -246,6 +246,8 @@ def finalize_steps(steps: np.ndarray, counts: HostCounts) -> dict[str, np.ndarra
         "lr": counts.step_lr,
         "grad_global_norm": written(GRAD_GLOBAL_SS, np.sqrt(st[:, GRAD_GLOBAL_SS]) / grad_scale),
         "loss_scale": written(LOSS_SCALE, st[:, LOSS_SCALE]),
+        "eval_loss": written(EVAL_LOSS, st[:, EVAL_LOSS]),
+        "eval_accuracy": written(EVAL_ACCURACY, st[:, EVAL_ACCURACY]),
     }
     slot = np.nonzero(present)[0]
     out = {name: col[slot] for name, col in cols.items()}

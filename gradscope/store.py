@@ -35,7 +35,7 @@ LAYER_COLUMNS = (
     "act_mean", "act_std", "act_rms", "act_absmax", "act_zero_frac", "act_sat_frac",
     "grad_out_norm", "grad_out_rms", "param_norm", "grad_norm", "update_ratio",
 )
-STEP_COLUMNS = ("loss", "accuracy", "lr", "grad_global_norm", "loss_scale")
+STEP_COLUMNS = ("loss", "accuracy", "lr", "grad_global_norm", "loss_scale", "eval_loss", "eval_accuracy")
 BLOCK_COLUMNS = ("id_rel_residual", "id_cos", "id_grad_ratio", "branch_ratio", "token_cos",
                  "grad_in_norm", "grad_out_norm")
 # pandas dtypes of each table as load_run returns it, also when a run has no rows yet

@@ -128,9 +128,13 @@ def test_run_directory_is_plain_parquet_readable_without_gradscope(run_dir):
 
 
 def test_no_pickle_in_the_package():
-    """Run data is JSON and Parquet; loading must never be able to run code."""
+    """Run data is JSON and Parquet; loading must never be able to run code. The one pickle
+    reader is CIFAR-10's own batch format, through an unpickler that builds only numpy arrays."""
     root = Path(gradscope.__file__).parent
     for path in root.rglob("*.py"):
         text = path.read_text()
-        for needle in ("import pickle", "torch.load(", "pickle.load", "read_pickle"):
+        for needle in ("torch.load(", "pickle.load(", "pickle.loads(", "read_pickle", "pickle.Unpickler("):
             assert needle not in text, f"{path} uses {needle}"
+        if path.name != "cifar.py":
+            assert "import pickle" not in text, f"{path} imports pickle"
+    assert "def find_class" in (root / "tasks" / "cifar.py").read_text()
