@@ -1,16 +1,204 @@
-"""Entry point of the ``gradscope`` console script."""
+"""The ``gradscope`` command: thin click commands over the library.
+
+Bad input (unknown model or task, a missing or damaged run, an unwritable output) ends with one
+line on stderr and exit code 2, never a traceback.
+"""
 
 from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Any, Callable
 
 import click
 
 from gradscope import __version__
 
+DEMO_MODELS = ("plain20", "resnet20")
+
+
+class InputError(click.ClickException):
+    """A problem with what the user asked for: exit code 2, like click's usage errors."""
+
+    exit_code = 2
+
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the library's input errors into one-line messages with exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from gradscope.models import UnknownModelError
+        from gradscope.store import RunError
+        from gradscope.tasks import CifarFormatError, UnknownTaskError
+
+        try:
+            return fn(*args, **kwargs)
+        except (UnknownModelError, UnknownTaskError, CifarFormatError, RunError) as exc:
+            raise InputError(str(exc)) from None
+        except FileExistsError as exc:
+            raise InputError(f"{exc} (or pass --overwrite)") from None
+        except (ValueError, TypeError) as exc:
+            raise InputError(str(exc)) from None
+        except OSError as exc:  # unwritable output and the like
+            raise InputError(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from None
+
+    return wrapper
+
+
+def parse_settings(values: tuple[str, ...]) -> dict[str, Any]:
+    """``--set depth=12 --set activation=sigmoid`` -> {"depth": 12, "activation": "sigmoid"}."""
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
+        for cast in (int, float):
+            try:
+                out[key] = cast(raw)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = {"true": True, "false": False}.get(raw.lower(), raw)
+    return out
+
+
+def writable_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot write to {path}: {exc.strerror or exc}") from None
+    if not path.is_dir():
+        raise InputError(f"cannot write to {path}: not a directory")
+    return path
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="gradscope")
 def main() -> None:
-    """gradscope: gradient-flow analysis for PyTorch models."""
+    """gradscope: see how gradients flow through PyTorch models while they train."""
+
+
+@main.command("models")
+@click.argument("pattern", default="*")
+@friendly_errors
+def models_command(pattern: str) -> None:
+    """List reference models matching PATTERN (a glob, e.g. 'resnet*')."""
+    from gradscope import models
+    from gradscope.blocks import declared_blocks
+
+    names = models.names(pattern)
+    if not names:
+        raise InputError(f"no reference model matches {pattern!r}; try 'gradscope models'")
+    rows = []
+    for name in names:
+        model = models.create(name)
+        e = models.entry(name)
+        rows.append((name, e.family, str(getattr(model, "depth", "-")),
+                     f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M",
+                     str(len(declared_blocks(model) or [])), e.description))
+    header = ("name", "family", "depth", "params", "blocks", "description")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+    for r in [header, *rows]:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
+
+
+def _train_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]"),
+        click.option("--seed", default=0, show_default=True, type=int),
+        click.option("--progress/--no-progress", default=True, show_default=True, help="progress bar"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@main.command("run")
+@click.argument("model_names", metavar="MODEL...", nargs=-1, required=True)
+@click.option("--task", default=None, help="built-in task (default: the model's usual one); see --help-tasks")
+@click.option("--steps", default=500, show_default=True, type=click.IntRange(min=1))
+@click.option("--every", default=10, show_default=True, type=click.IntRange(min=1), help="record every K steps")
+@click.option("--out", default="runs", show_default=True, type=click.Path(path_type=Path),
+              help="directory receiving one run per model")
+@click.option("--batch-size", default=None, type=click.IntRange(min=1), help="override the recipe's batch size")
+@click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True), help="override the recipe's lr")
+@click.option("--eval-every", default=None, type=click.IntRange(min=1), help="held-out evaluation interval")
+@click.option("--data-dir", default=None, type=click.Path(path_type=Path), help="local CIFAR-10 folder (--task cifar10)")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="model setting, e.g. --set depth=12")
+@click.option("--amp", is_flag=True, help="mixed precision (CUDA only)")
+@click.option("--overwrite", is_flag=True, help="replace existing runs of the same name")
+@_train_options
+@friendly_errors
+def run_command(model_names: tuple[str, ...], task: str | None, steps: int, every: int, out: Path,
+                batch_size: int | None, lr: float | None, eval_every: int | None, data_dir: Path | None,
+                settings: tuple[str, ...], amp: bool, overwrite: bool, device: str, seed: int,
+                progress: bool) -> None:
+    """Train and record each MODEL on a built-in task, one run directory per model.
+
+    \b
+    Tasks: images (synthetic CIFAR-shaped), cifar10 (--data-dir), copy, reverse, dyck, majority.
+    Example: gradscope run plain20 resnet20 --steps 300 --every 5 --out runs/cmp
+    """
+    from gradscope import models
+    from gradscope.train import train
+
+    for name in model_names:
+        models.entry(name)  # fail on a typo before training anything
+    overrides = parse_settings(settings)
+    writable_dir(out)
+    for name in model_names:
+        result = train(name, task=task, steps=steps, every=every, out=out, seed=seed, device=device, amp=amp,
+                       batch_size=batch_size, lr=lr, eval_every=eval_every,
+                       data_dir=str(data_dir) if data_dir else None, overrides=overrides,
+                       overwrite=overwrite, progress=progress)
+        click.echo(f"{name}: {result.steps} steps in {result.seconds:.1f}s, final loss {result.final_loss:.4f}, "
+                   f"held-out accuracy {result.final_eval_accuracy:.3f} -> {result.run}")
+
+
+@main.command("inspect")
+@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--all", "show_all", is_flag=True, help="show every layer, not a sample")
+@friendly_errors
+def inspect_command(run_path: Path, show_all: bool) -> None:
+    """Print a summary of a recorded RUN directory."""
+    import gradscope
+    from gradscope.cli.summary import run_summary
+
+    click.echo(run_summary(gradscope.load_run(run_path), limit=None if show_all else 16), nl=False)
+
+
+@main.command("demo")
+@click.option("--quick", is_flag=True, help="a short version (under a minute on 2 CPU cores)")
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(path_type=Path))
+@click.option("--steps", default=None, type=click.IntRange(min=1), help="training steps per model")
+@_train_options
+@friendly_errors
+def demo_command(quick: bool, out: Path, steps: int | None, device: str, seed: int, progress: bool) -> None:
+    """Train a plain and a residual network on built-in data, record both, and compare them."""
+    import gradscope
+    from gradscope.cli.summary import run_summary
+    from gradscope.train import train
+
+    steps = steps or (40 if quick else 300)
+    every = 2 if quick else 5
+    batch = 32 if quick else 64
+    writable_dir(out)
+    click.echo(f"gradscope demo: {' and '.join(DEMO_MODELS)} on synthetic CIFAR-shaped images, "
+               f"{steps} steps each, recording every {every}")
+    start = time.perf_counter()
+    runs = []
+    for name in DEMO_MODELS:
+        result = train(name, task="images", steps=steps, every=every, out=out, seed=seed, device=device,
+                       batch_size=batch, eval_limit=256 if quick else 1000, overwrite=True, progress=progress)
+        runs.append(gradscope.load_run(result.run))
+    for run in runs:
+        click.echo("")
+        click.echo(run_summary(run, limit=12), nl=False)
+    click.echo(f"\ndone in {time.perf_counter() - start:.0f}s; runs in {out}. "
+               f"Inspect one with: gradscope inspect {runs[0].path}")
 
 
 if __name__ == "__main__":

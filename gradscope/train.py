@@ -1,0 +1,252 @@
+"""The small trainer behind the CLI: one reference model, one built-in task, recorded by watch().
+
+Each family trains with the recipe it is known by, scaled to the step budget:
+
+- ResNets and plain nets (He et al. 2015, CIFAR): SGD, momentum 0.9, weight decay 1e-4,
+  batch 128, lr 0.1 divided by 10 at 50% and 75% of the steps (32k and 48k of 64k); the
+  110-layer nets warm up at lr 0.01 for the first 0.6% of steps (400 of 64k).
+- Deep MLPs: SGD, momentum 0.9, lr 0.05, batch 128, constant: no adaptive optimiser, so that
+  vanishing gradients show in the learning as well as in the statistics.
+- Transformers (Vaswani et al. 2017): Adam (0.9, 0.98, eps 1e-9), batch 64, lr 1e-3 with linear
+  warm-up over 10% of the steps, then inverse square-root decay.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gradscope import models
+from gradscope.recorder import watch
+from gradscope.tasks import DEFAULT_TASK, Task, get_task
+from gradscope.tasks.sequences import IGNORE
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Optimiser and schedule of one training run (JSON-safe, stored in meta.json)."""
+
+    optimizer: str  # "sgd" or "adam"
+    lr: float
+    batch_size: int
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # "constant", "step" (/10 at 50% and 75%), "warmup_rsqrt"
+    warmup_steps: int = 0
+    warmup_lr: float | None = None  # "step" schedule: constant warm-up lr before the main one
+
+
+def recipe_for(name: str, steps: int) -> Recipe:
+    """The family recipe of reference model ``name`` for a budget of ``steps``."""
+    e = models.entry(name)
+    if e.family in ("resnet", "plain", "preresnet"):
+        deep = name.endswith("110")
+        return Recipe("sgd", 0.1, 128, momentum=0.9, weight_decay=1e-4, schedule="step",
+                      warmup_steps=max(1, round(steps * 400 / 64000)) if deep else 0,
+                      warmup_lr=0.01 if deep else None)
+    if e.family == "transformer":
+        return Recipe("adam", 1e-3, 64, schedule="warmup_rsqrt", warmup_steps=max(1, steps // 10))
+    return Recipe("sgd", 0.05, 128, momentum=0.9)
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                               weight_decay=recipe.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), eps=1e-9,
+                            weight_decay=recipe.weight_decay)
+
+
+def lr_factor(recipe: Recipe, steps: int) -> Callable[[int], float]:
+    """Multiplier of the base lr at each step, for ``torch.optim.lr_scheduler.LambdaLR``."""
+    w = recipe.warmup_steps
+    if recipe.schedule == "step":
+        warm = (recipe.warmup_lr or recipe.lr) / recipe.lr
+        return lambda s: warm if s < w else 0.1 ** ((s >= steps // 2) + (s >= steps * 3 // 4))
+    if recipe.schedule == "warmup_rsqrt":
+        return lambda s: (s + 1) / w if s < w else math.sqrt(w / (s + 1))
+    return lambda s: 1.0
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but this PyTorch sees no CUDA device")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+    return torch.device(device)
+
+
+def build(name: str, task: str | None = None, *, data_dir: str | None = None, seed: int = 0,
+          overrides: dict[str, Any] | None = None) -> tuple[nn.Module, Task]:
+    """A reference model and the task it trains on, agreeing on classes, vocabulary and length."""
+    e = models.entry(name)
+    overrides = dict(overrides or {})
+    unknown = set(overrides) - set(e.defaults)
+    if unknown:
+        raise ValueError(f"{name} has no setting {', '.join(sorted(unknown))}; "
+                         f"it takes {', '.join(sorted(e.defaults))}")
+    task_name = task or DEFAULT_TASK[e.input_kind]
+    options = {"seq_len": overrides.get("seq_len", e.defaults["seq_len"])} if "seq_len" in e.defaults and \
+        task_name != "cifar10" else {}
+    the_task = get_task(task_name, e.input_kind, data_dir=data_dir, seed=seed, **options)
+    implied = {k: v for k, v in the_task.model_overrides.items() if k in e.defaults}
+    clash = {k for k in implied if k in overrides and overrides[k] != implied[k]}
+    if clash:
+        raise ValueError(f"task {task_name!r} fixes {', '.join(f'{k}={implied[k]}' for k in sorted(clash))}")
+    torch.manual_seed(seed)
+    return models.create(name, **{**overrides, **implied}), the_task
+
+
+def _forward(model: nn.Module, x: Any) -> Tensor:
+    return model(*x) if isinstance(x, tuple) else model(x)
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, tuple):
+        return tuple(t.to(device, non_blocking=True) for t in x)
+    return x.to(device, non_blocking=True)
+
+
+def loss_and_accuracy(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Cross-entropy and accuracy over scored positions (targets != -100), as device scalars."""
+    logits, target = out.float().flatten(0, -2), y.flatten()
+    scored = target != IGNORE
+    loss = F.cross_entropy(logits, target, ignore_index=IGNORE)
+    correct = ((logits.argmax(-1) == target) & scored).sum()
+    return loss, correct / scored.sum().clamp_min(1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, device: torch.device, batch_size: int = 256,
+             limit: int = 1000) -> tuple[Tensor, Tensor]:
+    """Mean loss and accuracy on (up to ``limit`` samples of) the held-out set, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total_loss = torch.zeros((), device=device)
+    total_acc = torch.zeros((), device=device)
+    batches = 0
+    seen = 0
+    for x, y in task.test_batches(batch_size):
+        if seen >= limit:
+            break
+        loss, acc = loss_and_accuracy(_forward(model, _to(x, device)), y.to(device))
+        total_loss += loss
+        total_acc += acc
+        batches += 1
+        seen += len(y)
+    model.train(was_training)
+    return total_loss / max(batches, 1), total_acc / max(batches, 1)
+
+
+@dataclass
+class TrainResult:
+    run: Path
+    steps: int
+    seconds: float
+    final_loss: float
+    final_eval_accuracy: float
+
+
+def train(
+    name: str,
+    *,
+    task: str | None = None,
+    steps: int = 500,
+    every: int = 10,
+    out: str | Path = "runs",
+    run_name: str | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    amp: bool = False,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    eval_every: int | None = None,
+    eval_limit: int = 1000,
+    data_dir: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train reference model ``name`` on a built-in task for ``steps`` steps, recording the run.
+
+    The run is written to ``out/run_name`` (default ``out/<name>``). Held-out loss and accuracy
+    are recorded every ``eval_every`` steps (default: five times a run) and at the end, on up to
+    ``eval_limit`` held-out samples.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if every < 1:
+        raise ValueError(f"every must be at least 1, got {every}")
+    dev = resolve_device(device)
+    if amp and dev.type != "cuda":
+        raise ValueError("AMP (--amp) is for CUDA devices; this run is on the CPU")
+    model, the_task = build(name, task, data_dir=data_dir, seed=seed, overrides=overrides)
+    model.to(dev)
+    recipe = recipe_for(name, steps)
+    if batch_size is not None or lr is not None:
+        recipe = Recipe(**{**asdict(recipe), **{k: v for k, v in (("batch_size", batch_size), ("lr", lr))
+                                                 if v is not None}})
+    batch = min(recipe.batch_size, the_task.train_size)
+    opt = make_optimizer(model, recipe)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(recipe, steps))
+    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if amp and amp_dtype == torch.float16 else None
+    eval_every = eval_every or max(every, steps // 5)
+
+    path = Path(out) / (run_name or name)
+    meta = {"task": {"name": the_task.name, "description": the_task.description,
+                     "train_size": the_task.train_size, "seed": seed},
+            "recipe": {**asdict(recipe), "batch_size": batch, "steps": steps, "amp": amp}}
+    bar = _progress(steps, f"{name}", enabled=progress)
+    start = time.perf_counter()
+    final_loss, final_acc = float("nan"), float("nan")
+    with watch(model, path, every=every, optimizer=opt, scaler=scaler, overwrite=overwrite, meta=meta) as rec:
+        batches = the_task.batches(batch, seed=seed)
+        for step in range(steps):
+            x, y = next(batches)
+            x, y = _to(x, dev), y.to(dev, non_blocking=True)
+            with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
+                out_ = _forward(model, x)
+            loss, acc = loss_and_accuracy(out_, y)
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                rec.step(loss=loss, accuracy=acc)
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                rec.step(loss=loss, accuracy=acc)
+                opt.step()
+            schedule.step()
+            if (step + 1) % eval_every == 0 or step + 1 == steps:
+                eval_loss, eval_acc = evaluate(model, the_task, dev, limit=eval_limit)
+                rec.log_eval(loss=eval_loss, accuracy=eval_acc)
+                final_acc = float(eval_acc)  # once per evaluation: a sync outside the hot path
+            if bar is not None and ((step + 1) % max(1, min(every, 10)) == 0 or step + 1 == steps):
+                final_loss = float(loss.detach())
+                bar.set_postfix(loss=f"{final_loss:.3f}", eval_acc=f"{final_acc:.3f}",
+                                samples_s=f"{(step + 1) * batch / (time.perf_counter() - start):.0f}",
+                                refresh=False)
+                bar.update((step + 1) - bar.n)
+        final_loss = float(loss.detach())
+    if bar is not None:
+        bar.close()
+    return TrainResult(path, steps, time.perf_counter() - start, final_loss, final_acc)
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm  # lazily: the recording core does not need it
+
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=True)
