@@ -170,6 +170,20 @@ def inspect_command(run_path: Path, show_all: bool) -> None:
     click.echo(run_summary(gradscope.load_run(run_path), limit=None if show_all else 16), nl=False)
 
 
+@main.command("report")
+@click.argument("run_paths", metavar="RUN...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", default="report.html", show_default=True, type=click.Path(path_type=Path))
+@click.option("--title", default=None, help="page title (default: the run names)")
+@friendly_errors
+def report_command(run_paths: tuple[Path, ...], output: Path, title: str | None) -> None:
+    """Write one self-contained HTML file comparing the RUN directories."""
+    from gradscope import reports
+
+    writable_dir(output.parent if str(output.parent) else Path("."))
+    path = reports.build(list(run_paths), output, title=title)
+    click.echo(f"report written to {path}")
+
+
 @main.command("demo")
 @click.option("--quick", is_flag=True, help="a short version (under a minute on 2 CPU cores)")
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(path_type=Path))
@@ -197,8 +211,11 @@ def demo_command(quick: bool, out: Path, steps: int | None, device: str, seed: i
     for run in runs:
         click.echo("")
         click.echo(run_summary(run, limit=12), nl=False)
-    click.echo(f"\ndone in {time.perf_counter() - start:.0f}s; runs in {out}. "
-               f"Inspect one with: gradscope inspect {runs[0].path}")
+    from gradscope import reports
+
+    report = reports.build(runs, out / "report.html", title="gradscope demo: plain vs residual")
+    click.echo(f"\ndone in {time.perf_counter() - start:.0f}s; runs in {out}")
+    click.echo(f"report written to {report} (open it in a browser)")
 
 
 if __name__ == "__main__":

@@ -393,6 +393,7 @@ class Recorder:
             "started_at": self._started_at,
             "updated_at": _now(),
             "model": {"class": type(self.model).__name__,
+                      "depth": getattr(self.model, "depth", None) if isinstance(getattr(self.model, "depth", None), int) else None,
                       "registry_name": getattr(self.model, "gradscope_name", None),
                       "config": getattr(self.model, "gradscope_config", None),
                       "parameters": sum(p.numel() for p in self.model.parameters())},

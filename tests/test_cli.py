@@ -13,7 +13,7 @@ from click.testing import CliRunner
 import gradscope
 from gradscope.cli.main import main
 
-COMMANDS = ["models", "run", "inspect", "demo"]
+COMMANDS = ["models", "run", "inspect", "report", "demo"]
 
 
 @pytest.fixture
