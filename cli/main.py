@@ -7,6 +7,7 @@ line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -14,8 +15,8 @@ from typing import Any, Callable
 import click
 
 from gradscope import __version__
+from gradscope.presets import PRESETS
 
-DEMO_MODELS = ("plain20", "resnet20")
 
 
 class InputError(click.ClickException):
@@ -35,6 +36,8 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
         try:
             return fn(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except (UnknownModelError, UnknownTaskError, CifarFormatError, RunError) as exc:
             raise InputError(str(exc)) from None
         except FileExistsError as exc:
@@ -43,6 +46,11 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise InputError(str(exc)) from None
         except OSError as exc:  # unwritable output and the like
             raise InputError(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from None
+        except Exception as exc:  # a bug of ours: one line, unless GRADSCOPE_DEBUG asks for the traceback
+            if os.environ.get("GRADSCOPE_DEBUG"):
+                raise
+            raise click.ClickException(f"internal error: {type(exc).__name__}: {exc} "
+                                       "(set GRADSCOPE_DEBUG=1 for the traceback, and please report it)") from None
 
     return wrapper
 
@@ -129,13 +137,14 @@ def _train_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--data-dir", default=None, type=click.Path(path_type=Path), help="local CIFAR-10 folder (--task cifar10)")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="model setting, e.g. --set depth=12")
 @click.option("--amp", is_flag=True, help="mixed precision (CUDA only)")
+@click.option("--watch-activations", is_flag=True, help="also record ReLU/sigmoid/... modules (dead, saturated units)")
 @click.option("--overwrite", is_flag=True, help="replace existing runs of the same name")
 @_train_options
 @friendly_errors
 def run_command(model_names: tuple[str, ...], task: str | None, steps: int, every: int, out: Path,
                 batch_size: int | None, lr: float | None, eval_every: int | None, data_dir: Path | None,
-                settings: tuple[str, ...], amp: bool, overwrite: bool, device: str, seed: int,
-                progress: bool) -> None:
+                settings: tuple[str, ...], amp: bool, watch_activations: bool, overwrite: bool, device: str,
+                seed: int, progress: bool) -> None:
     """Train and record each MODEL on a built-in task, one run directory per model.
 
     \b
@@ -153,7 +162,7 @@ def run_command(model_names: tuple[str, ...], task: str | None, steps: int, ever
         result = train(name, task=task, steps=steps, every=every, out=out, seed=seed, device=device, amp=amp,
                        batch_size=batch_size, lr=lr, eval_every=eval_every,
                        data_dir=str(data_dir) if data_dir else None, overrides=overrides,
-                       overwrite=overwrite, progress=progress)
+                       overwrite=overwrite, progress=progress, watch_activations=watch_activations)
         click.echo(f"{name}: {result.steps} steps in {result.seconds:.1f}s, final loss {result.final_loss:.4f}, "
                    f"held-out accuracy {result.final_eval_accuracy:.3f} -> {result.run}")
 
@@ -165,9 +174,11 @@ def run_command(model_names: tuple[str, ...], task: str | None, steps: int, ever
 def inspect_command(run_path: Path, show_all: bool) -> None:
     """Print a summary of a recorded RUN directory."""
     import gradscope
-    from gradscope.cli.summary import run_summary
+    from gradscope.cli.summary import findings_text, run_summary
 
-    click.echo(run_summary(gradscope.load_run(run_path), limit=None if show_all else 16), nl=False)
+    run = gradscope.load_run(run_path)
+    click.echo(run_summary(run, limit=None if show_all else 16), nl=False)
+    click.echo("\n" + findings_text(gradscope.diagnose(run)), nl=False)
 
 
 @main.command("report")
@@ -185,35 +196,38 @@ def report_command(run_paths: tuple[Path, ...], output: Path, title: str | None)
 
 
 @main.command("demo")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="pair", show_default=True,
+              help="pair: plain20 vs resnet20; degradation: 20 and 56 layers; sigmoid: deep sigmoid MLPs; "
+                   "transformer: Post-LN, Pre-LN and no residual")
 @click.option("--quick", is_flag=True, help="a short version (under a minute on 2 CPU cores)")
-@click.option("--out", default="runs/demo", show_default=True, type=click.Path(path_type=Path))
+@click.option("--out", default=None, type=click.Path(path_type=Path), help="[default: runs/demo-PRESET]")
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="training steps per model")
 @_train_options
 @friendly_errors
-def demo_command(quick: bool, out: Path, steps: int | None, device: str, seed: int, progress: bool) -> None:
-    """Train a plain and a residual network on built-in data, record both, and compare them."""
-    import gradscope
-    from gradscope.cli.summary import run_summary
-    from gradscope.train import train
+def demo_command(preset: str, quick: bool, out: Path | None, steps: int | None, device: str, seed: int,
+                 progress: bool) -> None:
+    """Train reference models on built-in data, record them, and write a comparison report.
 
-    steps = steps or (40 if quick else 300)
-    every = 2 if quick else 5
-    batch = 32 if quick else 64
+    The default trains a plain and a residual network; --preset picks one of the seed's experiments.
+    """
+    import gradscope
+    from gradscope import reports
+    from gradscope.cli.summary import findings_text, run_summary
+    from gradscope.presets import run_preset
+
+    p = PRESETS[preset]
+    out = out or Path(f"runs/demo-{preset}")
     writable_dir(out)
-    click.echo(f"gradscope demo: {' and '.join(DEMO_MODELS)} on synthetic CIFAR-shaped images, "
-               f"{steps} steps each, recording every {every}")
+    click.echo(f"gradscope demo ({preset}): {p.title}; {len(p.runs)} runs on task {p.task}")
+    click.echo(f"what to look for: {p.shows}")
     start = time.perf_counter()
-    runs = []
-    for name in DEMO_MODELS:
-        result = train(name, task="images", steps=steps, every=every, out=out, seed=seed, device=device,
-                       batch_size=batch, eval_limit=256 if quick else 1000, overwrite=True, progress=progress)
-        runs.append(gradscope.load_run(result.run))
+    results = run_preset(preset, out, quick=quick, steps=steps, device=device, seed=seed, progress=progress)
+    runs = [gradscope.load_run(r.run) for r in results]
     for run in runs:
         click.echo("")
         click.echo(run_summary(run, limit=12), nl=False)
-    from gradscope import reports
-
-    report = reports.build(runs, out / "report.html", title="gradscope demo: plain vs residual")
+    click.echo("\n" + findings_text(gradscope.diagnose(runs)), nl=False)
+    report = reports.build(runs, out / "report.html", title=f"gradscope demo: {p.title}")
     click.echo(f"\ndone in {time.perf_counter() - start:.0f}s; runs in {out}")
     click.echo(f"report written to {report} (open it in a browser)")
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from gradscope import Run
+from gradscope import Finding, Run
 
 
 def _fmt(x: float) -> str:
@@ -68,4 +68,15 @@ def run_summary(run: Run, limit: int | None = 16) -> str:
             lines.append(f"  gradient norm at the first block's output is {go.iloc[0] / go.iloc[-1]:.3g} x the last block's")
         if blocks.token_cos.notna().any():
             lines.append(f"  token_cos (rank collapse toward 1) at the last block: {_fmt(blocks.token_cos.dropna().iloc[-1])}")
+    return "\n".join(lines) + "\n"
+
+
+def findings_text(findings: list[Finding]) -> str:
+    """Findings as an indented list, most severe first."""
+    if not findings:
+        return "findings: none (no rule fired)\n"
+    lines = [f"findings ({len(findings)}):"]
+    for f in findings:
+        lines.append(f"  [{f.severity}] {f.run}: {f.title}")
+        lines.append(f"      {f.explanation}")
     return "\n".join(lines) + "\n"

@@ -44,9 +44,18 @@ def own_parameters(module: nn.Module) -> list[nn.Parameter]:
     return list(module.parameters(recurse=False))
 
 
-def _default_filter(name: str, module: nn.Module) -> bool:
+#: Parameter-free activation modules, watched on request (dead ReLUs, saturated sigmoids).
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.ELU)
+
+
+def default_filter(name: str, module: nn.Module) -> bool:
     """Leaf modules that own parameters: the layers whose gradients a user can act on."""
     return next(module.children(), None) is None and bool(own_parameters(module))
+
+
+def with_activations(name: str, module: nn.Module) -> bool:
+    """The default layers plus activation modules, whose outputs show dead or saturated units."""
+    return default_filter(name, module) or isinstance(module, ACTIVATIONS)
 
 
 def as_predicate(spec: ModuleFilter) -> Callable[[str, nn.Module], bool]:
@@ -70,7 +79,7 @@ def as_predicate(spec: ModuleFilter) -> Callable[[str, nn.Module], bool]:
 
 def select_layers(model: nn.Module, modules: ModuleFilter | None = None) -> list[tuple[Layer, nn.Module]]:
     """Watched modules of ``model`` in registration order, each with its layer-table row."""
-    keep = _default_filter if modules is None else as_predicate(modules)
+    keep = default_filter if modules is None else as_predicate(modules)
     chosen = [(name, m) for name, m in model.named_modules() if keep(name, m)]
     if not chosen:
         what = "no module owns parameters" if modules is None else f"modules={modules!r} matched no module"

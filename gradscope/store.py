@@ -259,7 +259,11 @@ def _read_table(folder: Path, schema: dict[str, str]) -> pd.DataFrame:
         table = pa.concat_tables(tables, promote_options="default")
     except pa.ArrowException as exc:
         raise RunError(f"parts in {folder} do not share a schema: {exc}") from None
-    return table.to_pandas()
+    frame = table.to_pandas()
+    for column, dtype in schema.items():  # columns added since the run was written read as missing
+        if column not in frame:
+            frame[column] = pd.Series(np.nan if dtype.startswith("float") else None, index=frame.index, dtype=dtype)
+    return frame
 
 
 def _join_names(frame: pd.DataFrame, table: pd.DataFrame, key: str, order: list[str],

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradscope import models
+from gradscope.layers import with_activations
 from gradscope.recorder import watch
 from gradscope.tasks import DEFAULT_TASK, Task, get_task
 from gradscope.tasks.sequences import IGNORE
@@ -175,12 +176,14 @@ def train(
     overrides: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    watch_activations: bool = False,
 ) -> TrainResult:
     """Train reference model ``name`` on a built-in task for ``steps`` steps, recording the run.
 
     The run is written to ``out/run_name`` (default ``out/<name>``). Held-out loss and accuracy
     are recorded every ``eval_every`` steps (default: five times a run) and at the end, on up to
-    ``eval_limit`` held-out samples.
+    ``eval_limit`` held-out samples. ``watch_activations`` also records activation modules
+    (ReLU, sigmoid, ...), where dead and saturated units show.
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
@@ -209,7 +212,9 @@ def train(
     bar = _progress(steps, f"{name}", enabled=progress)
     start = time.perf_counter()
     final_loss, final_acc = float("nan"), float("nan")
-    with watch(model, path, every=every, optimizer=opt, scaler=scaler, overwrite=overwrite, meta=meta) as rec:
+    modules = with_activations if watch_activations else None
+    with watch(model, path, every=every, optimizer=opt, scaler=scaler, overwrite=overwrite, meta=meta,
+               modules=modules) as rec:
         batches = the_task.batches(batch, seed=seed)
         for step in range(steps):
             x, y = next(batches)

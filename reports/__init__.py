@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from gradscope import __version__
+from gradscope import __version__, diagnose
 from gradscope.reports import figures
 from gradscope.reports.data import ReportData, RunLike, collect
 from gradscope.reports.render import Embedded, embed, environment
@@ -86,7 +86,8 @@ def build(runs: Sequence[RunLike], out: str | os.PathLike[str] = "report.html", 
     env.filters["num"] = _num
     html = env.get_template("report.html.j2").render(
         title=title or "gradscope report: " + ", ".join(data.labels), version=__version__,
-        created=dt.datetime.now().strftime("%Y-%m-%d %H:%M"), summaries=data.summaries, sections=sections(data))
+        created=dt.datetime.now().strftime("%Y-%m-%d %H:%M"), summaries=data.summaries,
+        findings=diagnose(data.runs), sections=sections(data))
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -183,7 +183,9 @@ def _xavier_init(model: nn.Module) -> None:
             nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=0.02)
+            # unit-variance coordinates, what Vaswani et al.'s sqrt(d_model) scaling gives: token
+            # vectors then start as distinct as the sublayer outputs added to them
+            nn.init.normal_(m.weight, std=1.0)
 
 
 SIZES = {"vocab_size": 32, "seq_len": 32, "d_model": 64, "heads": 4, "depth": 6, "d_ff": 256}
