@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from gradscope import Finding, Run
+from gradscope.diagnose import training_steps
 
 
 def _fmt(x: float) -> str:
@@ -32,7 +33,7 @@ def run_summary(run: Run, limit: int | None = 16) -> str:
              f"  model {model.get('registry_name') or model.get('class')} ({model.get('parameters', 0):,} parameters), "
              f"task {task}, status {run.status}"]
     s = run.scalars
-    trained = s.dropna(subset=["loss"])
+    trained = training_steps(s)
     if len(trained):
         last = trained.iloc[-1]
         evals = s.dropna(subset=["eval_accuracy"])

@@ -154,12 +154,23 @@ def _gradient_flow(run: Run) -> Iterable[Finding]:
                 steps=[h.step for h in hits])
 
 
+def training_steps(scalars: pd.DataFrame) -> pd.DataFrame:
+    """Scalar rows of training steps (eval-only rows left out): anything but eval recorded."""
+    return scalars.dropna(subset=["loss", "accuracy", "lr", "grad_global_norm"], how="all")
+
+
 def _non_finite_rows(run: Run) -> list[tuple[str, pd.DataFrame, str | None]]:
-    """Rows holding inf, or NaN where a value was measured (absent values are NaN too)."""
-    s, layers = run.scalars, run.layers
+    """Rows holding inf, or NaN where a value was measured (absent values are NaN too).
+
+    A NaN loss counts where the run records a loss on other steps; a NaN gradient norm counts
+    where the optimizer step was seen (its learning rate is recorded alongside).
+    """
+    s, layers = training_steps(run.scalars), run.layers
     out = []
     if len(s):
-        out.append(("loss", s[np.isinf(s.loss) | np.isinf(s.grad_global_norm)], None))
+        nan_loss = s.loss.isna() & s.loss.notna().any()
+        nan_grad = s.grad_global_norm.isna() & s.lr.notna()
+        out.append(("loss", s[np.isinf(s.loss) | np.isinf(s.grad_global_norm) | nan_loss | nan_grad], None))
     if len(layers):
         grads = layers[["grad_out_norm", "grad_norm"]].to_numpy(dtype=float)
         acts = layers[["act_mean", "act_std"]].to_numpy(dtype=float)
@@ -277,7 +288,7 @@ RULES = (_non_finite, _gradient_flow, _dead_units, _saturation, _identity, _rank
 
 
 def final_loss(run: Run) -> float:
-    losses = run.scalars.dropna(subset=["loss"]).loss
+    losses = training_steps(run.scalars).loss
     if losses.empty:
         return math.nan
     tail = max(1, int(math.ceil(len(losses) * FINAL_FRACTION)))

@@ -152,28 +152,33 @@ class BlockProbe:
     ||dL/dx|| and ||dL/dy||. Nothing is kept once the call returns.
     """
 
-    __slots__ = ("rec", "row", "_inputs")
+    __slots__ = ("rec", "row", "seq_first", "_inputs")
 
-    def __init__(self, rec: "Recorder", row: int) -> None:
+    def __init__(self, rec: "Recorder", row: int, module: nn.Module) -> None:
         self.rec, self.row = rec, row
-        self._inputs: list[tuple[Tensor | None, int]] = []  # a stack: blocks may nest or recurse
+        # nn.TransformerEncoderLayer and friends default to [tokens, batch, dim]
+        self.seq_first = getattr(getattr(module, "self_attn", None), "batch_first", True) is False
+        # A stack (blocks may nest or recurse) with one entry per call, pushed even when not
+        # recording, so a pre-hook and its hook always pair up; None where nothing was kept.
+        self._inputs: list[tuple[Tensor, int] | None] = []
 
     def _active(self, module: nn.Module) -> bool:
         rec = self.rec
         return rec._recording and module.training and torch.is_grad_enabled() and not _in_backward()
 
     def before(self, module: nn.Module, args: Any) -> None:
-        if not self._active(module):
-            return
-        x = first_float_tensor(args)
-        self._inputs.append((x, x._version if x is not None else 0))
+        if self.rec._watch_scaler:  # a skipped AMP step ends before this call, not inside it
+            self.rec._check_scaler_update()
+        x = first_float_tensor(args) if self._active(module) else None
+        self._inputs.append((x, x._version) if x is not None else None)
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not self._active(module) or not self._inputs:
+        entry = self._inputs.pop() if self._inputs else None
+        if entry is None or not self._active(module):
             return
-        x, version = self._inputs.pop()
+        x, version = entry
         y = first_float_tensor(output)
-        if x is None or y is None:
+        if y is None:
             return
         rec, row = self.rec, self.row
         slot = rec._open_slot()
@@ -190,11 +195,14 @@ class BlockProbe:
                 if block.reason is None:
                     block.reason = "modifies its input in place"
             elif y.numel():
-                buf[B_DIFF_SS: B_COS_SUM + 1].add_(identity_moments(x.detach(), y.detach()))
-                counts.block_samples[slot, row] += x.shape[0] if x.dim() else 1
-            if y.dim() == 3 and y.shape[1] > 1:  # [batch, tokens, dim]
-                buf[B_TOKEN_COS_SUM].add_(token_cosine_sum(y.detach()))
-                counts.block_tokens[slot, row] += y.shape[0]
+                xs, ys = (t.detach().transpose(0, 1) if self.seq_first and t.dim() == 3 else t.detach()
+                          for t in (x, y))
+                buf[B_DIFF_SS: B_COS_SUM + 1].add_(identity_moments(xs, ys))
+                counts.block_samples[slot, row] += xs.shape[0] if xs.dim() else 1
+            if y.dim() == 3 and y.shape[1 - self.seq_first] > 1:  # [batch, tokens, dim]
+                yb = y.detach().transpose(0, 1) if self.seq_first else y.detach()
+                buf[B_TOKEN_COS_SUM].add_(token_cosine_sum(yb))
+                counts.block_tokens[slot, row] += yb.shape[0]
         if x.grad_fn is not None:
             x.register_hook(BlockGradientProbe(rec, row, rec.step_index, B_GRAD_IN_SS))
         if y.grad_fn is not None:

@@ -167,7 +167,7 @@ class Recorder:
                 probe = LayerProbe(self, layer.row, layer.saturation_bounds)
                 self._handles.append(module.register_forward_hook(probe))
             for block, module, branch in chosen_blocks:
-                block_probe = BlockProbe(self, block.row)
+                block_probe = BlockProbe(self, block.row, module)
                 self._handles.append(module.register_forward_pre_hook(block_probe.before))
                 self._handles.append(module.register_forward_hook(block_probe))
                 if branch is not None:

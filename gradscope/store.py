@@ -237,6 +237,13 @@ def read_meta(path: Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise RunError(f"{meta_path} is damaged: expected a JSON object")
     version = meta.get("schema_version")
+    if version == SCHEMA_VERSION:
+        for key, kind in (("model", dict), ("task", dict), ("schedule", dict), ("env", dict),
+                          ("layers", list), ("blocks", list), ("status", str)):
+            if key in meta and not isinstance(meta[key], kind) and not (key == "task" and meta[key] is None):
+                raise RunError(f"{meta_path} is damaged: '{key}' should be a JSON {kind.__name__}")
+        if not all(isinstance(row, dict) for row in meta.get("layers", []) + meta.get("blocks", [])):
+            raise RunError(f"{meta_path} is damaged: layer and block tables should hold objects")
     if version != SCHEMA_VERSION:
         raise RunError(
             f"{meta_path} has schema_version {version!r}; this gradscope reads version "

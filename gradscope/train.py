@@ -203,7 +203,8 @@ def train(
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(recipe, steps))
     amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda") if amp and amp_dtype == torch.float16 else None
-    eval_every = eval_every or max(every, steps // 5)
+    # a multiple of `every`, so each evaluation lands on a recorded step (the one it precedes)
+    eval_every = -(-(eval_every or max(every, steps // 5)) // every) * every
 
     path = Path(out) / (run_name or name)
     meta = {"task": {"name": the_task.name, "description": the_task.description,

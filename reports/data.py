@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from gradscope import Run, load_run
+from gradscope.diagnose import training_steps
 
 RunLike = Run | str | os.PathLike[str]
 
@@ -74,7 +75,7 @@ def _nonfinite_note(frame: pd.DataFrame, what: str) -> str | None:
 
 def summarise(run: Run, label: str) -> RunSummary:
     meta, s = run.meta, run.scalars
-    trained = s.dropna(subset=["loss"])
+    trained = training_steps(s)
     train = run.layers[run.layers.phase == "train"]
     last_step = int(train.step.max()) if len(train) else None
     ratio = math.nan
@@ -92,8 +93,9 @@ def summarise(run: Run, label: str) -> RunSummary:
         note = _nonfinite_note(frame, what) if len(frame) else None
         if note:
             notes.append(note)
-    if len(trained) and not np.isfinite(trained.loss.to_numpy(dtype=float)).all():
-        notes.append(f"the loss is NaN or inf from step {int(trained.step[~np.isfinite(trained.loss)].min())}")
+    bad_loss = ~np.isfinite(trained.loss.to_numpy(dtype=float)) & trained.loss.notna().any()
+    if len(trained) and bad_loss.any():
+        notes.append(f"the loss is NaN or inf from step {int(trained.step[bad_loss].min())}")
     return RunSummary(
         label=label, model=str(model.get("registry_name") or model.get("class", "?")),
         task=str((meta.get("task") or {}).get("name", "-")), depth=model.get("depth") or "-",

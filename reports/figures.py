@@ -17,6 +17,27 @@ MAX_HEATMAP_COLUMNS = 200
 PANEL = (4.6, 3.2)  # inches per panel
 
 
+def _mathtext_safe(text: str) -> str:
+    """Matplotlib reads $...$ as maths markup; names are plain text."""
+    return str(text).replace("$", r"\$")
+
+
+def _runs(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """The frame with plot-safe run labels, and hue settings that give each run one colour in
+    every panel, whether or not the panel has data for all runs."""
+    if "run" not in frame or frame.empty:
+        return frame, {"hue": "run"}
+    frame = frame.assign(run=frame["run"].map(_mathtext_safe))
+    order = list(dict.fromkeys(frame["run"]))
+    palette = dict(zip(order, sns.color_palette(n_colors=len(order))))
+    return frame, {"hue": "run", "hue_order": order, "palette": palette}
+
+
+def _marker(frame: pd.DataFrame, few: int = 20) -> str | None:
+    """Markers where runs have few points, so a run of one recorded step still shows."""
+    return "o" if frame["step"].nunique() <= few else None
+
+
 def _figure(panels: int, rows: int = 1) -> tuple[Figure, np.ndarray]:
     fig = Figure(figsize=(PANEL[0] * panels, PANEL[1] * rows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, panels, squeeze=False)).ravel()
@@ -53,20 +74,21 @@ def _legend_outside(fig: Figure, axes) -> None:
 def training_curves(scalars: pd.DataFrame) -> Figure:
     """Training loss (log scale) and accuracy per step, one line per run; held-out accuracy dashed."""
     fig, (ax_loss, ax_acc) = _figure(2)
+    scalars, hue = _runs(scalars)
     loss = _positive(scalars.dropna(subset=["loss"]), "loss")
     if len(loss):
-        sns.lineplot(data=loss, x="step", y="loss", hue="run", ax=ax_loss)
+        sns.lineplot(data=loss, x="step", y="loss", ax=ax_loss, marker=_marker(loss), **hue)
         ax_loss.set_yscale("log")
     else:
         _empty(ax_loss)
     ax_loss.set_title("training loss")
     acc = scalars.dropna(subset=["accuracy"])
     if len(acc):
-        sns.lineplot(data=acc, x="step", y="accuracy", hue="run", ax=ax_acc, alpha=0.6)
+        sns.lineplot(data=acc, x="step", y="accuracy", ax=ax_acc, alpha=0.6, marker=_marker(acc), **hue)
     held = scalars.dropna(subset=["eval_accuracy"])
     if len(held):
-        sns.lineplot(data=held, x="step", y="eval_accuracy", hue="run", ax=ax_acc, linestyle="--",
-                     marker="o", legend=False)
+        sns.lineplot(data=held, x="step", y="eval_accuracy", ax=ax_acc, linestyle="--", marker="o",
+                     legend=False, **hue)
     if not len(acc) and not len(held):
         _empty(ax_acc)
     ax_acc.set_title("accuracy (training solid, held-out dashed)")
@@ -83,13 +105,14 @@ def _first_middle_last(steps: pd.Series) -> list[int]:
 def gradient_flow(layers: pd.DataFrame, column: str = "grad_out_rms") -> Figure:
     """``column`` against relative depth (log scale) at each run's first, middle and last recorded step."""
     fig, axes = _figure(3)
+    layers, hue = _runs(layers)
     picks = {run: _first_middle_last(frame.step) for run, frame in layers.groupby("run", sort=False)}
     for i, (ax, when) in enumerate(zip(axes, ("first", "middle", "last"))):
         rows = [frame[frame.step == picks[run][i]] for run, frame in layers.groupby("run", sort=False)
                 if picks[run]]
         data = _positive(pd.concat(rows), column) if rows else pd.DataFrame()
         if len(data):
-            sns.lineplot(data=data.sort_values("rel_depth"), x="rel_depth", y=column, hue="run", ax=ax, marker=".")
+            sns.lineplot(data=data.sort_values("rel_depth"), x="rel_depth", y=column, ax=ax, marker=".", **hue)
             ax.set_yscale("log")
         else:
             _empty(ax)
@@ -122,7 +145,7 @@ def layer_step_heatmap(layers: pd.DataFrame, column: str = "grad_out_rms") -> Fi
         _empty(ax)
         return fig
     masked = np.where(np.isfinite(values) & (values > 0), values, np.nan)
-    sns.heatmap(pd.DataFrame(masked, index=[name for _, name in grid.index], columns=grid.columns), ax=ax,
+    sns.heatmap(pd.DataFrame(masked, index=[_mathtext_safe(name) for _, name in grid.index], columns=grid.columns), ax=ax,
                 norm=LogNorm(vmin=positive.min(), vmax=positive.max()), cmap="viridis",
                 cbar_kws={"label": column}, xticklabels=max(1, len(grid.columns) // 10),
                 yticklabels=max(1, len(grid) // 40))
@@ -139,6 +162,7 @@ def activation_std_by_depth(layers: pd.DataFrame) -> Figure:
     after BN, before the ReLU or addition) are used when a run has them, else every layer.
     """
     fig, (ax_order, ax_sorted) = _figure(2)
+    layers, hue = _runs(layers)
     rows = []
     for run, frame in layers.groupby("run", sort=False):
         last = frame[frame.step == frame.step.max()].sort_values("depth")
@@ -151,8 +175,8 @@ def activation_std_by_depth(layers: pd.DataFrame) -> Figure:
                                   "sorted": np.sort(picked.act_std.to_numpy())[::-1]}))
     data = pd.concat(rows) if rows else pd.DataFrame()
     if len(data):
-        sns.lineplot(data=data, x="index", y="std", hue="run", ax=ax_order)
-        sns.lineplot(data=data, x="rank", y="sorted", hue="run", ax=ax_sorted)
+        sns.lineplot(data=data, x="index", y="std", ax=ax_order, **hue)
+        sns.lineplot(data=data, x="rank", y="sorted", ax=ax_sorted, **hue)
     else:
         _empty(ax_order)
         _empty(ax_sorted)
@@ -169,12 +193,13 @@ IDENTITY_COLUMNS = (("id_rel_residual", "||y - x|| / ||x||", False), ("id_grad_r
 def identity_by_depth(blocks: pd.DataFrame) -> Figure:
     """Identity closeness of every block against relative block depth, at each run's last step."""
     fig, axes = _figure(3)
+    blocks, hue = _runs(blocks)
     last = pd.concat([f[f.step == f.step.max()] for _, f in blocks.groupby("run", sort=False)]) if len(blocks) else blocks
     for ax, (column, label, log) in zip(axes, IDENTITY_COLUMNS):
         data = last.dropna(subset=[column]) if len(last) else last
         data = data[np.isfinite(data[column])] if len(data) else data
         if len(data):
-            sns.lineplot(data=data.sort_values("rel_depth"), x="rel_depth", y=column, hue="run", ax=ax, marker="o")
+            sns.lineplot(data=data.sort_values("rel_depth"), x="rel_depth", y=column, ax=ax, marker="o", **hue)
             if log:
                 ax.set_yscale("log")
                 ax.axhline(1.0, color="0.6", linewidth=0.8, linestyle=":")
@@ -191,11 +216,12 @@ def identity_over_training(blocks: pd.DataFrame) -> Figure:
     if len(blocks) and blocks.token_cos.notna().any():
         columns.append(("token_cos", "mean token cosine (1 = collapse)"))
     fig, axes = _figure(len(columns))
+    blocks, hue = _runs(blocks)
     for ax, (column, title) in zip(axes, columns):
         data = blocks.dropna(subset=[column]) if len(blocks) else blocks
         if len(data):
             mean = data.groupby(["run", "step"], sort=False)[column].mean().reset_index()
-            sns.lineplot(data=mean, x="step", y=column, hue="run", ax=ax)
+            sns.lineplot(data=mean, x="step", y=column, ax=ax, marker=_marker(mean), **hue)
         else:
             _empty(ax, "not measured")
         ax.set_title(title)

@@ -303,3 +303,20 @@ def test_at_initialisation_plain56_is_far_from_identity_and_resnet56_is_not(tmp_
     assert plain_rel > 2 * res_rel, stats
     assert abs(math.log10(plain_grad)) > abs(math.log10(res_grad)) + 2, stats  # >100x further from 1
     assert plain_grad > 1 and res_grad > 1  # amplified toward the input, not vanishing
+
+
+def test_sequence_first_transformer_layers_use_the_batch_axis(tmp_path):
+    torch.manual_seed(0)
+    results = {}
+    x = torch.randn(3, 7, 16)  # [batch, tokens, dim]
+    for batch_first in (True, False):
+        torch.manual_seed(1)  # the same weights for both layouts
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first)
+        model = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        with gradscope.watch(model, tmp_path / str(batch_first)) as rec:
+            out = model(x if batch_first else x.transpose(0, 1))
+            (out * torch.ones_like(out).cumsum(-1)).sum().backward()
+            rec.step()
+        results[batch_first] = gradscope.load_run(tmp_path / str(batch_first)).blocks.set_index("block")
+    cols = ["id_rel_residual", "id_cos", "token_cos"]
+    assert (results[True][cols] - results[False][cols]).abs().max().max() < 1e-5

@@ -83,7 +83,7 @@ def test_run_then_inspect_then_damaged_run(cli, tmp_path):
 
     shown = cli("inspect", tmp_path / "mlp_plain")
     assert shown.exit_code == 0
-    assert "mlp_plain" in shown.output and "blocks.0.branch.0" in shown.output and "act_std" in shown.output
+    assert "mlp_plain" in shown.output and "blocks.0.branch.1" in shown.output and "act_std" in shown.output
     assert "mean id_rel_residual" in shown.output
 
     part = next((tmp_path / "mlp_plain" / "layers").glob("part-*.parquet"))

@@ -136,7 +136,7 @@ def fake_run(name: str, depth: int, residual: bool, losses: list[float]) -> Run:
         path=Path(name), meta={"model": {"class": "CifarResNet", "depth": depth}, "task": {"name": "images"}},
         layers=pd.DataFrame({c: pd.Series(dtype=t) for c, t in {**LAYER_SCHEMA, "depth": "float64"}.items()}),
         blocks=pd.DataFrame({c: pd.Series(dtype=t) for c, t in {**BLOCK_SCHEMA, "depth": "float64"}.items()}),
-        scalars=pd.DataFrame({"step": steps, "loss": losses, "lr": 0.1, "grad_global_norm": 1.0}),
+        scalars=pd.DataFrame({"step": steps, "loss": losses, "accuracy": 0.5, "lr": 0.1, "grad_global_norm": 1.0}),
         layer_table=pd.DataFrame(), block_table=pd.DataFrame({"residual": [residual] * 3}))
 
 

@@ -213,3 +213,33 @@ def test_run_without_rows_has_the_full_schema(run_dir):
     assert {"step", "phase", "layer", "type", "depth", "rel_depth", "act_std"} <= set(run.layers.columns)
     assert run.layers[run.layers.phase == "train"].empty
     assert str(run.scalars.step.dtype) == "int64"
+
+
+def test_block_first_model_after_scaler_skipped_steps(run_dir):
+    """A skipped AMP step ends inside the next forward; a block running first must still pair
+    its input with this call's output (not a stale one from an earlier iteration)."""
+    class Blk(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x + self.f(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Blk(), Blk(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=3e38, growth_interval=1000)  # overflows, skips
+    xs = [torch.randn(5, 8, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    with gradscope.watch(model, run_dir, optimizer=opt, scaler=scaler, every=2):
+        for x in xs:
+            opt.zero_grad()
+            scaler.scale(model(x).pow(2).mean() * 1e3).backward()
+            scaler.step(opt)
+            scaler.update()
+    blocks = gradscope.load_run(run_dir).blocks.set_index(["step", "block"])
+    with torch.no_grad():
+        for step in (2, 4):
+            x = xs[step]
+            want = float((model[0](x) - x).norm() / x.norm())
+            assert blocks.loc[(step, "0"), "id_rel_residual"] == pytest.approx(want, rel=1e-4)

@@ -1,8 +1,10 @@
 """Deep MLPs, plain and residual: the simplest place to watch gradients vanish.
 
 Images are flattened, a stem ``Linear`` maps them to ``width``, then ``depth - 2`` blocks of
-``Linear`` + activation, then a linear head: ``depth`` weighted layers in all. A residual block
-adds its input back, y = x + act(W x + b); the plain twin has the same blocks without the skip.
+activation + ``Linear``, then activation + linear head: ``depth`` weighted layers in all. A
+residual block adds its input back, y = x + W act(x) + b (activation first, as in He et al.
+2016's pre-activation units, so the stream gains no drifting mean); the plain twin has the same
+blocks without the skip, i.e. the classic Linear-activation stack.
 With sigmoid the plain net's gradient shrinks toward the input (the derivative is at most 1/4,
 Glorot and Bengio 2010); the skip gives it a path that does not shrink.
 """
@@ -20,7 +22,7 @@ ACTIVATIONS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "gelu": 
 class MLPBlock(nn.Module):
     def __init__(self, width: int, activation: str, residual: bool) -> None:
         super().__init__()
-        self.branch = nn.Sequential(nn.Linear(width, width), ACTIVATIONS[activation]())
+        self.branch = nn.Sequential(ACTIVATIONS[activation](), nn.Linear(width, width))
         self.residual = residual
 
     def forward(self, x: Tensor) -> Tensor:  # [batch, width]
@@ -37,9 +39,9 @@ class DeepMLP(nn.Module):
         if depth < 3:
             raise ValueError(f"depth counts weighted layers (stem, blocks, head) and must be >= 3, got {depth}")
         self.depth, self.residual = depth, residual
-        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), ACTIVATIONS[activation]())
+        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width))
         self.blocks = nn.Sequential(*(MLPBlock(width, activation, residual) for _ in range(depth - 2)))
-        self.head = nn.Linear(width, num_classes)
+        self.head = nn.Sequential(ACTIVATIONS[activation](), nn.Linear(width, num_classes))
         gain = "relu" if activation in ("relu", "gelu") else None
         for m in self.modules():
             if isinstance(m, nn.Linear):  # Glorot for saturating units, He for rectifiers
@@ -48,6 +50,11 @@ class DeepMLP(nn.Module):
                 else:
                     nn.init.xavier_normal_(m.weight)
                 nn.init.zeros_(m.bias)
+        if residual and gain:
+            # x + W relu(x) with He init doubles the stream's variance per block (2^18 at depth 20);
+            # scaling each branch by 1/sqrt(blocks), as Fixup does, keeps it bounded (about e).
+            for block in self.blocks:
+                block.branch[1].weight.data.mul_(len(self.blocks) ** -0.5)
 
     def forward(self, x: Tensor) -> Tensor:  # [batch, ...] -> [batch, classes]
         return self.head(self.blocks(self.stem(x)))
@@ -68,4 +75,4 @@ def _factory(residual: bool):
 register_model("mlp_plain", family="mlp", input_kind="image",
                description="plain deep MLP on flattened images (depth, width, activation overridable)")(_factory(False))
 register_model("mlp_residual", family="mlp", input_kind="image",
-               description="residual deep MLP, y = x + act(Wx + b) per block")(_factory(True))
+               description="residual deep MLP, y = x + W act(x) + b per block")(_factory(True))

@@ -89,7 +89,15 @@ def create(name: str, **overrides: Any) -> nn.Module:
         raise TypeError(f"{name} does not take {', '.join(sorted(unknown))}; "
                         f"it takes {', '.join(sorted(e.defaults))}")
     config = {**e.defaults, **overrides}
-    model = e.factory(**config)
+    for key, value in overrides.items():  # sizes and counts must stay positive
+        default = e.defaults[key]
+        if isinstance(default, int) and not isinstance(default, bool) and default > 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: {key} must be a positive integer, got {value!r}")
+    try:
+        model = e.factory(**config)
+    except (ValueError, TypeError, ZeroDivisionError, RuntimeError) as exc:
+        raise ValueError(f"cannot build {name} with {overrides}: {exc}") from None
     model.gradscope_name = name
     model.gradscope_config = _json_config(config)
     return model

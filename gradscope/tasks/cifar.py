@@ -28,7 +28,7 @@ _ALLOWED = {
     ("numpy", "ndarray"), ("numpy", "dtype"),
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("_codecs", "encode"), ("builtins", "bytearray"),
+    ("_codecs", "encode"),
 }
 
 
@@ -55,12 +55,13 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(batch, dict):
         raise CifarFormatError(f"{path} is not a CIFAR-10 batch file: expected a dict")
     data, labels = batch.get(b"data", batch.get("data")), batch.get(b"labels", batch.get("labels"))
-    if not isinstance(data, np.ndarray) or labels is None:
+    if not isinstance(data, np.ndarray) or not isinstance(labels, (list, tuple, np.ndarray)):
         raise CifarFormatError(f"{path} lacks the 'data' array or the 'labels' list")
-    data = np.asarray(data, dtype=np.uint8)
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
-        raise CifarFormatError(f"{path}: data has shape {data.shape} for {len(labels)} labels; "
-                               "expected [N, 3072] and N labels")
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise CifarFormatError(f"{path}: data is {data.dtype} {data.shape} for {len(labels)} labels; "
+                               "expected uint8 [N, 3072] and N labels")
+    if not all(isinstance(v, (int, np.integer)) and 0 <= v < 10 for v in labels):
+        raise CifarFormatError(f"{path}: labels must be integers from 0 to 9")
     return data.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
 
 
