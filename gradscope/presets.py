@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gradscope.train import TrainResult, train
+from gradscope.train import TrainResult, resolve_device, train
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class Preset:
     every: int
     batch_size: int | None = None
     watch_activations: bool = False
+    gpu_steps: int | None = None  # default steps on CUDA, where a longer run is affordable
 
 
 def _runs(*specs: tuple[str, str, dict[str, Any]]) -> tuple[PresetRun, ...]:
@@ -50,7 +51,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            "its gradients do not vanish (at initialisation they even grow toward the input), as He et al. 2015 found.",
            "images", _runs(("plain20", "plain20", {}), ("plain56", "plain56", {}),
                            ("resnet20", "resnet20", {}), ("resnet56", "resnet56", {})),
-           steps=300, quick_steps=30, every=10, batch_size=64),
+           steps=300, quick_steps=30, every=10, batch_size=64, gpu_steps=2000),
     Preset("sigmoid", "vanishing gradients in a deep sigmoid MLP",
            "The plain 20-layer sigmoid MLP's gradient vanishes toward the input (the sigmoid's derivative is at "
            "most 1/4); the residual one's does not, and a ReLU MLP with He initialisation keeps it healthy.",
@@ -74,7 +75,8 @@ def run_preset(name: str, out: str | Path, *, quick: bool = False, steps: int | 
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     p = PRESETS[name]
-    n = steps or (p.quick_steps if quick else p.steps)
+    on_gpu = resolve_device(device).type == "cuda"
+    n = steps or (p.quick_steps if quick else (p.gpu_steps or p.steps) if on_gpu else p.steps)
     every = min(p.every, max(1, n // 10))
     return [train(r.model, task=p.task, steps=n, every=every, out=out, run_name=r.run_name, seed=seed,
                   device=device, batch_size=p.batch_size, overrides=r.overrides, overwrite=True,

@@ -150,6 +150,11 @@ def test_degradation_needs_the_deeper_plain_net_to_train_worse():
     assert "without vanishing gradient" in text
     healthy = [fake_run("plain20", 20, False, [2.0, 1.0, 0.5]), fake_run("plain56", 56, False, [2.0, 1.0, 0.48])]
     assert not [f for f in diagnose(healthy) if f.code == "degradation"]
+    # nearly fitted residual twins (as measured on a GPU: 0.0063 vs 0.0163) do not count as degrading
+    fitted = runs[:2] + [fake_run("resnet20", 20, True, [2.0, 0.1, 0.0063]), fake_run("resnet56", 56, True, [2.0, 0.2, 0.0163])]
+    assert "residual twins do not" in next(f for f in diagnose(fitted) if f.code == "degradation").explanation
+    both = runs[:2] + [fake_run("resnet20", 20, True, [2.0, 1.0, 0.05]), fake_run("resnet56", 56, True, [2.0, 1.8, 1.5])]
+    assert "residual twins degrade too" in next(f for f in diagnose(both) if f.code == "degradation").explanation
 
 
 def test_findings_head_the_report_and_inspect(sigmoid_runs, tmp_path):
