@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 from matplotlib.figure import Figure
 
 import gradscope
@@ -205,3 +206,17 @@ def test_report_renders_in_headless_chromium_without_console_errors(two_runs, tm
 
     pixels = imread(shot)
     assert pixels.shape[0] >= 1000 and pixels[..., :3].std() > 0.05  # not a blank page
+
+
+def test_layer_named_like_a_script_shows_as_text(tmp_path):
+    model = nn.Sequential()
+    model.add_module("lin", nn.Linear(4, 4))
+    model.add_module("<script>alert(1)</script>", nn.ReLU())
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)  # dead units: the finding lists the layer by name
+    with gradscope.watch(model, tmp_path / "run", modules=[nn.Linear, nn.ReLU]) as rec:
+        model(torch.randn(8, 4)).sum().backward()
+        rec.step()
+    raw = reports.build([tmp_path / "run"], tmp_path / "r.html").read_text()
+    assert "Dead units" in raw and "<script>" not in raw
+    assert "layers &lt;script&gt;alert(1)&lt;/script&gt;" in raw
