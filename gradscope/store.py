@@ -238,6 +238,9 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise RunError(f"{meta_path} is damaged: expected a JSON object")
     version = meta.get("schema_version")
     if version == SCHEMA_VERSION:
+        model = meta.get("model")
+        if isinstance(model, dict) and not isinstance(model.get("parameters", 0), int):
+            raise RunError(f"{meta_path} is damaged: model.parameters should be an integer")
         for key, kind in (("model", dict), ("task", dict), ("schedule", dict), ("env", dict),
                           ("layers", list), ("blocks", list), ("status", str)):
             if key in meta and not isinstance(meta[key], kind) and not (key == "task" and meta[key] is None):
@@ -296,12 +299,15 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     meta = read_meta(path)
     layer_table = pd.DataFrame(meta.get("layers", []),
                                columns=["name", "type", "params", "row", "depth", "rel_depth", "calls"])
-    layers = _join_names(_read_table(path / "layers", LAYER_SCHEMA), layer_table, "layer",
-                         ["step", "phase", "depth"])
     block_table = pd.DataFrame(meta.get("blocks", []), columns=[
         "name", "type", "row", "source", "branch", "residual", "depth", "rel_depth", "calls", "reason"])
-    blocks = _join_names(_read_table(path / "blocks", BLOCK_SCHEMA), block_table, "block", ["step", "depth"],
-                         extra=["residual"])
+    layers = _read_table(path / "layers", LAYER_SCHEMA)
+    blocks = _read_table(path / "blocks", BLOCK_SCHEMA)
+    try:
+        layers = _join_names(layers, layer_table, "layer", ["step", "phase", "depth"])
+        blocks = _join_names(blocks, block_table, "block", ["step", "depth"], extra=["residual"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise RunError(f"{path / META_FILE} is damaged: its layer or block table does not fit the data ({exc})") from None
     scalars = _read_table(path / "scalars", STEP_SCHEMA).sort_values("step", kind="stable", ignore_index=True)
     return Run(path=path, meta=meta, layers=layers, blocks=blocks, scalars=scalars,
                layer_table=layer_table, block_table=block_table)
