@@ -200,29 +200,30 @@ def _last_step(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame.step == frame.step.max()] if len(frame) else frame
 
 
-def _dead_units(run: Run) -> Iterable[Finding]:
+def _unit_fraction_rule(run: Run, column: str, threshold: float, code: str, title: str,
+                        what: str, consequence: str, evidence_key: str) -> Iterable[Finding]:
+    """Layers at the last step whose fraction ``column`` of outputs exceeds ``threshold``."""
     last = _last_step(_train_layers(run))
-    dead = last[last.act_zero_frac > DEAD_FRACTION]
-    if len(dead):
+    hit = last[last[column] > threshold].sort_values(column)
+    if len(hit):
         yield Finding(
-            "dead_units", "warning", "Dead units",
-            f"{len(dead)} layer(s) output exactly zero for more than {DEAD_FRACTION:.0%} of their elements "
-            f"(worst {dead.act_zero_frac.max():.0%} in {dead.sort_values('act_zero_frac').layer.iloc[-1]}): these "
-            "ReLU units no longer fire, so no gradient passes through them.",
-            _label(run), {"max_zero_fraction": float(dead.act_zero_frac.max())}, layers=_names(dead, "layer"),
-            steps=[int(last.step.max())])
+            code, "warning", title,
+            f"{len(hit)} {what} more than {threshold:.0%} of their elements (worst {hit[column].max():.0%} "
+            f"in {hit.layer.iloc[-1]}): {consequence}", _label(run), {evidence_key: float(hit[column].max())},
+            layers=_names(hit, "layer"), steps=[int(last.step.max())])
+
+
+def _dead_units(run: Run) -> Iterable[Finding]:
+    return _unit_fraction_rule(
+        run, "act_zero_frac", DEAD_FRACTION, "dead_units", "Dead units",
+        "layer(s) output exactly zero for", "these ReLU units no longer fire, so no gradient passes through them.", "max_zero_fraction")
 
 
 def _saturation(run: Run) -> Iterable[Finding]:
-    last = _last_step(_train_layers(run))
-    sat = last[last.act_sat_frac > SATURATED_FRACTION]
-    if len(sat):
-        yield Finding(
-            "saturated_units", "warning", "Saturated sigmoid/tanh units",
-            f"{len(sat)} bounded activation layer(s) have more than {SATURATED_FRACTION:.0%} of outputs within 1% "
-            f"of a bound (worst {sat.act_sat_frac.max():.0%}): there the derivative is almost zero and the "
-            "gradient stops.", _label(run), {"max_saturated_fraction": float(sat.act_sat_frac.max())},
-            layers=_names(sat, "layer"), steps=[int(last.step.max())])
+    return _unit_fraction_rule(
+        run, "act_sat_frac", SATURATED_FRACTION, "saturated_units", "Saturated sigmoid/tanh units",
+        "bounded activation layer(s) are within 1% of a bound for",
+        "there the derivative is almost zero and the gradient stops.", "max_saturated_fraction")
 
 
 def _identity(run: Run) -> Iterable[Finding]:

@@ -48,3 +48,20 @@ def train(
 @pytest.fixture
 def run_dir(tmp_path):
     return tmp_path / "run"
+
+
+@pytest.fixture(scope="session")
+def init_runs_56(tmp_path_factory):
+    """plain56 and resnet56 recorded for one step at initialisation (batch 64, 32x32, seed 0),
+    shared by the tests that compare them."""
+    from gradscope import models
+
+    out = tmp_path_factory.mktemp("init56")
+    for name in ("plain56", "resnet56"):
+        torch.manual_seed(0)
+        model = models.create(name)
+        x, y = models.example_input(name, batch=64)
+        with gradscope.watch(model, out / name) as rec:
+            F.cross_entropy(model(x), y).backward()
+            rec.step()
+    return {name: out / name for name in ("plain56", "resnet56")}

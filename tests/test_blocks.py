@@ -284,19 +284,13 @@ def test_reference_models_use_declared_blocks_and_twins_align(tmp_path):
     assert plain.blocks.branch_ratio.notna().sum() == 7
 
 
-def test_at_initialisation_plain56_is_far_from_identity_and_resnet56_is_not(tmp_path):
+def test_at_initialisation_plain56_is_far_from_identity_and_resnet56_is_not(init_runs_56):
     """He et al. CIFAR nets at init (BatchNorm, Kaiming, batch 64): the skip keeps blocks near
     the identity; the plain net's BatchNorm stack amplifies the gradient toward the input
     (Yang et al. 2019), the residual one much less."""
     stats = {}
-    for name in ("plain56", "resnet56"):
-        torch.manual_seed(0)
-        model = models.create(name)
-        x, y = models.example_input(name, batch=64)
-        with gradscope.watch(model, tmp_path / name) as rec:
-            F.cross_entropy(model(x), y).backward()
-            rec.step()
-        blocks = gradscope.load_run(tmp_path / name).blocks.set_index("block")
+    for name, path in init_runs_56.items():
+        blocks = gradscope.load_run(path).blocks.set_index("block")
         first_last = blocks.grad_out_norm.iloc[0] / blocks.grad_out_norm.iloc[-1]
         stats[name] = (blocks.id_rel_residual.mean(), first_last)
     (plain_rel, plain_grad), (res_rel, res_grad) = stats["plain56"], stats["resnet56"]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscope
-from gradscope import diagnose, models
+from gradscope import diagnose
 from gradscope.diagnose import gradient_fit
 from gradscope.store import BLOCK_SCHEMA, LAYER_SCHEMA, Run
 from gradscope.train import train
@@ -53,15 +53,8 @@ def test_gradient_is_judged_through_the_hidden_stack(sigmoid_runs):
     assert 0.1 < fit.span < 10, fit
 
 
-def test_at_init_plain56_explodes_toward_the_input_and_resnet56_does_not(tmp_path):
-    for name in ("plain56", "resnet56"):
-        torch.manual_seed(0)
-        model = models.create(name)
-        x, y = models.example_input(name, batch=64)
-        with gradscope.watch(model, tmp_path / name) as rec:
-            F.cross_entropy(model(x), y).backward()
-            rec.step()
-    found = diagnose([tmp_path / "plain56", tmp_path / "resnet56"])
+def test_at_init_plain56_explodes_toward_the_input_and_resnet56_does_not(init_runs_56):
+    found = diagnose([init_runs_56["plain56"], init_runs_56["resnet56"]])
     explode = [f for f in found if f.code == "exploding_gradient"]
     assert [f.run for f in explode] == ["plain56"]
     assert explode[0].evidence["first_over_last"] > 1e3 and "not a vanishing gradient" in explode[0].explanation
