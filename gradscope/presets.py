@@ -59,9 +59,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                            ("mlp_plain", "relu-plain", {**SIGMOID, "activation": "relu"})),
            steps=300, quick_steps=40, every=5, batch_size=128, watch_activations=True),
     Preset("transformer", "Post-LN, Pre-LN and no residual",
-           "Without residuals, token representations collapse (token_cos toward 1 within a few layers); "
-           "at 24 layers Pre-LN's last-layer gradient is smaller than at 6 while Post-LN's stays about the same "
-           "(Xiong et al. 2020).",
+           "Without residuals, token representations collapse (token_cos toward 1 within a few layers). "
+           "Xiong et al. 2020's depth scaling holds per token (experiments/xiong_depth.py) but the recorded batch "
+           "gradient also grows as tokens become alike, so Pre-LN's last-layer gradient at 24 layers is not "
+           "smaller than at 6 here.",
            "dyck", _runs(("transformer_lm_post", "post-6", {"depth": 6}), ("transformer_lm_pre", "pre-6", {"depth": 6}),
                          ("transformer_lm_none", "none-6", {"depth": 6}),
                          ("transformer_lm_post", "post-24", {"depth": 24}), ("transformer_lm_pre", "pre-24", {"depth": 24})),

@@ -8,9 +8,10 @@ Each attention and feed-forward sublayer is a ``Sublayer`` unit around a functio
 
 so the skip is the only difference between ``"post"`` and ``"none"``. Every sublayer is a
 declared block with ``fn`` as its residual branch. Without skips, attention collapses token
-representations toward rank one within a few layers (Dong et al. 2021); at initialisation the
-last FFN's gradient is depth-independent for Post-LN and shrinks with depth for Pre-LN
-(Xiong et al. 2020). No dropout, so runs are deterministic.
+representations toward rank one within a few layers (Dong et al. 2021); at initialisation one
+token's gradient at the last FFN is depth-independent for Post-LN and shrinks with depth for
+Pre-LN (Xiong et al. 2020; measured in experiments/xiong_depth.py). No dropout, so runs are
+deterministic.
 """
 
 from __future__ import annotations
