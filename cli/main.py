@@ -138,13 +138,18 @@ def _train_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="model setting, e.g. --set depth=12")
 @click.option("--amp", is_flag=True, help="mixed precision (CUDA only)")
 @click.option("--watch-activations", is_flag=True, help="also record ReLU/sigmoid/... modules (dead, saturated units)")
+@click.option("--attribution-every", default=None, type=click.IntRange(min=1), metavar="M",
+              help="Captum attribution over the blocks every M steps, on 64 held-out samples")
+@click.option("--attribution-method", default="grad_x_act", show_default=True,
+              type=click.Choice(["grad_x_act", "integrated_gradients", "conductance"]),
+              help="Captum layer method (the path-integral ones cost a pass per block)")
 @click.option("--overwrite", is_flag=True, help="replace existing runs of the same name")
 @_train_options
 @friendly_errors
 def run_command(model_names: tuple[str, ...], task: str | None, steps: int, every: int, out: Path,
                 batch_size: int | None, lr: float | None, eval_every: int | None, data_dir: Path | None,
-                settings: tuple[str, ...], amp: bool, watch_activations: bool, overwrite: bool, device: str,
-                seed: int, progress: bool) -> None:
+                settings: tuple[str, ...], amp: bool, watch_activations: bool, attribution_every: int | None,
+                attribution_method: str, overwrite: bool, device: str, seed: int, progress: bool) -> None:
     """Train and record each MODEL on a built-in task, one run directory per model.
 
     \b
@@ -162,7 +167,8 @@ def run_command(model_names: tuple[str, ...], task: str | None, steps: int, ever
         result = train(name, task=task, steps=steps, every=every, out=out, seed=seed, device=device, amp=amp,
                        batch_size=batch_size, lr=lr, eval_every=eval_every,
                        data_dir=str(data_dir) if data_dir else None, overrides=overrides,
-                       overwrite=overwrite, progress=progress, watch_activations=watch_activations)
+                       overwrite=overwrite, progress=progress, watch_activations=watch_activations,
+                       attribution_every=attribution_every, attribution_method=attribution_method)
         click.echo(f"{name}: {result.steps} steps in {result.seconds:.1f}s, final loss {result.final_loss:.4f}, "
                    f"held-out accuracy {result.final_eval_accuracy:.3f} -> {result.run}")
 

@@ -28,6 +28,7 @@ class BlockSpec:
     name: str
     branch: str | None = None  # qualified name of the module computing F(x); None if unknown
     residual: bool = True  # False for a plain twin's block (same boundaries, no skip)
+    shortcut: str | None = None  # module computing the skip term, where it is not the identity on x
 
 
 @dataclass

@@ -14,6 +14,7 @@ into one recorded step, as it should.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime as _dt
 import itertools
 import os
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gradscope.attribution import Attribution, AttributionProbe
 from gradscope.blocks import Block, select_blocks
 from gradscope.layers import Layer, ModuleFilter, assign_depths, own_parameters, select_layers
 from gradscope.probes import BlockProbe, BranchProbe, LayerProbe
@@ -46,7 +48,7 @@ from gradscope.stats import (
     HostCounts,
     squared_norms,
 )
-from gradscope.store import SCHEMA_VERSION, FlushJob, RunWriter
+from gradscope.store import SCHEMA_VERSION, AttributionJob, FlushJob, RunWriter
 
 # Open recorders, held strongly so that one a user forgets to close still writes its data at exit
 # (and so that a second watch() on the same modules can be refused).
@@ -66,6 +68,7 @@ def watch(
     overwrite: bool = False,
     device: torch.device | str | None = None,
     meta: dict[str, Any] | None = None,
+    attribution: Attribution | None = None,
 ) -> "Recorder":
     """Start recording ``model``'s gradient flow into the run directory ``run``.
 
@@ -85,12 +88,15 @@ def watch(
         overwrite: replace an existing run at ``run`` instead of refusing.
         device: where statistics live (default: the device of the model's first parameter).
         meta: extra JSON-serialisable facts for ``meta.json`` (e.g. ``{"task": {...}}``).
+        attribution: an ``Attribution`` to compute Captum attribution flow over the watched
+            blocks on a probe batch at checkpoints (see ``gradscope.attribution``).
 
     Returns:
         The ``Recorder``; use it as a context manager or call ``close()``.
     """
     return Recorder(model, run, every=every, optimizer=optimizer, scaler=scaler, modules=modules,
-                    blocks=blocks, flush_every=flush_every, overwrite=overwrite, device=device, meta=meta)
+                    blocks=blocks, flush_every=flush_every, overwrite=overwrite, device=device, meta=meta,
+                    attribution=attribution)
 
 
 class Recorder:
@@ -110,12 +116,15 @@ class Recorder:
         overwrite: bool = False,
         device: torch.device | str | None = None,
         meta: dict[str, Any] | None = None,
+        attribution: Attribution | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"gradscope.watch expects an nn.Module, got {type(model).__name__}")
         for name, value in (("every", every), ("flush_every", flush_every)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"gradscope.watch: {name} must be a positive integer, got {value!r}")
+        if attribution is not None and not isinstance(attribution, Attribution):
+            raise TypeError(f"gradscope.watch: attribution must be a gradscope.Attribution, got {type(attribution).__name__}")
         _refuse_if_watched(model)
         self.model, self.every, self.flush_every = model, every, flush_every
         self.optimizer, self.scaler = optimizer, scaler
@@ -143,6 +152,9 @@ class Recorder:
         self._block_executed = [False] * nb
         self._block_calls = np.zeros(nb, np.int64)
         self._parameters = _ParameterIndex(model, chosen, optimizer, self.device)
+        self._attribution = AttributionProbe(attribution, model, chosen_blocks, self.device) if attribution else None
+        self._attribution_done: list[tuple[int, Tensor]] = []  # (step, [blocks, columns]) awaiting a flush
+        self._next_attribution = 0
 
         # Step state; all plain Python so hooks can test it without touching a tensor.
         self.step_index = 0
@@ -175,8 +187,10 @@ class Recorder:
             if optimizer is not None:
                 self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
                 self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+            self._attribute_if_due()  # step 0: the model as training begins
         except BaseException:
             self._remove_hooks()
+            self._writer.submit_meta(self._meta("failed"))
             self._writer.close()
             raise
         self._closed = False
@@ -198,6 +212,7 @@ class Recorder:
                 self._record_parameters(slot)
                 self._record_scalars(slot, loss, accuracy)
             self._advance()
+            self._attribute_if_due()
             return
         step = self.step_index if self._grad_forward_seen else self.step_index - 1
         if step % self.every:
@@ -312,6 +327,31 @@ class Recorder:
 
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._advance()
+        self._attribute_if_due()
+
+    def _attribute_if_due(self) -> None:
+        """Run the attribution checkpoint for the step about to begin, if one is due.
+
+        Called only between steps (never from a forward hook), with gradscope's own probes
+        paused so the probe batch leaves no trace in the step statistics.
+        """
+        probe = self._attribution
+        if probe is None or self.step_index < self._next_attribution:
+            return
+        with self._paused():
+            values = probe()
+        self._attribution_done.append((self.step_index, values))
+        every = probe.config.every
+        self._next_attribution = (self.step_index // every + 1) * every
+
+    @contextlib.contextmanager
+    def _paused(self) -> Any:
+        saved = (self._recording, self._grad_forward_seen, self._watch_scaler, self._scaler_states)
+        self._recording = self._watch_scaler = False
+        try:
+            yield
+        finally:
+            self._recording, self._grad_forward_seen, self._watch_scaler, self._scaler_states = saved
 
     # ---------------------------------------------------------------- internals
 
@@ -355,7 +395,14 @@ class Recorder:
         self._counts.step_set[slot, column] = True
 
     def _flush(self, upto: int) -> None:
-        """Hand slots [0, upto) to the writer; keep the rest (at most the current step)."""
+        """Hand slots [0, upto) and finished attribution checkpoints to the writer; keep the rest."""
+        if self._attribution_done:
+            done, self._attribution_done = self._attribution_done, []
+            values = [_to_host(v) for _, v in done]
+            self._writer.submit(AttributionJob(steps=[s for s, _ in done], values=values,
+                                               block_names=self._attribution.names,  # type: ignore[union-attr]
+                                               method=self._attribution.config.method,  # type: ignore[union-attr]
+                                               ready=_copies_done(self.device)))
         if upto <= 0:
             return
         counts = self._counts.take(upto)
@@ -399,6 +446,7 @@ class Recorder:
                       "parameters": sum(p.numel() for p in self.model.parameters())},
             "layers": [layer.to_json() for layer in self.layers],
             "blocks": [block.to_json() for block in self.blocks],
+            "attribution": self._attribution.config.describe() if self._attribution else None,
             "task": None,
             "optimizer": _describe_optimizer(self.optimizer),
             "schedule": {"every": self.every, "flush_every": self.flush_every,

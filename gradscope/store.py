@@ -25,11 +25,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from gradscope.attribution import COLUMNS as ATTRIBUTION_COLUMNS
 from gradscope.stats import PHASES, HostCounts, finalize_blocks, finalize_layers, finalize_steps
 
 SCHEMA_VERSION = 1
 META_FILE = "meta.json"
-TABLES = ("layers", "blocks", "scalars")
+TABLES = ("layers", "blocks", "scalars", "attribution")
 
 LAYER_COLUMNS = (
     "act_mean", "act_std", "act_rms", "act_absmax", "act_zero_frac", "act_sat_frac",
@@ -43,6 +44,8 @@ LAYER_SCHEMA = {"step": "int64", "phase": "object", "layer": "object",
                 **{c: "float32" for c in LAYER_COLUMNS}}
 STEP_SCHEMA = {"step": "int64", **{c: "float64" for c in STEP_COLUMNS}}
 BLOCK_SCHEMA = {"step": "int64", "block": "object", **{c: "float32" for c in BLOCK_COLUMNS}}
+ATTRIBUTION_SCHEMA = {"step": "int64", "block": "object", "method": "object",
+                      **{c: "float32" for c in ATTRIBUTION_COLUMNS}}
 
 
 class RunError(Exception):
@@ -104,6 +107,33 @@ class FlushJob:
             cols.update({c: pa.array(scalars[c].astype(np.float64)) for c in STEP_COLUMNS})
             out["scalars"] = pa.table(cols)
         return out
+
+
+@dataclass
+class AttributionJob:
+    """Host copies of attribution checkpoints ``[blocks, columns]``, one per step."""
+
+    steps: list[int]
+    values: list[torch.Tensor]
+    block_names: list[str]
+    method: str
+    ready: Any = None
+
+    def tables(self) -> dict[str, pa.Table]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        if not self.steps:
+            return {}
+        n = len(self.block_names)
+        values = np.concatenate([v.numpy() for v in self.values]).astype(np.float32)
+        cols: dict[str, Any] = {
+            "step": pa.array(np.repeat(np.asarray(self.steps, np.int64), n)),
+            "block": pa.DictionaryArray.from_arrays(pa.array(np.tile(np.arange(n, dtype=np.int32), len(self.steps))),
+                                                    pa.array(self.block_names, pa.string())),
+            "method": pa.array([self.method] * (n * len(self.steps)), pa.string()),
+        }
+        cols.update({c: pa.array(values[:, i]) for i, c in enumerate(ATTRIBUTION_COLUMNS)})
+        return {"attribution": pa.table(cols)}
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -214,6 +244,7 @@ class Run:
     scalars: pd.DataFrame
     layer_table: pd.DataFrame = field(repr=False)
     block_table: pd.DataFrame = field(repr=False)
+    attribution: pd.DataFrame = field(default_factory=lambda: _empty(ATTRIBUTION_SCHEMA), repr=False)
 
     @property
     def name(self) -> str:
@@ -264,7 +295,7 @@ def _read_table(folder: Path, schema: dict[str, str]) -> pd.DataFrame:
         except (OSError, pa.ArrowException) as exc:
             raise RunError(f"{part} is damaged or truncated: {exc}") from None
     if not tables:
-        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in schema.items()})
+        return _empty(schema)
     try:
         table = pa.concat_tables(tables, promote_options="default")
     except pa.ArrowException as exc:
@@ -274,6 +305,10 @@ def _read_table(folder: Path, schema: dict[str, str]) -> pd.DataFrame:
         if column not in frame:
             frame[column] = pd.Series(np.nan if dtype.startswith("float") else None, index=frame.index, dtype=dtype)
     return frame
+
+
+def _empty(schema: dict[str, str]) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in schema.items()})
 
 
 def _join_names(frame: pd.DataFrame, table: pd.DataFrame, key: str, order: list[str],
@@ -306,8 +341,10 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     try:
         layers = _join_names(layers, layer_table, "layer", ["step", "phase", "depth"])
         blocks = _join_names(blocks, block_table, "block", ["step", "depth"], extra=["residual"])
+        attribution = _join_names(_read_table(path / "attribution", ATTRIBUTION_SCHEMA), block_table, "block",
+                                  ["step", "depth"], extra=["residual"])
     except (ValueError, TypeError, KeyError) as exc:
         raise RunError(f"{path / META_FILE} is damaged: its layer or block table does not fit the data ({exc})") from None
     scalars = _read_table(path / "scalars", STEP_SCHEMA).sort_values("step", kind="stable", ignore_index=True)
     return Run(path=path, meta=meta, layers=layers, blocks=blocks, scalars=scalars,
-               layer_table=layer_table, block_table=block_table)
+               layer_table=layer_table, block_table=block_table, attribution=attribution)

@@ -24,10 +24,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradscope import models
+from gradscope.attribution import Attribution
 from gradscope.layers import with_activations
 from gradscope.recorder import watch
 from gradscope.tasks import DEFAULT_TASK, Task, get_task
 from gradscope.tasks.sequences import IGNORE
+
+PROBE_SIZE = 64  # held-out samples in the attribution probe batch
 
 
 @dataclass(frozen=True)
@@ -177,13 +180,16 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     watch_activations: bool = False,
+    attribution_every: int | None = None,
+    attribution_method: str = "grad_x_act",
 ) -> TrainResult:
     """Train reference model ``name`` on a built-in task for ``steps`` steps, recording the run.
 
     The run is written to ``out/run_name`` (default ``out/<name>``). Held-out loss and accuracy
     are recorded every ``eval_every`` steps (default: five times a run) and at the end, on up to
     ``eval_limit`` held-out samples. ``watch_activations`` also records activation modules
-    (ReLU, sigmoid, ...), where dead and saturated units show.
+    (ReLU, sigmoid, ...), where dead and saturated units show. ``attribution_every`` adds
+    Captum attribution checkpoints over the blocks, on the first ``PROBE_SIZE`` held-out samples.
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
@@ -214,8 +220,12 @@ def train(
     start = time.perf_counter()
     final_loss, final_acc = float("nan"), float("nan")
     modules = with_activations if watch_activations else None
+    attribution = None
+    if attribution_every is not None:
+        probe = (_head(the_task.test_inputs, PROBE_SIZE), the_task.test_targets[:PROBE_SIZE])
+        attribution = Attribution(probe, every=attribution_every, method=attribution_method)
     with watch(model, path, every=every, optimizer=opt, scaler=scaler, overwrite=overwrite, meta=meta,
-               modules=modules) as rec:
+               modules=modules, attribution=attribution) as rec:
         batches = the_task.batches(batch, seed=seed)
         for step in range(steps):
             x, y = next(batches)
@@ -248,6 +258,10 @@ def train(
     if bar is not None:
         bar.close()
     return TrainResult(path, steps, time.perf_counter() - start, final_loss, final_acc)
+
+
+def _head(inputs: Any, n: int) -> Any:
+    return tuple(t[:n] for t in inputs) if isinstance(inputs, tuple) else inputs[:n]
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:

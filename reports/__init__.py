@@ -72,7 +72,33 @@ def sections(data: ReportData) -> list[Section]:
         out.append(Section("identity", "Identity closeness", identity))
     else:
         out.append(Section("identity", "Identity closeness", intro="No blocks were measured in these runs."))
+    attribution = data.attribution
+    if len(attribution):
+        out.append(Section("attribution", "Attribution flow", [
+            embed(figures.attribution_by_depth(attribution, "attr_abs", "|attribution|", log=True),
+                  "attribution of each block's output to the target score (sum of |attribution| over units)",
+                  "How much the output depends on each block's output, by Captum on a fixed probe batch; "
+                  "compare how it changes with depth and between first and last checkpoint.",
+                  "Two log-scale line charts of the absolute attribution of each block's output against relative "
+                  "block depth, at the first and the last attribution checkpoint, one line per run."),
+            embed(figures.attribution_by_depth(attribution, "branch_share", "branch share", log=False),
+                  "share of the attribution at each addition carried by the residual branch (the rest by the skip)",
+                  "Near 0: the block passes its input on and its branch barely matters; 1: everything goes "
+                  "through the branch (plain networks have no skip).",
+                  "Two line charts of the branch share of attribution against relative block depth, at the first "
+                  "and the last checkpoint, one line per run."),
+        ], intro=_attribution_intro(data)))
+    else:
+        out.append(Section("attribution", "Attribution flow", intro="No attribution checkpoints in these runs "
+                           "(record them with gradscope run --attribution-every M, or watch(attribution=...))."))
     return out
+
+
+def _attribution_intro(data: ReportData) -> str:
+    methods = sorted({str((r.meta.get("attribution") or {}).get("method")) for r in data.runs
+                      if r.meta.get("attribution")})
+    return (f"Captum {', '.join(methods)} on each run's probe batch, in eval mode and outside the training "
+            "step; scores are each probe sample's target logit.")
 
 
 def build(runs: Sequence[RunLike], out: str | os.PathLike[str] = "report.html", title: str | None = None) -> Path:

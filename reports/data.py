@@ -44,6 +44,7 @@ class ReportData:
     blocks: pd.DataFrame
     scalars: pd.DataFrame
     summaries: list[RunSummary]
+    attribution: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def _labels(runs: list[Run]) -> list[str]:
@@ -123,4 +124,5 @@ def collect(runs: Sequence[RunLike]) -> ReportData:
         runs=loaded, labels=labels, layers=layers, blocks=stack([r.blocks for r in loaded]),
         scalars=stack([r.scalars for r in loaded]),
         summaries=[summarise(r, label) for r, label in zip(loaded, labels)],
+        attribution=stack([r.attribution for r in loaded]),
     )

@@ -227,3 +227,29 @@ def identity_over_training(blocks: pd.DataFrame) -> Figure:
         ax.set_title(title)
     _legend_outside(fig, axes)
     return fig
+
+
+def attribution_by_depth(attribution: pd.DataFrame, column: str, title: str, log: bool) -> Figure:
+    """``column`` of the attribution table against relative block depth, at each run's first and
+    last checkpoint (two panels)."""
+    fig, axes = _figure(2)
+    frame, hue = _runs(attribution)
+    data = frame.dropna(subset=[column]) if len(frame) else frame
+    data = data[np.isfinite(data[column].astype(float))] if len(data) else data
+    for ax, (which, pick) in zip(axes, (("first", "min"), ("last", "max"))):
+        rows = pd.concat([f[f.step == getattr(f.step, pick)()] for _, f in data.groupby("run", sort=False)]) \
+            if len(data) else data
+        if log and len(rows):
+            rows = _positive(rows, column)
+        if len(rows):
+            sns.lineplot(data=rows.sort_values("rel_depth"), x="rel_depth", y=column, ax=ax, marker="o", **hue)
+            if log:
+                ax.set_yscale("log")
+            steps = sorted(set(rows.step.astype(int)))
+            ax.set_title(f"{title}, {which} checkpoint (step {', '.join(map(str, steps))})")
+        else:
+            _empty(ax, "not measured")
+            ax.set_title(f"{title}, {which} checkpoint")
+        ax.set(xlabel="relative block depth", ylabel=column)
+    _legend_outside(fig, axes)
+    return fig

@@ -76,6 +76,18 @@ def test_activation_std_prefers_normalisation_layers_and_sorts():
     assert list(sorted_.get_ydata()) == sorted(sorted_.get_ydata(), reverse=True)
 
 
+def test_attribution_figure_first_and_last_checkpoint():
+    frame = pd.DataFrame({"run": ["a"] * 4 + ["b"] * 2, "step": [0, 0, 10, 10, 0, 0],
+                          "rel_depth": [0.0, 1.0] * 3, "attr_abs": [1.0, 2.0, 3.0, 4.0, 0.5, 0.0],
+                          "branch_share": [0.2, 0.4, 0.3, 0.5, 1.0, 1.0]})
+    fig = figures.attribution_by_depth(frame, "attr_abs", "|attribution|", log=True)
+    first, last = fig.axes[:2]
+    assert first.get_title().endswith("(step 0)") and last.get_title().endswith("(step 0, 10)")  # run b stopped at 0
+    assert first.get_yscale() == "log" and len(last.get_lines()) >= 1
+    assert lines_of(figures.attribution_by_depth(frame, "branch_share", "branch share", log=False)) >= 3
+    assert isinstance(figures.attribution_by_depth(frame.iloc[0:0], "attr_abs", "x", log=True), Figure)
+
+
 def test_identity_figures_and_empty_inputs():
     assert lines_of(figures.identity_by_depth(blocks_frame())) >= 6
     assert lines_of(figures.identity_over_training(blocks_frame())) >= 4
@@ -89,7 +101,7 @@ def two_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     for name, depth in (("mlp_plain", 4), ("mlp_residual", 7)):
         train(name, steps=8, every=2, out=out, overrides={"depth": depth, "width": 16}, batch_size=16,
-              progress=False)
+              progress=False, attribution_every=4)
     return out
 
 
@@ -122,10 +134,10 @@ def test_report_is_one_self_contained_file(two_runs, tmp_path):
             value = attrs.get(key) or ""
             assert not value.startswith(("http:", "https:", "//")), (tag, attrs)
     images = [a for t, a in page.tags if t == "img"]
-    assert len(images) >= 7 and all(a["src"].startswith("data:image/png;base64,") and a["alt"] for a in images)
+    assert len(images) >= 9 and all(a["src"].startswith("data:image/png;base64,") and a["alt"] for a in images)
     text = " ".join(page.text)
     for section in ("Summary", "Loss and accuracy", "Gradient flow by depth", "Layers over training",
-                    "Activation statistics by depth", "Identity closeness"):
+                    "Activation statistics by depth", "Identity closeness", "Attribution flow", "carried by the residual branch"):
         assert section in text
     assert "mlp_plain" in text and "mlp_residual" in text
     assert text.count("Look for") + text.count("Compare") + text.count("Each row") >= 3  # captions

@@ -121,7 +121,8 @@ class CifarResNet(nn.Module):
 
     def gradscope_blocks(self) -> list[BlockSpec]:
         return [
-            BlockSpec(f"layer{i}.{j}", branch=f"layer{i}.{j}.branch", residual=self.residual)
+            BlockSpec(f"layer{i}.{j}", branch=f"layer{i}.{j}.branch", residual=self.residual,
+                      shortcut=f"layer{i}.{j}.shortcut" if self.residual else None)
             for i in (1, 2, 3) for j in range(len(getattr(self, f"layer{i}")))
         ]
 
