@@ -1,101 +1,311 @@
-"""Training-step overhead of gradscope, as ratios to the uninstrumented step.
+"""Training-step overhead and peak memory of gradscope and of the tools people use today.
 
-Variants run interleaved in rounds in one process, so drift in machine speed hits them alike.
-Prints a table: median step time per variant and its ratio to no instrumentation.
+Variants run interleaved in rounds in one process, so drift in machine speed hits them alike:
 
-    python benchmarks/overhead.py [--device cpu|cuda] [--steps 30] [--rounds 5]
+- ``none``: no instrumentation;
+- ``gradscope every=1`` / ``every=10``: every per-layer and block metric on;
+- ``naive hooks``: the common forum recipe, a forward hook per module taking ``.item()``
+  statistics of its output, and ``p.grad.norm().item()`` per parameter after backward;
+- ``wandb.watch(log="all", log_freq=1)`` in offline mode, when wandb is installed;
+- ``tensorboard``: ``SummaryWriter.add_histogram`` of every gradient each step, when installed.
+
+Step time is the median over steps (the mean for the sampled ``every=10`` schedule). Peak
+memory is the step's working set: on CUDA ``max_memory_allocated``; on Linux CPUs the peak RSS
+(VmHWM, reset through /proc/self/clear_refs) above the RSS before the variant's steps. Ratios
+are to ``none`` in the same run. The script also times ``load_run`` on a 10,000-step resnet110 run.
+
+    python benchmarks/overhead.py [--device cpu|cuda] [--steps 20] [--rounds 3] [--only resnet20]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.metadata
+import os
 import statistics
+import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import gradscope
+from gradscope import models
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def cnn(width: int = 32, blocks: int = 9) -> nn.Module:
-    """A plain 3x3-conv stack with BatchNorm and in-place ReLU, resnet20-sized."""
-    layers: list[nn.Module] = []
-    for i in range(2 * blocks + 1):
-        layers += [nn.Conv2d(3 if i == 0 else width, width, 3, padding=1, bias=False),
-                   nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
+# ------------------------------------------------------------------------------------ workloads
+
+def _transformer(depth: int, d: int, seq: int) -> nn.Module:
+    return models.create("transformer_lm_pre", depth=depth, d_model=d, d_ff=4 * d, heads=max(4, d // 64),
+                         seq_len=seq, vocab_size=256)
 
 
-def mlp(width: int = 512, depth: int = 12) -> nn.Module:
-    layers: list[nn.Module] = []
-    for _ in range(depth):
-        layers += [nn.Linear(width, width), nn.GELU()]
-    return nn.Sequential(*layers, nn.Linear(width, 10))
-
-
-WORKLOADS = {
-    "cnn": (cnn, lambda b, d: torch.randn(b, 3, 32, 32, device=d), 64),
-    "mlp": (mlp, lambda b, d: torch.randn(b, 512, device=d), 256),
+# name -> (model factory, batch maker(device), autocast dtype or None)
+CPU_WORKLOADS: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.device], Any], Any]] = {
+    "resnet20 b64": (lambda: models.create("resnet20"),
+                     lambda d: (torch.randn(64, 3, 32, 32, device=d), torch.randint(0, 10, (64,), device=d)), None),
+    "pre-LN 6x128 b32": (lambda: _transformer(6, 128, 64),
+                         lambda d: (torch.randint(0, 256, (32, 64), device=d),
+                                    torch.randint(0, 256, (32, 64), device=d)), None),
+}
+CUDA_WORKLOADS = {
+    "resnet56 b128": (lambda: models.create("resnet56"),
+                      lambda d: (torch.randn(128, 3, 32, 32, device=d), torch.randint(0, 10, (128,), device=d)), None),
+    "pre-LN 12x512 b32 bf16": (lambda: _transformer(12, 512, 256),
+                               lambda d: (torch.randint(0, 256, (32, 256), device=d),
+                                          torch.randint(0, 256, (32, 256), device=d)), torch.bfloat16),
 }
 
 
-def time_steps(model, opt, x, y, steps, device, rec=None) -> list[float]:
+# ------------------------------------------------------------------------------------ variants
+
+class Variant:
+    """Attaches one way of monitoring to a model for a batch of steps."""
+
+    name = ""
+    sampled = False  # a schedule that records some steps only: report the mean
+
+    @contextlib.contextmanager
+    def attach(self, model: nn.Module, opt: torch.optim.Optimizer, tmp: Path) -> Iterator[Callable[[Any], None]]:
+        yield lambda loss: None
+
+
+class Nothing(Variant):
+    name = "none"
+
+
+class Gradscope(Variant):
+    def __init__(self, every: int) -> None:
+        self.every, self.name, self.sampled = every, f"gradscope every={every}", every > 1
+
+    @contextlib.contextmanager
+    def attach(self, model, opt, tmp):
+        path = tmp / f"gradscope-{time.monotonic_ns()}"
+        with gradscope.watch(model, path, optimizer=opt, every=self.every) as rec:
+            yield lambda loss: rec.step(loss=loss)
+
+
+class NaiveHooks(Variant):
+    """Forward hook per parameterised module with .item() statistics; per-parameter grad norms."""
+
+    name = "naive hooks"
+
+    @contextlib.contextmanager
+    def attach(self, model, opt, tmp):
+        log: dict[str, float] = {}
+
+        def hook(name: str) -> Callable[..., None]:
+            def record(module: nn.Module, args: Any, out: Any) -> None:
+                if isinstance(out, torch.Tensor) and out.is_floating_point():
+                    y = out.detach().float()
+                    log[name + ".mean"] = y.mean().item()
+                    log[name + ".std"] = y.std().item()
+                    log[name + ".absmax"] = y.abs().max().item()
+                    log[name + ".zero_frac"] = (y == 0).float().mean().item()
+            return record
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
+                   if next(m.parameters(recurse=False), None) is not None]
+
+        def after_backward(loss: torch.Tensor) -> None:
+            for n, p in model.named_parameters():
+                if p.grad is not None:
+                    log[n + ".grad_norm"] = p.grad.norm().item()
+            log["loss"] = loss.item()
+
+        try:
+            yield after_backward
+        finally:
+            for h in handles:
+                h.remove()
+
+
+class WandbWatch(Variant):
+    name = 'wandb.watch(log="all", log_freq=1)'
+
+    @contextlib.contextmanager
+    def attach(self, model, opt, tmp):
+        import wandb
+
+        run = wandb.init(mode="offline", dir=str(tmp), project="gradscope-overhead", reinit="finish_previous")
+        run.watch(model, log="all", log_freq=1)
+        try:
+            yield lambda loss: run.log({"loss": loss.item()})
+        finally:
+            run.unwatch(model)
+            run.finish()
+
+
+class TensorBoardHistograms(Variant):
+    name = "tensorboard add_histogram"
+
+    @contextlib.contextmanager
+    def attach(self, model, opt, tmp):
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(tmp / f"tb-{time.monotonic_ns()}"))
+        step = [0]
+
+        def after_backward(loss: torch.Tensor) -> None:
+            for n, p in model.named_parameters():
+                if p.grad is not None:
+                    writer.add_histogram(n + ".grad", p.grad, step[0])
+            writer.add_scalar("loss", loss, step[0])
+            step[0] += 1
+
+        try:
+            yield after_backward
+        finally:
+            writer.close()
+
+
+def variants() -> list[Variant]:
+    out: list[Variant] = [Nothing(), Gradscope(1), Gradscope(10), NaiveHooks()]
+    for module, cls in (("wandb", WandbWatch), ("tensorboard", TensorBoardHistograms)):
+        try:
+            __import__(module)
+        except ImportError:
+            continue
+        out.append(cls())
+    return out
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+class PeakMemory:
+    """Peak extra memory of a block of steps: CUDA allocator peak, or Linux peak RSS above the start."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.available = device.type == "cuda" or Path("/proc/self/clear_refs").exists()
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        elif self.available:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            self._base = self._status("VmRSS")
+
+    def stop(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return float(torch.cuda.max_memory_allocated(self.device) - self._base)
+        return float(self._status("VmHWM") - self._base) if self.available else float("nan")
+
+    @staticmethod
+    def _status(key: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+
+def time_steps(model, opt, batch, steps, device, autocast, after_backward) -> list[float]:
+    x, y = batch
     times = []
     for _ in range(steps):
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            out = model(x)
+        loss = F.cross_entropy(out.float().flatten(0, -2), y.flatten())
         loss.backward()
-        if rec is not None:
-            rec.step(loss=loss)
+        after_backward(loss)
         opt.step()
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return times
 
 
+def bench_workload(name: str, spec: Any, device: torch.device, steps: int, rounds: int, tmp: Path) -> list[tuple]:
+    make, make_batch, autocast = spec
+    torch.manual_seed(0)
+    model = make().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    batch = make_batch(device)
+    time_steps(model, opt, batch, 3, device, autocast, lambda loss: None)  # warm-up
+    memory = PeakMemory(device)
+    all_variants = variants()
+    samples: dict[str, list[float]] = {v.name: [] for v in all_variants}
+    peaks: dict[str, list[float]] = {v.name: [] for v in all_variants}
+    for _ in range(rounds):
+        for v in all_variants:
+            with v.attach(model, opt, tmp) as after_backward:
+                time_steps(model, opt, batch, 1, device, autocast, after_backward)  # first step: set-up costs
+                memory.start()
+                samples[v.name] += time_steps(model, opt, batch, steps, device, autocast, after_backward)
+                peaks[v.name].append(memory.stop())
+    base_t, base_m = statistics.median(samples["none"]), statistics.median(peaks["none"])
+    rows = []
+    for v in all_variants:
+        t = statistics.fmean(samples[v.name]) if v.sampled else statistics.median(samples[v.name])
+        m = statistics.median(peaks[v.name])
+        rows.append((name, v.name, t * 1e3, t / base_t, m / 2**20, m / base_m if base_m > 0 else float("nan")))
+    return rows
+
+
+def time_load_run(tmp: Path, steps: int = 10_000) -> tuple[float, int]:
+    """Seconds to load a synthetic resnet110 run of ``steps`` recorded steps (report_scale's layout)."""
+    from report_scale import synthesise, template_run
+
+    template_run(tmp / "template")
+    synthesise(tmp / "template", tmp / "resnet110-10k", steps, seed=0)
+    gradscope.load_run(tmp / "resnet110-10k")  # warm the file cache, as a second look at a run would
+    start = time.perf_counter()
+    run = gradscope.load_run(tmp / "resnet110-10k")
+    return time.perf_counter() - start, len(run.layers)
+
+
+def versions() -> str:
+    out = []
+    for package in ("torch", "gradscope", "wandb", "tensorboard", "pyarrow", "pandas"):
+        try:
+            out.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            out.append(f"{package} not installed")
+    return ", ".join(out)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", default=None, help="run workloads whose name contains this")
+    parser.add_argument("--skip-load", action="store_true", help="skip the load_run timing")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, gradscope {gradscope.__version__}, device {device}"
-          + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else f", {args.threads} threads"))
-    print(f"{'workload':10} {'variant':12} {'median ms':>10} {'ratio':>7}")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    warnings.filterwarnings("ignore")
+    workloads = CUDA_WORKLOADS if device.type == "cuda" else CPU_WORKLOADS
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
+    print(f"device: {device} ({where}); {versions()}")
+    print(f"steps per round {args.steps}, rounds {args.rounds}")
+    print(f"{'workload':24} {'variant':36} {'step ms':>9} {'x time':>7} {'peak MiB':>9} {'x mem':>7}")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (make, make_x, batch) in WORKLOADS.items():
-            torch.manual_seed(0)
-            model = make().to(device)
-            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-            x, y = make_x(batch, device), torch.randint(0, 10, (batch,), device=device)
-            time_steps(model, opt, x, y, 5, device)  # warm-up
-            samples: dict[str, list[float]] = {"none": [], "every=1": [], "every=10": []}
-            for r in range(args.rounds):
-                for variant in samples:
-                    if variant == "none":
-                        samples[variant] += time_steps(model, opt, x, y, args.steps, device)
-                        continue
-                    every = int(variant.split("=")[1])
-                    path = Path(tmp) / f"{name}-{variant}-{r}"
-                    with gradscope.watch(model, path, optimizer=opt, every=every) as rec:
-                        ts = time_steps(model, opt, x, y, args.steps, device, rec)
-                    # sampled schedules: the mean counts the recorded steps fairly
-                    samples[variant] += ts
-            base = statistics.median(samples["none"])
-            for variant, ts in samples.items():
-                t = statistics.median(ts) if variant != "every=10" else statistics.fmean(ts)
-                print(f"{name:10} {variant:12} {t * 1e3:10.2f} {t / base:7.3f}")
+        for name, spec in workloads.items():
+            if args.only and args.only not in name:
+                continue
+            for row in bench_workload(name, spec, device, args.steps, args.rounds, Path(tmp)):
+                print(f"{row[0]:24} {row[1]:36} {row[2]:9.2f} {row[3]:7.3f} {row[4]:9.1f} {row[5]:7.3f}", flush=True)
+        if not args.skip_load:
+            seconds, rows = time_load_run(Path(tmp))
+            print(f"load_run, resnet110, 10,000 recorded steps ({rows:,} layer rows): {seconds:.2f} s (target 3 s)")
 
 
 if __name__ == "__main__":

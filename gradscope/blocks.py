@@ -108,15 +108,19 @@ def identity_moments(x: Tensor, y: Tensor) -> Tensor:
     """[3] float32 sums over samples: ||y - x||^2, ||x||^2, and cos(x_i, y_i).
 
     Samples are the leading dimension; each is flattened. ``y - x`` is formed explicitly rather
-    than expanded into dot products, so an exact identity gives exactly 0.
+    than expanded into dot products, so an exact identity gives exactly 0. Norms and the
+    per-sample dot products are reductions that allocate nothing of the tensors' size.
     """
     n = x.shape[0] if x.dim() > 0 else 1
-    x2, y2 = x.reshape(n, -1).float(), y.reshape(n, -1).float()
-    diff_ss = torch.linalg.vector_norm(y2 - x2).square()
-    x_ss = x2.square().sum(dim=1)
-    y_ss = y2.square().sum(dim=1)
-    cos = (x2 * y2).sum(dim=1) / (x_ss * y_ss).sqrt().clamp_min(1e-30)
-    return torch.stack([diff_ss, x_ss.sum(), cos.sum()])
+    x2, y2 = x.reshape(n, -1), y.reshape(n, -1)
+    if x2.dtype != torch.float32 or y2.dtype != torch.float32:
+        x2, y2 = x2.float(), y2.float()
+    diff = torch.linalg.vector_norm(y2 - x2)
+    x_norms = torch.linalg.vector_norm(x2, dim=1)
+    y_norms = torch.linalg.vector_norm(y2, dim=1)
+    dots = torch.bmm(x2.unsqueeze(1), y2.unsqueeze(2)).reshape(n)
+    cos = dots / (x_norms * y_norms).clamp_min(1e-30)
+    return torch.stack([diff.square(), x_norms.square().sum(), cos.sum()])
 
 
 def token_cosine_sum(y: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Union
 
 from torch import nn
 
-from gradscope.stats import saturation_range
+from gradscope.stats import counts_zeros, saturation_range
 
 #: What ``watch(modules=...)`` accepts: a glob on qualified names, a module type, a predicate
 #: ``(name, module) -> bool``, or a list of those (a module matching any of them is watched).
@@ -33,6 +33,7 @@ class Layer:
     rel_depth: float | None = None
     calls: int = 0  # most forward calls seen in one recorded step
     saturation_bounds: tuple[float, float] | None = None
+    zero_counted: bool = False  # act_zero_frac is measured (ReLU-like outputs; NaN elsewhere)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -92,6 +93,7 @@ def select_layers(model: nn.Module, modules: ModuleFilter | None = None) -> list
                 params=sum(p.numel() for p in own_parameters(m)),
                 row=row,
                 saturation_bounds=saturation_range(m),
+                zero_counted=counts_zeros(m),
             ),
             m,
         )

@@ -25,8 +25,7 @@ from gradscope.stats import (
     B_GRAD_OUT_SS,
     B_TOKEN_COS_SUM,
     EVAL,
-    GRAD_OUT_SS,
-    N_ACT_STATS,
+    GRAD_OUT_NORM,
     TRAIN,
     activation_moments,
     merge_activation_,
@@ -77,10 +76,10 @@ class LayerProbe:
     test, doing no tensor work.
     """
 
-    __slots__ = ("rec", "row", "bounds")
+    __slots__ = ("rec", "row", "bounds", "count_zeros")
 
-    def __init__(self, rec: "Recorder", row: int, bounds: tuple[float, float] | None) -> None:
-        self.rec, self.row, self.bounds = rec, row, bounds
+    def __init__(self, rec: "Recorder", row: int, bounds: tuple[float, float] | None, count_zeros: bool) -> None:
+        self.rec, self.row, self.bounds, self.count_zeros = rec, row, bounds, count_zeros
 
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
         rec = self.rec
@@ -103,12 +102,12 @@ class LayerProbe:
         counts, n = rec._counts, y.numel()
         seen = int(counts.act_n[slot, phase, self.row])
         with torch.no_grad():
-            moments = activation_moments(y.detach(), self.bounds)
-            dst = rec._layer_buf[slot, phase, self.row, :N_ACT_STATS]
+            parts = activation_moments(y.detach(), self.bounds, self.count_zeros)
+            dst = rec._layer_buf[slot, phase, self.row, :len(parts)]
             if seen == 0:
-                dst.copy_(moments)
+                torch.stack(parts, out=dst)  # straight into the buffer: one kernel
             else:  # the module ran again in this step: merge the calls
-                merge_activation_(dst, moments, seen, n)
+                merge_activation_(dst, torch.stack(parts), seen, n)
         counts.act_n[slot, phase, self.row] += n
         counts.act_calls[slot, phase, self.row] += 1
         # Only non-leaf outputs: a hook on a leaf (a module returning a parameter) would outlive
@@ -133,12 +132,11 @@ class GradientProbe:
         counts = rec._counts
         with torch.no_grad():
             rec._capture_loss_scale(slot)  # the scale this backward ran with
-            ss = norm32(grad).square()
-            dst = rec._layer_buf[slot, TRAIN, self.row, GRAD_OUT_SS]
+            dst = rec._layer_buf[slot, TRAIN, self.row, GRAD_OUT_NORM]
             if counts.grad_calls[slot, self.row] == 0:
-                dst.copy_(ss)
-            else:
-                dst.add_(ss)
+                norm32(grad, out=dst)
+            else:  # another call's gradient: the norm over both
+                torch.hypot(dst, norm32(grad), out=dst)
         counts.grad_n[slot, self.row] += grad.numel()
         counts.grad_calls[slot, self.row] += 1
 

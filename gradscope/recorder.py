@@ -144,7 +144,8 @@ class Recorder:
         self._step_buf = torch.zeros(self._capacity, N_STEP_STATS, device=self.device)
         self._block_buf = torch.zeros(self._capacity, nb, N_BLOCK_STATS, device=self.device)
         self._counts = HostCounts(self._capacity, n, nb)
-        self._bounded = np.array([layer.saturation_bounds is not None for layer in self.layers])
+        self._bounded = np.array([layer.saturation_bounds is not None for layer in self.layers], bool)
+        self._zero_counted = np.array([layer.zero_counted for layer in self.layers], bool)
         self._calls = np.zeros(n, np.int64)
         self._execution_order: list[int] = []
         self._executed = [False] * n
@@ -176,7 +177,7 @@ class Recorder:
         self._handles: list[Any] = []
         try:
             for layer, module in chosen:
-                probe = LayerProbe(self, layer.row, layer.saturation_bounds)
+                probe = LayerProbe(self, layer.row, layer.saturation_bounds, layer.zero_counted)
                 self._handles.append(module.register_forward_hook(probe))
             for block, module, branch in chosen_blocks:
                 block_probe = BlockProbe(self, block.row, module)
@@ -415,7 +416,8 @@ class Recorder:
         self._writer.submit(FlushJob(
             steps=self._slot_steps[:upto], layer_buf=layer_host, step_buf=step_host, block_buf=block_host,
             counts=counts, layer_names=[layer.name for layer in self.layers],
-            block_names=[block.name for block in self.blocks], bounded=self._bounded, ready=ready))
+            block_names=[block.name for block in self.blocks], bounded=self._bounded,
+            zero_counted=self._zero_counted, ready=ready))
         rest = self._slot_steps[upto:]
         for i in range(len(rest)):  # move the unfinished step down to slot i
             for b in buffers:

@@ -18,9 +18,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# Columns of the per-layer device buffer [slots, phases, layers, N_LAYER_STATS].
-ACT_MEAN, ACT_M2, ACT_ABSMAX, ACT_ZEROS, ACT_SAT = range(5)
-GRAD_OUT_SS = 5  # sum of squares of dL/dy over all calls
+# Columns of the per-layer device buffer [slots, phases, layers, N_LAYER_STATS]: the mean and
+# population variance of the output over all calls, max |y|, and counts of nonzero and saturated
+# elements (only where the module's kind makes them mean something).
+ACT_MEAN, ACT_VAR, ACT_ABSMAX, ACT_NONZERO, ACT_SAT = range(5)
+GRAD_OUT_NORM = 5  # L2 norm of dL/dy over all calls
 PARAM_SS = 6  # sum over own parameters of ||p||^2
 GRAD_SS = 7  # sum over own parameters of ||p.grad||^2
 N_LAYER_STATS = 8
@@ -52,43 +54,73 @@ def saturation_range(module: torch.nn.Module) -> tuple[float, float] | None:
     return None
 
 
-def activation_moments(y: Tensor, bounds: tuple[float, float] | None) -> Tensor:
-    """[N_ACT_STATS] float32 moments of one output: mean, M2, max |y|, #zeros, #saturated.
+#: Modules whose outputs are exactly zero where a unit is off, so the zero fraction means dead units.
+ZERO_MEANINGFUL = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.Threshold, torch.nn.Hardshrink, torch.nn.Softshrink)
 
-    Runs under no_grad inside a forward hook; every result stays on ``y``'s device.
+
+def counts_zeros(module: torch.nn.Module) -> bool:
+    """Whether ``act_zero_frac`` is measured for ``module`` (a pre-activation's is noise, and costs a pass)."""
+    return isinstance(module, ZERO_MEANINGFUL) or (isinstance(module, torch.nn.Hardtanh) and module.min_val == 0)
+
+
+def activation_moments(y: Tensor, bounds: tuple[float, float] | None, count_zeros: bool) -> list[Tensor]:
+    """Float32 scalars: mean, population variance, max |y|, then #nonzero if ``count_zeros``, then
+    #saturated if ``bounds``, in buffer column order (#nonzero is a placeholder when only
+    saturation is asked for).
+
+    Runs under no_grad inside a forward hook; results stay on ``y``'s device. The kernels are
+    chosen per device: on CPU ``torch.var`` (two passes with double accumulators) plus a mean
+    is several times faster than the Welford ``var_mean``; on CUDA, where launches cost more
+    than bytes, ``var_mean`` and one infinity-norm keep it to few kernels.
     """
-    n = y.numel()
-    var, mean = torch.var_mean(y.float(), correction=0)  # float() is a no-op for float32
-    lo, hi = torch.aminmax(y)
-    absmax = torch.maximum(lo.abs(), hi.abs()).float()
-    zeros = n - torch.count_nonzero(y)
-    if bounds is None:
-        saturated = torch.zeros((), dtype=torch.float32, device=y.device)
+    yf = y if y.dtype == torch.float32 else y.float()
+    if y.device.type == "cuda":
+        var, mean = torch.var_mean(yf, correction=0)
+        absmax = torch.linalg.vector_norm(y, float("inf"), dtype=torch.float32)
     else:
+        mean, var = yf.mean(), torch.var(yf, correction=0)
+        lo, hi = torch.aminmax(y)
+        absmax = torch.maximum(lo.abs(), hi.abs()).float()
+    parts = [mean, var, absmax]
+    if count_zeros or bounds is not None:
+        parts.append(torch.count_nonzero(y).float() if count_zeros else mean)
+    if bounds is not None:
         middle, half = (bounds[0] + bounds[1]) / 2, (bounds[1] - bounds[0]) / 2
         # |y - middle| >= (1 - 2 * margin) * half  <=>  within margin * range of a bound
-        saturated = ((y - middle).abs() >= (1 - 2 * SATURATION_MARGIN) * half).sum()
-    return torch.stack([mean, var * n, absmax, zeros.float(), saturated.float()])
+        parts.append(((y - middle).abs() >= (1 - 2 * SATURATION_MARGIN) * half).sum().float())
+    return parts
 
 
 def merge_activation_(row: Tensor, new: Tensor, n_old: int, n_new: int) -> None:
-    """Merge one call's moments into the accumulated ``row`` in place (Chan et al.)."""
+    """Merge one call's moments ``new`` (as from ``activation_moments``) into ``row`` in place.
+
+    Chan et al.'s update on M2 = var * n, written for variances: the merged population variance
+    is (var_a n_a + var_b n_b + delta^2 n_a n_b / n) / n.
+    """
     n = n_old + n_new
     delta = new[ACT_MEAN] - row[ACT_MEAN]
-    row[ACT_M2].add_(new[ACT_M2] + delta.square() * (n_old * n_new / n))
+    merged_var = (row[ACT_VAR] * (n_old / n) + new[ACT_VAR] * (n_new / n)
+                  + delta.square() * (n_old * n_new / n / n))
+    row[ACT_VAR].copy_(merged_var)
     row[ACT_MEAN].add_(delta * (n_new / n))
     row[ACT_ABSMAX].copy_(torch.maximum(row[ACT_ABSMAX], new[ACT_ABSMAX]))
-    row[ACT_ZEROS : ACT_SAT + 1].add_(new[ACT_ZEROS : ACT_SAT + 1])
+    k = new.shape[0]
+    if k > ACT_NONZERO:
+        row[ACT_NONZERO:k].add_(new[ACT_NONZERO:k])
 
 
 _NARROW = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def norm32(t: Tensor) -> Tensor:
-    """L2 norm as a float32 scalar, accumulated in float32 (or float64 for float64 input)."""
+def norm32(t: Tensor, out: Tensor | None = None) -> Tensor:
+    """L2 norm as a float32 scalar, accumulated in float32 (or float64 for float64 input);
+    written into ``out`` (a float32 scalar, e.g. a buffer element) when given."""
     if t.dtype in _NARROW:
-        return torch.linalg.vector_norm(t, dtype=torch.float32)
-    return torch.linalg.vector_norm(t).float()
+        if out is None:
+            return torch.linalg.vector_norm(t, dtype=torch.float32)
+        return torch.linalg.vector_norm(t, dtype=torch.float32, out=out)
+    norm = torch.linalg.vector_norm(t).float()
+    return norm if out is None else out.copy_(norm)
 
 
 def squared_norms(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
@@ -179,12 +211,13 @@ def loss_scales(steps: np.ndarray, counts: HostCounts) -> np.ndarray:
 
 
 def finalize_layers(buf: np.ndarray, steps: np.ndarray, counts: HostCounts,
-                    bounded: np.ndarray) -> dict[str, np.ndarray]:
+                    bounded: np.ndarray, zero_counted: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """DESIGN.md Metrics per-layer columns from raw moments, one entry per non-empty row.
 
     ``buf`` is the host copy [slots, phases, layers, N_LAYER_STATS], ``steps`` the per-step copy
     [slots, N_STEP_STATS]; ``bounded`` marks rows whose module is a bounded activation
-    (saturation is NaN elsewhere). Returns flat arrays plus the ``slot``, ``phase`` and ``row``
+    (saturation is NaN elsewhere), ``zero_counted`` those whose nonzero elements were counted
+    (default: all). Returns flat arrays plus the ``slot``, ``phase`` and ``row``
     of every emitted row.
     """
     b = buf.astype(np.float64)
@@ -192,11 +225,11 @@ def finalize_layers(buf: np.ndarray, steps: np.ndarray, counts: HostCounts,
     act_n = counts.act_n.astype(np.float64)
     has_act = counts.act_n > 0
     mean = np.where(has_act, b[..., ACT_MEAN], np.nan)
-    var = _div(b[..., ACT_M2], act_n)
+    var = np.where(has_act, b[..., ACT_VAR], np.nan)
 
     # Gradients of a scaled loss carry the scale; parameter grads only until the scaler unscales.
     scale = loss_scales(steps, counts)[:, None]
-    grad_out_ss = np.where(counts.grad_n > 0, b[:, TRAIN, :, GRAD_OUT_SS], np.nan) / scale**2
+    grad_out_ss = np.square(np.where(counts.grad_n > 0, b[:, TRAIN, :, GRAD_OUT_NORM], np.nan) / scale)
     param_scale = np.where(counts.grads_scaled[:, None], scale, 1.0)
     param_ss = np.where(counts.param_rows, b[:, TRAIN, :, PARAM_SS], np.nan)
     grad_ss = np.where(counts.grad_rows, b[:, TRAIN, :, GRAD_SS], np.nan) / param_scale**2
@@ -206,12 +239,13 @@ def finalize_layers(buf: np.ndarray, steps: np.ndarray, counts: HostCounts,
         out[:, TRAIN] = x
         return out
 
+    zeros_known = np.ones(n, bool) if zero_counted is None else zero_counted
     cols: dict[str, np.ndarray] = {
         "act_mean": mean,
         "act_std": np.sqrt(np.maximum(var, 0)),
         "act_rms": np.sqrt(np.maximum(np.square(mean) + var, 0)),
         "act_absmax": np.where(has_act, b[..., ACT_ABSMAX], np.nan),
-        "act_zero_frac": _div(b[..., ACT_ZEROS], act_n),
+        "act_zero_frac": np.where(zeros_known[None, None, :], _div(act_n - b[..., ACT_NONZERO], act_n), np.nan),
         "act_sat_frac": np.where(bounded[None, None, :], _div(b[..., ACT_SAT], act_n), np.nan),
     }
     grad_norm = np.sqrt(grad_ss)

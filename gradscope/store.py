@@ -72,6 +72,7 @@ class FlushJob:
     layer_names: list[str]
     block_names: list[str]
     bounded: np.ndarray  # [layers] bool: bounded activation (saturation is defined)
+    zero_counted: np.ndarray | None = None  # [layers] bool: zero fraction measured
     ready: Any = None  # torch.cuda.Event to wait on before reading the host copies
 
     def tables(self) -> dict[str, pa.Table]:
@@ -81,7 +82,7 @@ class FlushJob:
         steps = np.asarray(self.steps, dtype=np.int64)
         out: dict[str, pa.Table] = {}
 
-        rows = finalize_layers(layer_buf, step_buf, self.counts, self.bounded)
+        rows = finalize_layers(layer_buf, step_buf, self.counts, self.bounded, self.zero_counted)
         if len(rows["slot"]):
             names = pa.array(self.layer_names, pa.string())
             cols: dict[str, Any] = {
