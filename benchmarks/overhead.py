@@ -10,9 +10,12 @@ Variants run interleaved in rounds in one process, so drift in machine speed hit
 - ``tensorboard``: ``SummaryWriter.add_histogram`` of every gradient each step, when installed.
 
 Step time is the median over steps (the mean for the sampled ``every=10`` schedule). Peak
-memory is the step's working set: on CUDA ``max_memory_allocated``; on Linux CPUs the peak RSS
-(VmHWM, reset through /proc/self/clear_refs) above the RSS before the variant's steps. Ratios
-are to ``none`` in the same run. The script also times ``load_run`` on a 10,000-step resnet110 run.
+memory is the steps' working set: on CUDA ``max_memory_allocated`` above the memory allocated
+before them; on Linux CPUs the peak RSS (VmHWM, reset through /proc/self/clear_refs) above the
+RSS before them, measured in a child process whose malloc returns every block of 64 KiB or more
+to the system on free (``MALLOC_MMAP_THRESHOLD_``), so RSS follows the live tensors; that child
+runs the same interleaved rounds (its times are not used). Ratios are to ``none`` in the same
+process. The script also times ``load_run`` on a 10,000-step resnet110 run.
 
     python benchmarks/overhead.py [--device cpu|cuda] [--steps 20] [--rounds 3] [--only resnet20]
 """
@@ -257,6 +260,19 @@ def bench_workload(name: str, spec: Any, device: torch.device, steps: int, round
     return rows
 
 
+def cpu_peaks_in_child(args: argparse.Namespace) -> dict[tuple[str, str], float]:
+    """Run this script with ``--memory-child`` under an mmap-always malloc; its peaks by (workload, variant)."""
+    import json
+    import subprocess
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    cmd = [sys.executable, __file__, "--memory-child", "--device", "cpu", "--steps", str(max(3, args.steps // 4)),
+           "--rounds", str(args.rounds), "--threads", str(args.threads)] + (["--only", args.only] if args.only else [])
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    return {(w, v): m for w, v, m in rows}
+
+
 def time_load_run(tmp: Path, steps: int = 10_000) -> tuple[float, int]:
     """Seconds to load a synthetic resnet110 run of ``steps`` recorded steps (report_scale's layout)."""
     from report_scale import synthesise, template_run
@@ -287,12 +303,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", default=None, help="run workloads whose name contains this")
     parser.add_argument("--skip-load", action="store_true", help="skip the load_run timing")
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("WANDB_SILENT", "true")
     warnings.filterwarnings("ignore")
     workloads = CUDA_WORKLOADS if device.type == "cuda" else CPU_WORKLOADS
+    if args.memory_child:
+        import json
+
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = [(r[0], r[1], r[4] * 2**20) for name, spec in workloads.items()
+                    if not args.only or args.only in name
+                    for r in bench_workload(name, spec, device, args.steps, args.rounds, Path(tmp))]
+        print(json.dumps(rows))
+        return
+    peaks = cpu_peaks_in_child(args) if device.type == "cpu" and PeakMemory(device).available else None
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
     print(f"device: {device} ({where}); {versions()}")
     print(f"steps per round {args.steps}, rounds {args.rounds}")
@@ -301,7 +328,12 @@ def main() -> None:
         for name, spec in workloads.items():
             if args.only and args.only not in name:
                 continue
-            for row in bench_workload(name, spec, device, args.steps, args.rounds, Path(tmp)):
+            rows = bench_workload(name, spec, device, args.steps, args.rounds, Path(tmp))
+            if peaks is not None:  # CPU: memory from the child, ratios to its "none"
+                base = peaks[name, "none"]
+                rows = [(*r[:4], peaks[name, r[1]] / 2**20, peaks[name, r[1]] / base if base > 0 else float("nan"))
+                        for r in rows]
+            for row in rows:
                 print(f"{row[0]:24} {row[1]:36} {row[2]:9.2f} {row[3]:7.3f} {row[4]:9.1f} {row[5]:7.3f}", flush=True)
         if not args.skip_load:
             seconds, rows = time_load_run(Path(tmp))

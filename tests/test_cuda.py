@@ -160,3 +160,31 @@ def test_reference_models_with_blocks_no_sync_and_bit_identical(name, overrides,
     if all(torch.equal(a, b) for a, b in zip(base.values(), again.values())):
         for key, a in base.items():
             assert torch.equal(a, watched[key]), key
+
+
+def test_attribution_checkpoints_on_cuda_leave_training_bit_identical(tmp_path):
+    pytest.importorskip("captum")
+    from gradscope import Attribution, models
+    from gradscope.testing import assert_no_hooks
+
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    batches = [tuple(t.cuda() for t in models.example_input("resnet20", batch=16, seed=i)) for i in range(5)]
+    probe = tuple(t.cuda() for t in models.example_input("resnet20", batch=8, seed=99))
+
+    def run(attribution):
+        torch.manual_seed(0)
+        model = models.create("resnet20").cuda()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        with gradscope.watch(model, tmp_path / f"r{attribution is not None}", optimizer=opt,
+                             attribution=attribution) as rec:
+            loop(model, opt, batches, rec)
+        assert_no_hooks(model, opt)
+        return model.state_dict()
+
+    plain, attributed = run(None), run(Attribution(probe, every=2))
+    for key, a in plain.items():
+        assert torch.equal(a, attributed[key]), key
+    table = gradscope.load_run(tmp_path / "rTrue").attribution
+    assert sorted(table.step.unique()) == [0, 2, 4]
+    assert table[["attr_abs", "branch_share"]].notna().all().all()
