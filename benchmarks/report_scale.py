@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import gradscope
-from gradscope import models, reports
+from gradscope import models
 
 
 def template_run(path: Path) -> None:
@@ -64,6 +64,8 @@ def synthesise(template: Path, out: Path, steps: int, seed: int, part_steps: int
 
 
 def main() -> None:
+    from gradscope import reports  # needs the installed package (gradscope.reports)
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=4)

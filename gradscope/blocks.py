@@ -104,27 +104,36 @@ def select_blocks(model: nn.Module, blocks: ModuleFilter | None) -> list[tuple[B
     return out
 
 
-def identity_moments(x: Tensor, y: Tensor) -> Tensor:
-    """[3] float32 sums over samples: ||y - x||^2, ||x||^2, and cos(x_i, y_i).
+def sample_norms(x: Tensor, y: Tensor) -> Tensor:
+    """[3, samples] float32: ||y_i - x_i||, ||x_i|| and ||y_i|| for each sample (leading dim).
 
-    Samples are the leading dimension; each is flattened. ``y - x`` is formed explicitly rather
-    than expanded into dot products, so an exact identity gives exactly 0. The cosine comes
-    from the same three per-sample norms, x.y = (|x|^2 + |y|^2 - |y - x|^2) / 2, which costs no
-    extra pass (a batched dot product is several times slower on CPUs).
+    ``y - x`` is formed explicitly, so an exact identity gives exactly 0. On CUDA the three
+    reductions are one kernel over a stacked copy (launches cost more than bytes there); on the
+    CPU three separate reductions avoid the copy.
     """
     n = x.shape[0] if x.dim() > 0 else 1
     x2, y2 = x.reshape(n, -1), y.reshape(n, -1)
     if x2.dtype != torch.float32 or y2.dtype != torch.float32:
         x2, y2 = x2.float(), y2.float()
-    diff_ss = torch.linalg.vector_norm(y2 - x2, dim=1).square()  # [samples]
-    x_ss = torch.linalg.vector_norm(x2, dim=1).square()
-    y_ss = torch.linalg.vector_norm(y2, dim=1).square()
-    cos = (x_ss + y_ss - diff_ss) / (2 * (x_ss * y_ss).sqrt()).clamp_min(1e-30)
-    return torch.stack([diff_ss.sum(), x_ss.sum(), cos.clamp(-1, 1).sum()])
+    if x2.is_cuda:
+        return torch.linalg.vector_norm(torch.stack([y2 - x2, x2, y2]), dim=-1)
+    return torch.stack([torch.linalg.vector_norm(y2 - x2, dim=1), torch.linalg.vector_norm(x2, dim=1),
+                        torch.linalg.vector_norm(y2, dim=1)])
 
 
-def token_cosine_sum(y: Tensor) -> Tensor:
-    """Sum over the batch of the mean pairwise cosine between tokens of ``y`` [batch, tokens, dim].
+def identity_terms(norms: Tensor) -> Tensor:
+    """[samples, 3] float32 from ``sample_norms`` (of any number of blocks, concatenated):
+    ||y - x||^2, ||x||^2 and cos(x, y) per sample, to be summed into the block buffer.
+
+    The cosine needs no extra pass: x.y = (|x|^2 + |y|^2 - |y - x|^2) / 2.
+    """
+    sq = norms.square()
+    cos = (sq[1] + sq[2] - sq[0]) / (2 * norms[1] * norms[2]).clamp_min(1e-30)
+    return torch.stack([sq[0], sq[1], cos.clamp(-1, 1)], dim=1)
+
+
+def token_cosines(y: Tensor) -> Tensor:
+    """[batch] mean pairwise cosine between the tokens of each sample of ``y`` [batch, tokens, dim].
 
     With unit vectors u_i, the mean over pairs i != j of u_i . u_j is
     (||sum_i u_i||^2 - T) / (T (T - 1)); near 1 means the tokens collapsed to one direction.
@@ -133,6 +142,6 @@ def token_cosine_sum(y: Tensor) -> Tensor:
     """
     t = y.shape[1]
     yf = y if y.dtype == torch.float32 else y.float()
-    inverse = torch.linalg.vector_norm(yf, dim=-1).clamp_min(1e-12).reciprocal()  # [batch, tokens]
-    s = torch.bmm(inverse.unsqueeze(1), yf).squeeze(1).square().sum(dim=-1)  # [batch]
-    return ((s - t) / (t * (t - 1))).sum()
+    inverse = torch.linalg.vector_norm(yf, dim=-1).clamp_min_(1e-12).reciprocal_()  # [batch, tokens]
+    s = torch.bmm(inverse.unsqueeze(1), yf).square().sum(dim=(1, 2))  # [batch]
+    return s.sub_(t).div_(t * (t - 1))

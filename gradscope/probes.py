@@ -16,20 +16,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from gradscope.blocks import identity_moments, token_cosine_sum
+from gradscope.blocks import sample_norms, token_cosines
 from gradscope.stats import (
-    B_BRANCH_SS,
-    B_COS_SUM,
-    B_DIFF_SS,
-    B_GRAD_IN_SS,
-    B_GRAD_OUT_SS,
-    B_TOKEN_COS_SUM,
+    B_BRANCH_NORM,
+    B_GRAD_IN_NORM,
+    B_GRAD_OUT_NORM,
     EVAL,
     GRAD_OUT_NORM,
     TRAIN,
+    accumulate_norm,
     activation_moments,
     merge_activation_,
-    norm32,
 )
 
 if TYPE_CHECKING:
@@ -101,13 +98,14 @@ class LayerProbe:
         rec._note_execution(self.row)
         counts, n = rec._counts, y.numel()
         seen = int(counts.act_n[slot, phase, self.row])
-        with torch.no_grad():
-            parts = activation_moments(y.detach(), self.bounds, self.count_zeros)
-            dst = rec._layer_buf[slot, phase, self.row, :len(parts)]
-            if seen == 0:
-                torch.stack(parts, out=dst)  # straight into the buffer: one kernel
-            else:  # the module ran again in this step: merge the calls
-                merge_activation_(dst, torch.stack(parts), seen, n)
+        # y is detached, so no autograd graph is recorded (cheaper than entering no_grad)
+        parts = activation_moments(y.detach(), self.bounds, self.count_zeros)
+        at = rec._layer_offset(slot, phase, self.row)
+        dst = rec._layer_flat[at: at + len(parts)]
+        if seen == 0:
+            torch.stack(parts, out=dst)  # straight into the buffer: one kernel
+        else:  # the module ran again in this step: merge the calls
+            merge_activation_(dst, torch.stack(parts), seen, n)
         counts.act_n[slot, phase, self.row] += n
         counts.act_calls[slot, phase, self.row] += 1
         # Only non-leaf outputs: a hook on a leaf (a module returning a parameter) would outlive
@@ -130,13 +128,9 @@ class GradientProbe:
         if slot is None or rec._closed:  # backward after the step was flushed or the recorder closed
             return
         counts = rec._counts
-        with torch.no_grad():
-            rec._capture_loss_scale(slot)  # the scale this backward ran with
-            dst = rec._layer_buf[slot, TRAIN, self.row, GRAD_OUT_NORM]
-            if counts.grad_calls[slot, self.row] == 0:
-                norm32(grad, out=dst)
-            else:  # another call's gradient: the norm over both
-                torch.hypot(dst, norm32(grad), out=dst)
+        rec._capture_loss_scale(slot)  # the scale this backward ran with
+        accumulate_norm(rec._layer_flat[rec._layer_offset(slot, TRAIN, self.row) + GRAD_OUT_NORM],
+                        grad, first=counts.grad_calls[slot, self.row] == 0)
         counts.grad_n[slot, self.row] += grad.numel()
         counts.grad_calls[slot, self.row] += 1
 
@@ -183,28 +177,27 @@ class BlockProbe:
         rec._note_block_execution(row)
         counts = rec._counts
         counts.block_calls[slot, row] += 1
-        buf = rec._block_buf[slot, row]
-        with torch.no_grad():
-            block = rec.blocks[row]
-            if x.shape != y.shape:
-                if block.reason is None:
-                    block.reason = f"changes shape: {tuple(x.shape[1:])} -> {tuple(y.shape[1:])} per sample"
-            elif x._version != version:
-                if block.reason is None:
-                    block.reason = "modifies its input in place"
-            elif y.numel():
-                xs, ys = (t.detach().transpose(0, 1) if self.seq_first and t.dim() == 3 else t.detach()
-                          for t in (x, y))
-                buf[B_DIFF_SS: B_COS_SUM + 1].add_(identity_moments(xs, ys))
-                counts.block_samples[slot, row] += xs.shape[0] if xs.dim() else 1
-            if y.dim() == 3 and y.shape[1 - self.seq_first] > 1:  # [batch, tokens, dim]
-                yb = y.detach().transpose(0, 1) if self.seq_first else y.detach()
-                buf[B_TOKEN_COS_SUM].add_(token_cosine_sum(yb))
-                counts.block_tokens[slot, row] += yb.shape[0]
+        block = rec.blocks[row]
+        if x.shape != y.shape:
+            if block.reason is None:
+                block.reason = f"changes shape: {tuple(x.shape[1:])} -> {tuple(y.shape[1:])} per sample"
+        elif x._version != version:
+            if block.reason is None:
+                block.reason = "modifies its input in place"
+        elif y.numel():
+            xs, ys = (t.detach().transpose(0, 1) if self.seq_first and t.dim() == 3 else t.detach()
+                      for t in (x, y))
+            # per-sample norms now; the recorder sums them for all blocks at once at the step's end
+            rec._pending_identity.append((slot, row, sample_norms(xs, ys)))
+            counts.block_samples[slot, row] += xs.shape[0] if xs.dim() else 1
+        if y.dim() == 3 and y.shape[1 - self.seq_first] > 1:  # [batch, tokens, dim]
+            yb = y.detach().transpose(0, 1) if self.seq_first else y.detach()
+            rec._pending_tokens.append((slot, row, token_cosines(yb)))
+            counts.block_tokens[slot, row] += yb.shape[0]
         if x.grad_fn is not None:
-            x.register_hook(BlockGradientProbe(rec, row, rec.step_index, B_GRAD_IN_SS))
+            x.register_hook(BlockGradientProbe(rec, row, rec.step_index, B_GRAD_IN_NORM))
         if y.grad_fn is not None:
-            y.register_hook(BlockGradientProbe(rec, row, rec.step_index, B_GRAD_OUT_SS))
+            y.register_hook(BlockGradientProbe(rec, row, rec.step_index, B_GRAD_OUT_NORM))
 
 
 class BranchProbe:
@@ -223,9 +216,10 @@ class BranchProbe:
         if f is None:
             return
         slot = rec._open_slot()
-        with torch.no_grad():
-            rec._block_buf[slot, self.row, B_BRANCH_SS].add_(norm32(f).square())
-        rec._counts.block_branch[slot, self.row] += 1
+        counts = rec._counts
+        accumulate_norm(rec._block_flat[rec._block_offset(slot, self.row) + B_BRANCH_NORM], f.detach(),
+                        first=counts.block_branch[slot, self.row] == 0)
+        counts.block_branch[slot, self.row] += 1
 
 
 class BlockGradientProbe:
@@ -241,8 +235,8 @@ class BlockGradientProbe:
         slot = rec._slots.get(self.step)
         if slot is None or rec._closed:
             return
-        with torch.no_grad():
-            rec._capture_loss_scale(slot)
-            rec._block_buf[slot, self.row, self.column].add_(norm32(grad).square())
-        seen = rec._counts.block_grad_in if self.column == B_GRAD_IN_SS else rec._counts.block_grad_out
+        rec._capture_loss_scale(slot)
+        seen = rec._counts.block_grad_in if self.column == B_GRAD_IN_NORM else rec._counts.block_grad_out
+        accumulate_norm(rec._block_flat[rec._block_offset(slot, self.row) + self.column], grad,
+                        first=seen[slot, self.row] == 0)
         seen[slot, self.row] += 1

@@ -28,11 +28,14 @@ import torch
 from torch import Tensor, nn
 
 from gradscope.attribution import Attribution, AttributionProbe
-from gradscope.blocks import Block, select_blocks
+from gradscope.blocks import Block, identity_terms, select_blocks
 from gradscope.layers import Layer, ModuleFilter, assign_depths, own_parameters, select_layers
 from gradscope.probes import BlockProbe, BranchProbe, LayerProbe
 from gradscope.stats import (
     ACCURACY,
+    B_COS_SUM,
+    B_DIFF_SS,
+    B_TOKEN_COS_SUM,
     EVAL_ACCURACY,
     EVAL_LOSS,
     GRAD_GLOBAL_SS,
@@ -143,6 +146,15 @@ class Recorder:
         self._layer_buf = torch.zeros(self._capacity, len(PHASES), n, N_LAYER_STATS, device=self.device)
         self._step_buf = torch.zeros(self._capacity, N_STEP_STATS, device=self.device)
         self._block_buf = torch.zeros(self._capacity, nb, N_BLOCK_STATS, device=self.device)
+        # Flat views and strides, so a probe reaches its row with one slice instead of an
+        # index chain (each indexing op is a dispatcher call, and probes run hundreds per step).
+        self._layer_flat, self._block_flat = self._layer_buf.view(-1), self._block_buf.view(-1)
+        self._layer_strides = (len(PHASES) * n * N_LAYER_STATS, n * N_LAYER_STATS, N_LAYER_STATS)
+        # Per-sample block norms and token cosines of this step, summed for all blocks at once at
+        # the step's end (_commit_blocks): a few kernels per step instead of a dozen per block.
+        self._pending_identity: list[tuple[int, int, Tensor]] = []
+        self._pending_tokens: list[tuple[int, int, Tensor]] = []
+        self._index_cache: dict[tuple[tuple[int, int], ...], Tensor] = {}
         self._counts = HostCounts(self._capacity, n, nb)
         self._bounded = np.array([layer.saturation_bounds is not None for layer in self.layers], bool)
         self._zero_counted = np.array([layer.zero_counted for layer in self.layers], bool)
@@ -294,6 +306,41 @@ class Recorder:
                 self._block_buf[slot].zero_()  # block statistics are pure sums
         return slot
 
+    def _layer_offset(self, slot: int, phase: int, row: int) -> int:
+        a, b, c = self._layer_strides
+        return slot * a + phase * b + row * c
+
+    def _block_offset(self, slot: int, row: int) -> int:
+        return (slot * len(self.blocks) + row) * N_BLOCK_STATS
+
+    def _commit_blocks(self) -> None:
+        """Sum the pending per-sample identity terms and token cosines into the block buffer."""
+        for pending, columns, compute in (
+                (self._pending_identity, slice(B_DIFF_SS, B_COS_SUM + 1), identity_terms),
+                (self._pending_tokens, B_TOKEN_COS_SUM, None)):
+            if not pending:
+                continue
+            by_slot: dict[int, list[tuple[int, Tensor]]] = {}
+            for slot, row, values in pending:
+                by_slot.setdefault(slot, []).append((row, values))
+            pending.clear()
+            for slot, items in by_slot.items():
+                values = torch.cat([v for _, v in items], dim=-1) if len(items) > 1 else items[0][1]
+                terms = compute(values) if compute is not None else values
+                index = self._sample_index(tuple((row, v.shape[-1]) for row, v in items))
+                self._block_buf[slot][:, columns].index_add_(0, index, terms)
+
+    def _sample_index(self, pattern: tuple[tuple[int, int], ...]) -> Tensor:
+        """Device tensor of the block row of every pending sample; the pattern (rows and batch
+        sizes) repeats from step to step, so it is built and copied to the device once."""
+        index = self._index_cache.get(pattern)
+        if index is None:
+            if len(self._index_cache) > 64:
+                self._index_cache.clear()
+            rows = np.repeat([row for row, _ in pattern], [n for _, n in pattern])
+            index = self._index_cache[pattern] = _device_index(rows, self.device)
+        return index
+
     def _check_scaler_update(self) -> None:
         """End a step that the GradScaler skipped (called from forward hooks, pure Python)."""
         states = self.scaler._per_optimizer_states
@@ -363,7 +410,9 @@ class Recorder:
         self._scaler_states = None
 
     def _record_parameters(self, slot: int) -> None:
-        """Own-parameter and gradient norms of every row, and the global gradient norm."""
+        """Own-parameter and gradient norms of every row, and the global gradient norm
+        (at the step's end, where the pending block sums are committed too)."""
+        self._commit_blocks()
         p = self._parameters
         with torch.no_grad():
             grad_ss, rows_with_grad = p.write_norms(param_col=self._layer_buf[slot, TRAIN, :, PARAM_SS],
@@ -406,6 +455,7 @@ class Recorder:
                                                ready=_copies_done(self.device)))
         if upto <= 0:
             return
+        self._commit_blocks()
         counts = self._counts.take(upto)
         self._calls = np.maximum(self._calls, counts.act_calls.max(axis=(0, 1)))
         if self.blocks:
@@ -539,9 +589,9 @@ class _ParameterIndex:
 # -------------------------------------------------------------------- helpers
 
 
-def _device_index(values: list[int], device: torch.device) -> Tensor:
+def _device_index(values: Any, device: torch.device) -> Tensor:
     """An int64 index tensor on ``device``, copied without a blocking host transfer."""
-    t = torch.tensor(values, dtype=torch.int64)
+    t = torch.as_tensor(values, dtype=torch.int64)
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)

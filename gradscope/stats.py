@@ -28,8 +28,10 @@ GRAD_SS = 7  # sum over own parameters of ||p.grad||^2
 N_LAYER_STATS = 8
 N_ACT_STATS = 5
 
-# Columns of the per-block device buffer [slots, blocks, N_BLOCK_STATS]; all are sums over calls.
-B_DIFF_SS, B_INPUT_SS, B_COS_SUM, B_GRAD_IN_SS, B_GRAD_OUT_SS, B_BRANCH_SS, B_TOKEN_COS_SUM = range(7)
+# Columns of the per-block device buffer [slots, blocks, N_BLOCK_STATS]: sums over calls and
+# samples of ||y - x||^2, ||x||^2 and cos(x, y); L2 norms over calls of dL/dx, dL/dy and F(x);
+# the sum of per-sample token cosines.
+B_DIFF_SS, B_INPUT_SS, B_COS_SUM, B_GRAD_IN_NORM, B_GRAD_OUT_NORM, B_BRANCH_NORM, B_TOKEN_COS_SUM = range(7)
 N_BLOCK_STATS = 7
 
 PHASES = ("train", "eval")
@@ -121,6 +123,16 @@ def norm32(t: Tensor, out: Tensor | None = None) -> Tensor:
         return torch.linalg.vector_norm(t, dtype=torch.float32, out=out)
     norm = torch.linalg.vector_norm(t).float()
     return norm if out is None else out.copy_(norm)
+
+
+def accumulate_norm(dst: Tensor, t: Tensor, first: bool) -> None:
+    """Fold ||t|| into the norm held in the float32 scalar ``dst``: written there on the first
+    call of a step, combined as sqrt(a^2 + b^2) (``hypot``, no overflow) on later ones."""
+    t = t.detach()  # a gradient of a create_graph backward requires grad; out= would refuse it
+    if first:
+        norm32(t, out=dst)
+    else:
+        torch.hypot(dst, norm32(t), out=dst)
 
 
 def squared_norms(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
@@ -302,14 +314,14 @@ def finalize_blocks(buf: np.ndarray, steps: np.ndarray, counts: HostCounts) -> d
     def where(n: np.ndarray, x: np.ndarray) -> np.ndarray:
         return np.where(n > 0, x, np.nan)
 
-    grad_in = where(counts.block_grad_in, np.sqrt(b[..., B_GRAD_IN_SS]) / scale)
-    grad_out = where(counts.block_grad_out, np.sqrt(b[..., B_GRAD_OUT_SS]) / scale)
+    grad_in = where(counts.block_grad_in, b[..., B_GRAD_IN_NORM] / scale)
+    grad_out = where(counts.block_grad_out, b[..., B_GRAD_OUT_NORM] / scale)
     cols = {
         "id_rel_residual": np.sqrt(_div(b[..., B_DIFF_SS], np.where(samples > 0, b[..., B_INPUT_SS], 0))),
         "id_cos": _div(b[..., B_COS_SUM], samples),
         "id_grad_ratio": where(counts.block_samples, grad_in / grad_out),
         "branch_ratio": where(counts.block_branch * counts.block_samples,
-                              np.sqrt(_div(b[..., B_BRANCH_SS], b[..., B_INPUT_SS]))),
+                              np.sqrt(_div(np.square(b[..., B_BRANCH_NORM]), b[..., B_INPUT_SS]))),
         "token_cos": _div(b[..., B_TOKEN_COS_SUM], counts.block_tokens.astype(np.float64)),
         "grad_in_norm": grad_in,
         "grad_out_norm": grad_out,

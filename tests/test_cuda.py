@@ -177,12 +177,15 @@ def test_attribution_checkpoints_on_cuda_leave_training_bit_identical(tmp_path):
         model = models.create("resnet20").cuda()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         with gradscope.watch(model, tmp_path / f"r{attribution is not None}", optimizer=opt,
-                             attribution=attribution) as rec:
+                             attribution=attribution, overwrite=True) as rec:
             loop(model, opt, batches, rec)
         assert_no_hooks(model, opt)
         return model.state_dict()
 
-    plain, attributed = run(None), run(Attribution(probe, every=2))
+    plain, again = run(None), run(None)
+    if any(not torch.equal(a, again[k]) for k, a in plain.items()):
+        pytest.skip("training itself is not deterministic on this GPU")
+    attributed = run(Attribution(probe, every=2))
     for key, a in plain.items():
         assert torch.equal(a, attributed[key]), key
     table = gradscope.load_run(tmp_path / "rTrue").attribution
