@@ -134,7 +134,7 @@ class AttributionProbe:
             score = _score_fn(self.model, targets)
             attrs = self._block_attributions(score)
             split = self._branch_split(score)
-        return torch.cat([attrs, split], dim=1)
+        return torch.cat([attrs, split], dim=1).detach()
 
     def _block_attributions(self, score: Callable[..., Tensor]) -> Tensor:
         modules = [u.module for u in self.units]

@@ -186,17 +186,24 @@ class Recorder:
         self._writer = RunWriter(self.path, overwrite=overwrite)
         self._writer.write_meta_now(self._meta("running"))
 
+        # Module hooks are attached only for recorded steps (with every > 1 the others run no
+        # gradscope code but one pre-hook on the model); optimizer and model hooks stay.
+        self._probe_hooks: list[tuple[nn.Module, str, Any]] = []
+        for layer, module in chosen:
+            self._probe_hooks.append((module, "forward", LayerProbe(self, layer.row, layer.saturation_bounds,
+                                                                    layer.zero_counted)))
+        for block, module, branch in chosen_blocks:
+            block_probe = BlockProbe(self, block.row, module)
+            self._probe_hooks += [(module, "pre", block_probe.before), (module, "forward", block_probe)]
+            if branch is not None:
+                self._probe_hooks.append((branch, "forward", BranchProbe(self, block.row)))
+        # a probe pre-hook on the model itself could not be attached from the model's pre-hook
+        self._always_attached = every == 1 or any(m is model and kind == "pre" for m, kind, _ in self._probe_hooks)
+        self._probe_handles: list[Any] = []
         self._handles: list[Any] = []
         try:
-            for layer, module in chosen:
-                probe = LayerProbe(self, layer.row, layer.saturation_bounds, layer.zero_counted)
-                self._handles.append(module.register_forward_hook(probe))
-            for block, module, branch in chosen_blocks:
-                block_probe = BlockProbe(self, block.row, module)
-                self._handles.append(module.register_forward_pre_hook(block_probe.before))
-                self._handles.append(module.register_forward_hook(block_probe))
-                if branch is not None:
-                    self._handles.append(branch.register_forward_hook(BranchProbe(self, block.row)))
+            self._sync_probes()
+            self._handles.append(model.register_forward_pre_hook(self._model_pre_hook))
             if optimizer is not None:
                 self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
                 self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
@@ -346,7 +353,7 @@ class Recorder:
         states = self.scaler._per_optimizer_states
         if states is not self._scaler_states:
             if self._scaler_states is not None:  # update() ran with no optimizer step since
-                self._advance()
+                self._advance(sync=False)
             self._scaler_states = states
 
     def _capture_loss_scale(self, slot: int) -> None:
@@ -403,11 +410,13 @@ class Recorder:
 
     # ---------------------------------------------------------------- internals
 
-    def _advance(self) -> None:
+    def _advance(self, sync: bool = True) -> None:
         self.step_index += 1
         self._recording = self.step_index % self.every == 0
         self._grad_forward_seen = False
         self._scaler_states = None
+        if sync:  # not from inside a forward, where hook dicts are being iterated
+            self._sync_probes()
 
     def _record_parameters(self, slot: int) -> None:
         """Own-parameter and gradient norms of every row, and the global gradient norm
@@ -510,9 +519,29 @@ class Recorder:
         }
 
     def _remove_hooks(self) -> None:
-        handles, self._handles = self._handles, []
+        handles, self._handles, self._probe_handles = self._handles + self._probe_handles, [], []
         for handle in handles:
             handle.remove()
+
+    def _sync_probes(self) -> None:
+        """Attach the module probes for a recorded step, detach them for the others."""
+        want = self._recording or self._always_attached
+        if want and not self._probe_handles:
+            for module, kind, probe in self._probe_hooks:
+                register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
+                self._probe_handles.append(register(probe))
+        elif not want and self._probe_handles:
+            handles, self._probe_handles = self._probe_handles, []
+            for handle in handles:
+                handle.remove()
+
+    def _model_pre_hook(self, module: nn.Module, args: Any) -> None:
+        """Before each forward of the whole model: step bookkeeping that must not wait for a probe."""
+        if self._watch_scaler:
+            self._check_scaler_update()
+        if torch.is_grad_enabled():
+            self._grad_forward_seen = True
+        self._sync_probes()  # a step the GradScaler skipped may have begun a recorded one
 
     def _check_open(self) -> None:
         if self._closed:
@@ -601,7 +630,7 @@ def _to_host(t: Tensor) -> Tensor:
     """A host copy of ``t``; from CUDA it is pinned and may still be in flight."""
     if t.device.type == "cuda":
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        return host.copy_(t, non_blocking=True)
+        return host.copy_(t.detach(), non_blocking=True)
     return t.detach().to("cpu", copy=True)
 
 

@@ -74,6 +74,23 @@ def test_unrecorded_steps_do_no_tensor_work_in_hooks(run_dir):
     assert sum(on.ops.values()) > sum(baseline.ops.values())  # the check can see hook work
 
 
+def test_module_probes_are_attached_only_for_recorded_steps(run_dir):
+    from gradscope.testing import hook_counts
+
+    torch.manual_seed(0)
+    model = TinyCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    (x, y), = batches("cnn", steps=1)
+    seen = []
+    with gradscope.watch(model, run_dir, optimizer=opt, every=3) as rec:
+        for _ in range(7):
+            seen.append(sum(n for key, n in hook_counts(model).items() if not key.startswith("<root>")))
+            one_step(model, opt, x, y, rec)
+    assert [n > 0 for n in seen] == [True, False, False, True, False, False, True]
+    assert hook_counts(model) == {}
+    assert sorted(gradscope.load_run(run_dir).scalars.step) == [0, 3, 6]
+
+
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_recorded_steps_never_synchronise_with_host(kind, run_dir):
     torch.manual_seed(0)
