@@ -4,10 +4,12 @@ Like torchmetrics' ``update()``/``compute()``: the hot path only launches small 
 that write raw, mergeable moments into a preallocated buffer; turning moments into the columns of
 DESIGN.md Metrics happens later, on the host, in float64, off the training thread.
 
-Activation moments are (mean, M2) per call, merged across calls with Chan's parallel update, so
-the variance stays accurate when a tensor's mean is large against its spread (a float32
-sum-of-squares formula loses every digit there). Element counts never live on the device: the
-hook knows ``numel()`` as a Python int, so merge weights are host scalars and need no sync.
+Activation moments are (mean, variance) per call, computed by two-pass or Welford kernels and
+merged across calls with Chan's parallel update, so the variance stays accurate when a tensor's
+mean is large against its spread (a float32 sum-of-squares formula loses every digit there).
+Element counts never live on the device: the hook knows ``numel()`` as a Python int, so merge
+weights are host scalars and need no sync. Gradient norms are kept as norms and combined across
+calls with ``hypot``, so a layer's first call writes its norm straight into the buffer.
 """
 
 from __future__ import annotations

@@ -90,8 +90,12 @@ def resolve_device(device: str) -> torch.device:
 
 
 def build(name: str, task: str | None = None, *, data_dir: str | None = None, seed: int = 0,
-          overrides: dict[str, Any] | None = None) -> tuple[nn.Module, Task]:
-    """A reference model and the task it trains on, agreeing on classes, vocabulary and length."""
+          overrides: dict[str, Any] | None = None,
+          task_options: dict[str, Any] | None = None) -> tuple[nn.Module, Task]:
+    """A reference model and the task it trains on, agreeing on classes, vocabulary and length.
+
+    ``task_options`` go to the task's maker (e.g. ``{"size": 16}`` for smaller synthetic images).
+    """
     e = models.entry(name)
     overrides = dict(overrides or {})
     unknown = set(overrides) - set(e.defaults)
@@ -101,7 +105,7 @@ def build(name: str, task: str | None = None, *, data_dir: str | None = None, se
     task_name = task or DEFAULT_TASK[e.input_kind]
     options = {"seq_len": overrides.get("seq_len", e.defaults["seq_len"])} if "seq_len" in e.defaults and \
         task_name != "cifar10" else {}
-    the_task = get_task(task_name, e.input_kind, data_dir=data_dir, seed=seed, **options)
+    the_task = get_task(task_name, e.input_kind, data_dir=data_dir, seed=seed, **{**options, **(task_options or {})})
     implied = {k: v for k, v in the_task.model_overrides.items() if k in e.defaults}
     clash = {k for k in implied if k in overrides and overrides[k] != implied[k]}
     if clash:
@@ -182,6 +186,7 @@ def train(
     watch_activations: bool = False,
     attribution_every: int | None = None,
     attribution_method: str = "grad_x_act",
+    task_options: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train reference model ``name`` on a built-in task for ``steps`` steps, recording the run.
 
@@ -198,7 +203,7 @@ def train(
     dev = resolve_device(device)
     if amp and dev.type != "cuda":
         raise ValueError("AMP (--amp) is for CUDA devices; this run is on the CPU")
-    model, the_task = build(name, task, data_dir=data_dir, seed=seed, overrides=overrides)
+    model, the_task = build(name, task, data_dir=data_dir, seed=seed, overrides=overrides, task_options=task_options)
     model.to(dev)
     recipe = recipe_for(name, steps)
     if batch_size is not None or lr is not None:
@@ -214,7 +219,7 @@ def train(
 
     path = Path(out) / (run_name or name)
     meta = {"task": {"name": the_task.name, "description": the_task.description,
-                     "train_size": the_task.train_size, "seed": seed},
+                     "train_size": the_task.train_size, "seed": seed, "options": dict(task_options or {})},
             "recipe": {**asdict(recipe), "batch_size": batch, "steps": steps, "amp": amp}}
     bar = _progress(steps, f"{name}", enabled=progress)
     start = time.perf_counter()

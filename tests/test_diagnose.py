@@ -170,3 +170,6 @@ def test_every_preset_runs_in_a_small_version(preset, tmp_path):
     results = run_preset(preset, tmp_path, quick=True, steps=2, progress=False)
     assert [r.run.name for r in results] == [r.run_name for r in PRESETS[preset].runs]
     assert all(gradscope.load_run(r.run).status == "finished" for r in results)
+    if preset == "degradation":  # on the CPU: the smaller problem that 2,000 steps can afford
+        meta = gradscope.load_run(results[0].run).meta
+        assert meta["task"]["options"] == {"size": 16} and meta["recipe"]["batch_size"] == 32
