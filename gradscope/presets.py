@@ -49,8 +49,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            "images", _runs(("plain20", "plain20", {}), ("resnet20", "resnet20", {})),
            steps=300, quick_steps=40, every=5, batch_size=64),
     Preset("degradation", "degradation: plain vs residual at 20 and 56 layers",
-           "The deeper plain network ends with the higher training loss while the residual pair does not; "
-           "its gradients do not vanish (at initialisation they even grow toward the input), as He et al. 2015 found.",
+           "The deeper plain network ends with the higher training loss while the residual pair does not. At "
+           "initialisation its gradients grow toward the input rather than vanish (He et al. 2015 found healthy "
+           "gradients); the findings say whether they decayed later in this run.",
            "images", _runs(("plain20", "plain20", {}), ("plain56", "plain56", {}),
                            ("resnet20", "resnet20", {}), ("resnet56", "resnet56", {})),
            # 2,000 steps are needed for the residual pair to fit (300 are not); on 2 CPU cores
