@@ -101,7 +101,7 @@ class LayerProbe:
         # y is detached, so no autograd graph is recorded (cheaper than entering no_grad)
         parts = activation_moments(y.detach(), self.bounds, self.count_zeros)
         at = rec._layer_offset(slot, phase, self.row)
-        dst = rec._layer_flat[at: at + len(parts)]
+        dst = rec._buffer_view(False, at, len(parts))
         if seen == 0:
             torch.stack(parts, out=dst)  # straight into the buffer: one kernel
         else:  # the module ran again in this step: merge the calls
@@ -129,7 +129,7 @@ class GradientProbe:
             return
         counts = rec._counts
         rec._capture_loss_scale(slot)  # the scale this backward ran with
-        accumulate_norm(rec._layer_flat[rec._layer_offset(slot, TRAIN, self.row) + GRAD_OUT_NORM],
+        accumulate_norm(rec._buffer_view(False, rec._layer_offset(slot, TRAIN, self.row) + GRAD_OUT_NORM),
                         grad, first=counts.grad_calls[slot, self.row] == 0)
         counts.grad_n[slot, self.row] += grad.numel()
         counts.grad_calls[slot, self.row] += 1
@@ -217,7 +217,7 @@ class BranchProbe:
             return
         slot = rec._open_slot()
         counts = rec._counts
-        accumulate_norm(rec._block_flat[rec._block_offset(slot, self.row) + B_BRANCH_NORM], f.detach(),
+        accumulate_norm(rec._buffer_view(True, rec._block_offset(slot, self.row) + B_BRANCH_NORM), f.detach(),
                         first=counts.block_branch[slot, self.row] == 0)
         counts.block_branch[slot, self.row] += 1
 
@@ -237,6 +237,6 @@ class BlockGradientProbe:
             return
         rec._capture_loss_scale(slot)
         seen = rec._counts.block_grad_in if self.column == B_GRAD_IN_NORM else rec._counts.block_grad_out
-        accumulate_norm(rec._block_flat[rec._block_offset(slot, self.row) + self.column], grad,
+        accumulate_norm(rec._buffer_view(True, rec._block_offset(slot, self.row) + self.column), grad,
                         first=seen[slot, self.row] == 0)
         seen[slot, self.row] += 1

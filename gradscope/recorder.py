@@ -56,6 +56,7 @@ from gradscope.store import SCHEMA_VERSION, AttributionJob, FlushJob, RunWriter
 # Open recorders, held strongly so that one a user forgets to close still writes its data at exit
 # (and so that a second watch() on the same modules can be refused).
 _OPEN: "set[Recorder]" = set()
+_MAX_CACHED_VIEWS = 50_000  # buffer views a recorder keeps (a few MB of Python objects at most)
 
 
 def watch(
@@ -155,6 +156,7 @@ class Recorder:
         self._pending_identity: list[tuple[int, int, Tensor]] = []
         self._pending_tokens: list[tuple[int, int, Tensor]] = []
         self._index_cache: dict[tuple[tuple[int, int], ...], Tensor] = {}
+        self._views: dict[tuple[bool, int, int], Tensor] = {}
         self._counts = HostCounts(self._capacity, n, nb)
         self._bounded = np.array([layer.saturation_bounds is not None for layer in self.layers], bool)
         self._zero_counted = np.array([layer.zero_counted for layer in self.layers], bool)
@@ -312,6 +314,19 @@ class Recorder:
             if self.blocks:
                 self._block_buf[slot].zero_()  # block statistics are pure sums
         return slot
+
+    def _buffer_view(self, blocks: bool, start: int, length: int = 0) -> Tensor:
+        """A view of the flat layer (or block) buffer: ``length`` elements from ``start``, or the
+        scalar at ``start``. Views are cached: creating one is a dispatcher call, and a dict
+        lookup is far cheaper (the buffers are never reallocated, so views stay valid)."""
+        key = (blocks, start, length)
+        view = self._views.get(key)
+        if view is None:
+            flat = self._block_flat if blocks else self._layer_flat
+            view = flat[start: start + length] if length else flat[start]
+            if len(self._views) < _MAX_CACHED_VIEWS:
+                self._views[key] = view
+        return view
 
     def _layer_offset(self, slot: int, phase: int, row: int) -> int:
         a, b, c = self._layer_strides
