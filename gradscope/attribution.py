@@ -160,10 +160,10 @@ class AttributionProbe:
         return torch.stack(rows)
 
     def _branch_split(self, score: Callable[..., Tensor]) -> Tensor:
-        nan = torch.full((len(self.units), 4), float("nan"), device=self.inputs[0].device)
+        rows = torch.full((len(self.units), 4), float("nan"), device=self.inputs[0].device)  # NaN: no split
         split = [u for u in self.units if u.branch is not None]
         if not split:
-            return nan
+            return rows
         from captum.attr import LayerActivation, LayerGradientXActivation
         branches = [u.branch for u in split]
         grads = _as_list(LayerGradientXActivation(score, branches, multiply_by_inputs=False).attribute(self.inputs))
@@ -190,8 +190,8 @@ class AttributionProbe:
                 continue
             b_abs, s_abs = branch.abs().sum(1).mean(), skip_part.abs().sum(1).mean()
             share = b_abs / (b_abs + s_abs)
-            nan[u.row] = torch.stack([branch.sum(1).mean(), skip_part.sum(1).mean(), share, 1 - share])
-        return nan
+            rows[u.row] = torch.stack([branch.sum(1).mean(), skip_part.sum(1).mean(), share, 1 - share])
+        return rows
 
 
 @contextlib.contextmanager

@@ -79,9 +79,7 @@ class LayerProbe:
         self.rec, self.row, self.bounds, self.count_zeros = rec, row, bounds, count_zeros
 
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        rec = self.rec
-        if rec._watch_scaler:
-            rec._check_scaler_update()
+        rec = self.rec  # skipped AMP steps are detected by the recorder's model pre-hook, before this
         grad_on = torch.is_grad_enabled()
         if grad_on:  # lets step(loss=) tell this step from the previous one
             rec._grad_forward_seen = True
@@ -159,8 +157,6 @@ class BlockProbe:
         return rec._recording and module.training and torch.is_grad_enabled() and not _in_backward()
 
     def before(self, module: nn.Module, args: Any) -> None:
-        if self.rec._watch_scaler:  # a skipped AMP step ends before this call, not inside it
-            self.rec._check_scaler_update()
         x = first_float_tensor(args) if self._active(module) else None
         self._inputs.append((x, x._version) if x is not None else None)
 

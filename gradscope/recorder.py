@@ -364,7 +364,7 @@ class Recorder:
         return index
 
     def _check_scaler_update(self) -> None:
-        """End a step that the GradScaler skipped (called from forward hooks, pure Python)."""
+        """End a step that the GradScaler skipped (called from the model's pre-hook, pure Python)."""
         states = self.scaler._per_optimizer_states
         if states is not self._scaler_states:
             if self._scaler_states is not None:  # update() ran with no optimizer step since

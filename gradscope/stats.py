@@ -28,7 +28,6 @@ GRAD_OUT_NORM = 5  # L2 norm of dL/dy over all calls
 PARAM_SS = 6  # sum over own parameters of ||p||^2
 GRAD_SS = 7  # sum over own parameters of ||p.grad||^2
 N_LAYER_STATS = 8
-N_ACT_STATS = 5
 
 # Columns of the per-block device buffer [slots, blocks, N_BLOCK_STATS]: sums over calls and
 # samples of ||y - x||^2, ||x||^2 and cos(x, y); L2 norms over calls of dL/dx, dL/dy and F(x);
