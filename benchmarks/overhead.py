@@ -9,15 +9,23 @@ Variants run interleaved in rounds in one process, so drift in machine speed hit
 - ``wandb.watch(log="all", log_freq=1)`` in offline mode, when wandb is installed;
 - ``tensorboard``: ``SummaryWriter.add_histogram`` of every gradient each step, when installed.
 
-Step time is the median over steps (the mean for the sampled ``every=10`` schedule). Peak
-memory is the steps' working set: on CUDA ``max_memory_allocated`` above the memory allocated
-before them; on Linux CPUs the peak RSS (VmHWM, reset through /proc/self/clear_refs) above the
-RSS before them, measured in a child process whose malloc returns every block of 64 KiB or more
-to the system on free (``MALLOC_MMAP_THRESHOLD_``), so RSS follows the live tensors; that child
-runs the same interleaved rounds (its times are not used). Ratios are to ``none`` in the same
-process. The script also times ``load_run`` on a 10,000-step resnet110 run.
+Each round runs every variant once (the order rotates from round to round). A variant's step
+time in a round is the median over its steps; for the sampled ``every=10`` schedule it is the
+mean step of the schedule, (recorded + 9 x other) / 10, with the median of the recorded steps and
+the median of the others (``schedule_mean``), so one stall of the machine does not count as
+overhead. Time ratios are taken to ``none`` within each
+round and the median over rounds is printed, so a slow drift of the machine's speed favours no
+variant.
 
-    python benchmarks/overhead.py [--device cpu|cuda] [--steps 20] [--rounds 3] [--only resnet20]
+Peak memory is the steps' working set: on CUDA ``max_memory_allocated`` above the memory
+allocated before them; on Linux CPUs the peak RSS (VmHWM, reset through /proc/self/clear_refs)
+above the RSS before them, measured in a child process whose malloc returns every block of
+64 KiB or more to the system on free (``MALLOC_MMAP_THRESHOLD_``), so RSS follows the live
+tensors; that child runs the same rounds (its times are not used). The script also times
+``load_run`` on a 10,000-step resnet110 run.
+
+    python benchmarks/overhead.py [--device cpu|cuda] [--steps 20] [--rounds 5] [--only resnet20]
+                                  [--variants every,naive] [--skip-memory] [--skip-load]
 """
 
 from __future__ import annotations
@@ -74,7 +82,7 @@ class Variant:
     """Attaches one way of monitoring to a model for a batch of steps."""
 
     name = ""
-    sampled = False  # a schedule that records some steps only: report the mean
+    period = 1  # a schedule recording one step in ``period``: each period's mean step counts
 
     @contextlib.contextmanager
     def attach(self, model: nn.Module, opt: torch.optim.Optimizer, tmp: Path) -> Iterator[Callable[[Any], None]]:
@@ -87,7 +95,7 @@ class Nothing(Variant):
 
 class Gradscope(Variant):
     def __init__(self, every: int) -> None:
-        self.every, self.name, self.sampled = every, f"gradscope every={every}", every > 1
+        self.every, self.name, self.period = every, f"gradscope every={every}", every
 
     @contextlib.contextmanager
     def attach(self, model, opt, tmp):
@@ -170,7 +178,8 @@ class TensorBoardHistograms(Variant):
             writer.close()
 
 
-def variants() -> list[Variant]:
+def variants(only: str | None = None) -> list[Variant]:
+    """Every variant whose tools are installed; ``only``: comma-separated name fragments (none is kept)."""
     out: list[Variant] = [Nothing(), Gradscope(1), Gradscope(10), NaiveHooks()]
     for module, cls in (("wandb", WandbWatch), ("tensorboard", TensorBoardHistograms)):
         try:
@@ -178,6 +187,9 @@ def variants() -> list[Variant]:
         except ImportError:
             continue
         out.append(cls())
+    if only:
+        wanted = [w.strip() for w in only.split(",")]
+        out = [v for v in out if v.name == "none" or any(w in v.name for w in wanted)]
     return out
 
 
@@ -233,7 +245,25 @@ def time_steps(model, opt, batch, steps, device, autocast, after_backward) -> li
     return times
 
 
-def bench_workload(name: str, spec: Any, device: torch.device, steps: int, rounds: int, tmp: Path) -> list[tuple]:
+def schedule_mean(step_times: list[float], period: int) -> float:
+    """Mean step time of a schedule that records one step in ``period``, from robust parts.
+
+    The timed steps are steps 1, 2, ... of the recorder (step 0 was the set-up step), so the
+    recorded ones are those at multiples of ``period``. The mean of one period is one recorded
+    step plus ``period - 1`` others; each part is a median, so a stall of the machine during one
+    step does not read as overhead (a median over all steps would hide the recorded step's cost).
+    """
+    if period == 1:
+        return statistics.median(step_times)
+    recorded = [t for i, t in enumerate(step_times, start=1) if i % period == 0]
+    others = [t for i, t in enumerate(step_times, start=1) if i % period]
+    if not recorded:
+        return float("nan")
+    return (statistics.median(recorded) + (period - 1) * statistics.median(others)) / period
+
+
+def bench_workload(name: str, spec: Any, device: torch.device, steps: int, rounds: int, tmp: Path,
+                   only: str | None = None) -> list[tuple]:
     make, make_batch, autocast = spec
     torch.manual_seed(0)
     model = make().to(device)
@@ -241,22 +271,24 @@ def bench_workload(name: str, spec: Any, device: torch.device, steps: int, round
     batch = make_batch(device)
     time_steps(model, opt, batch, 3, device, autocast, lambda loss: None)  # warm-up
     memory = PeakMemory(device)
-    all_variants = variants()
-    samples: dict[str, list[float]] = {v.name: [] for v in all_variants}
+    all_variants = variants(only)
+    times: dict[str, list[float]] = {v.name: [] for v in all_variants}  # one per round
     peaks: dict[str, list[float]] = {v.name: [] for v in all_variants}
-    for _ in range(rounds):
-        for v in all_variants:
+    for r in range(rounds):
+        for v in all_variants[r % len(all_variants):] + all_variants[:r % len(all_variants)]:  # rotate the order
             with v.attach(model, opt, tmp) as after_backward:
                 time_steps(model, opt, batch, 1, device, autocast, after_backward)  # first step: set-up costs
                 memory.start()
-                samples[v.name] += time_steps(model, opt, batch, steps, device, autocast, after_backward)
+                step_times = time_steps(model, opt, batch, steps, device, autocast, after_backward)
                 peaks[v.name].append(memory.stop())
-    base_t, base_m = statistics.median(samples["none"]), statistics.median(peaks["none"])
+            times[v.name].append(schedule_mean(step_times, v.period))
+    base_m = statistics.median(peaks["none"])
     rows = []
     for v in all_variants:
-        t = statistics.fmean(samples[v.name]) if v.sampled else statistics.median(samples[v.name])
-        m = statistics.median(peaks[v.name])
-        rows.append((name, v.name, t * 1e3, t / base_t, m / 2**20, m / base_m if base_m > 0 else float("nan")))
+        # ratios within each round (its variants ran minutes apart at most), then the median round
+        ratio = statistics.median(t / b for t, b in zip(times[v.name], times["none"]))
+        t, m = statistics.median(times[v.name]), statistics.median(peaks[v.name])
+        rows.append((name, v.name, t * 1e3, ratio, m / 2**20, m / base_m if base_m > 0 else float("nan")))
     return rows
 
 
@@ -266,8 +298,9 @@ def cpu_peaks_in_child(args: argparse.Namespace) -> dict[tuple[str, str], float]
     import subprocess
 
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    cmd = [sys.executable, __file__, "--memory-child", "--device", "cpu", "--steps", str(max(3, args.steps // 4)),
-           "--rounds", str(args.rounds), "--threads", str(args.threads)] + (["--only", args.only] if args.only else [])
+    cmd = [sys.executable, __file__, "--memory-child", "--device", "cpu", "--steps", "10",
+           "--rounds", str(args.rounds), "--threads", str(args.threads)] + (["--only", args.only] if args.only else []) \
+        + (["--variants", args.variants] if args.variants else [])
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     rows = json.loads(done.stdout.strip().splitlines()[-1])
     return {(w, v): m for w, v, m in rows}
@@ -299,10 +332,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", default=None, help="run workloads whose name contains this")
+    parser.add_argument("--variants", default=None, help="comma-separated fragments of variant names to run")
     parser.add_argument("--skip-load", action="store_true", help="skip the load_run timing")
+    parser.add_argument("--skip-memory", action="store_true", help="skip the CPU peak-memory child")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -316,10 +351,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             rows = [(r[0], r[1], r[4] * 2**20) for name, spec in workloads.items()
                     if not args.only or args.only in name
-                    for r in bench_workload(name, spec, device, args.steps, args.rounds, Path(tmp))]
+                    for r in bench_workload(name, spec, device, args.steps, args.rounds, Path(tmp), args.variants)]
         print(json.dumps(rows))
         return
-    peaks = cpu_peaks_in_child(args) if device.type == "cpu" and PeakMemory(device).available else None
+    peaks = (cpu_peaks_in_child(args) if device.type == "cpu" and PeakMemory(device).available
+             and not args.skip_memory else None)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
     print(f"device: {device} ({where}); {versions()}")
     print(f"steps per round {args.steps}, rounds {args.rounds}")
@@ -328,7 +364,7 @@ def main() -> None:
         for name, spec in workloads.items():
             if args.only and args.only not in name:
                 continue
-            rows = bench_workload(name, spec, device, args.steps, args.rounds, Path(tmp))
+            rows = bench_workload(name, spec, device, args.steps, args.rounds, Path(tmp), args.variants)
             if peaks is not None:  # CPU: memory from the child, ratios to its "none"
                 base = peaks[name, "none"]
                 rows = [(*r[:4], peaks[name, r[1]] / 2**20, peaks[name, r[1]] / base if base > 0 else float("nan"))

@@ -243,3 +243,39 @@ def test_loss_scale_recorded_and_gradients_unscaled(run_dir):
     scaled_grad_out = float(torch.cat([g.flatten() for g in ref.grads["0"]]).norm())
     assert close(row["grad_out_norm"], scaled_grad_out / 1024.0)
     assert close(row["grad_norm"], grads["g0"])  # the optimizer saw unscaled gradients
+
+
+def _large_inputs():
+    torch.manual_seed(0)
+    n = 200_000
+    outlier_first = torch.randn(n)
+    outlier_first[0] = 1e3  # the shift's sample includes element 0: it must not spoil the variance
+    return {
+        "standard": torch.randn(n),
+        "huge mean, tiny spread": 1e4 + 1e-2 * torch.randn(n),
+        "negative mean": -50 + torch.randn(n),
+        "relu": torch.relu(torch.randn(n) + 0.2),
+        "outlier first": outlier_first,
+        "constant": torch.full((n,), 3.0),
+        "4-d": torch.randn(32, 16, 20, 20) * 3 + 1,
+    }
+
+
+@pytest.mark.parametrize("kind", list(_large_inputs()))
+def test_fast_cpu_moments_of_large_tensors_match_float64(kind):
+    """Large CPU tensors take the shifted one-pass formula and the dot-product norm."""
+    from gradscope.stats import _SHIFTED_MIN, ACT_ABSMAX, ACT_MEAN, ACT_VAR, activation_moments, norm32
+
+    y = _large_inputs()[kind]
+    assert y.numel() >= _SHIFTED_MIN  # the fast path is the one under test
+    parts = activation_moments(y, None, False)
+    y64 = y.double()
+    mean, var = float(y64.mean()), float(y64.var(unbiased=False))
+    rms = float(y64.square().mean().sqrt())
+    assert abs(float(parts[ACT_MEAN]) - mean) <= RTOL * rms, (float(parts[ACT_MEAN]), mean)
+    assert abs(float(parts[ACT_VAR]) - var) <= RTOL * var + 1e-12, (float(parts[ACT_VAR]), var)
+    assert float(parts[ACT_ABSMAX]) == float(y64.abs().max())
+    assert close(float(norm32(y)), float(y64.norm()))
+    out = torch.zeros(())
+    norm32(y, out=out)
+    assert close(float(out), float(y64.norm()))
