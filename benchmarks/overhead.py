@@ -1,30 +1,34 @@
 """Training-step overhead and peak memory of gradscope and of the tools people use today.
 
-Variants run interleaved in rounds in one process, so drift in machine speed hits them alike:
+Every variant trains its own copy of the same model, all attached at once, in interleaved blocks
+of 10 consecutive steps (block b of each variant back to back, in an order that rotates with b),
+so a stall of the machine lasting seconds hits them alike while each still trains as it would
+alone, step after step:
 
 - ``none``: no instrumentation;
+- ``empty hooks``: gradscope's hooks on the same modules doing nothing, the floor of any
+  recorder built on module hooks (not a tool);
 - ``gradscope every=1`` / ``every=10``: every per-layer and block metric on;
 - ``naive hooks``: the common forum recipe, a forward hook per module taking ``.item()``
   statistics of its output, and ``p.grad.norm().item()`` per parameter after backward;
 - ``wandb.watch(log="all", log_freq=1)`` in offline mode, when wandb is installed;
 - ``tensorboard``: ``SummaryWriter.add_histogram`` of every gradient each step, when installed.
 
-Each round runs every variant once (the order rotates from round to round). A variant's step
-time in a round is the median over its steps; for the sampled ``every=10`` schedule it is the
-mean step of the schedule, (recorded + 9 x other) / 10, with the median of the recorded steps and
-the median of the others (``schedule_mean``), so one stall of the machine does not count as
-overhead. Time ratios are taken to ``none`` within each
-round and the median over rounds is printed, so a slow drift of the machine's speed favours no
-variant.
+A block's time is the median step; for the sampled ``every=10`` schedule it is the mean over the
+period, (recorded + 9 x median of the others) / 10 (``schedule_mean``), since a median would
+hide the recorded step's cost; the recorded step is the block's 6th, not its first (which runs
+on caches the other copies cooled), and the uninstrumented block is summarised with its own 6th
+step in that place. Each block is divided by the uninstrumented copy's same block and the
+median ratio over blocks is printed.
 
-Peak memory is the steps' working set: on CUDA ``max_memory_allocated`` above the memory
-allocated before them; on Linux CPUs the peak RSS (VmHWM, reset through /proc/self/clear_refs)
-above the RSS before them, measured in a child process whose malloc returns every block of
-64 KiB or more to the system on free (``MALLOC_MMAP_THRESHOLD_``), so RSS follows the live
-tensors; that child runs the same rounds (its times are not used). The script also times
-``load_run`` on a 10,000-step resnet110 run.
+Peak memory is a block's working set, the median over blocks: on CUDA ``max_memory_allocated``
+above the memory allocated before the block; on Linux CPUs the peak RSS (VmHWM, reset through
+/proc/self/clear_refs) above the RSS before it, measured in a child
+process whose malloc returns every block of 64 KiB or more to the system on free
+(``MALLOC_MMAP_THRESHOLD_``), so RSS follows the live tensors (its times are not used). The
+script also times ``load_run`` on a 10,000-step resnet110 run.
 
-    python benchmarks/overhead.py [--device cpu|cuda] [--steps 20] [--rounds 5] [--only resnet20]
+    python benchmarks/overhead.py [--device cpu|cuda] [--steps 100] [--only resnet20]
                                   [--variants every,naive] [--skip-memory] [--skip-load]
 """
 
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import importlib.metadata
 import os
 import statistics
@@ -102,6 +107,41 @@ class Gradscope(Variant):
         path = tmp / f"gradscope-{time.monotonic_ns()}"
         with gradscope.watch(model, path, optimizer=opt, every=self.every) as rec:
             yield lambda loss: rec.step(loss=loss)
+
+
+class EmptyHooks(Variant):
+    """The floor of any hook-based recorder: gradscope's hooks on the same modules, doing nothing.
+
+    A forward hook on every module gradscope watches, a tensor hook on each output, and a
+    pre-hook and hook on every block, none of which touches a tensor. What gradscope costs
+    above this is its statistics; this itself is Python calls and autograd hook dispatch.
+    """
+
+    name = "empty hooks (floor, not a tool)"
+
+    @contextlib.contextmanager
+    def attach(self, model, opt, tmp):
+        from gradscope.blocks import select_blocks
+        from gradscope.layers import select_layers
+
+        def grad_hook(grad: torch.Tensor) -> None:
+            return None
+
+        def forward_hook(module: nn.Module, args: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                out.register_hook(grad_hook)
+
+        def pre_hook(module: nn.Module, args: Any) -> None:
+            return None
+
+        handles = [m.register_forward_hook(forward_hook) for _, m in select_layers(model)]
+        for _, block, _ in select_blocks(model, None):
+            handles += [block.register_forward_pre_hook(pre_hook), block.register_forward_hook(forward_hook)]
+        try:
+            yield lambda loss: None
+        finally:
+            for h in handles:
+                h.remove()
 
 
 class NaiveHooks(Variant):
@@ -180,7 +220,7 @@ class TensorBoardHistograms(Variant):
 
 def variants(only: str | None = None) -> list[Variant]:
     """Every variant whose tools are installed; ``only``: comma-separated name fragments (none is kept)."""
-    out: list[Variant] = [Nothing(), Gradscope(1), Gradscope(10), NaiveHooks()]
+    out: list[Variant] = [Nothing(), EmptyHooks(), Gradscope(1), Gradscope(10), NaiveHooks()]
     for module, cls in (("wandb", WandbWatch), ("tensorboard", TensorBoardHistograms)):
         try:
             __import__(module)
@@ -245,49 +285,65 @@ def time_steps(model, opt, batch, steps, device, autocast, after_backward) -> li
     return times
 
 
-def schedule_mean(step_times: list[float], period: int) -> float:
+def schedule_mean(step_times: list[float], period: int, offset: int = 0) -> float:
     """Mean step time of a schedule that records one step in ``period``, from robust parts.
 
-    The timed steps are steps 1, 2, ... of the recorder (step 0 was the set-up step), so the
-    recorded ones are those at multiples of ``period``. The mean of one period is one recorded
-    step plus ``period - 1`` others; each part is a median, so a stall of the machine during one
-    step does not read as overhead (a median over all steps would hide the recorded step's cost).
+    The recorded steps are those at positions ``offset``, ``offset + period``, ... of
+    ``step_times``. The mean of one period is one recorded step plus ``period - 1`` others, the
+    others taken as their median, so a stall during one step does not read as overhead (a
+    median over all steps would hide the recorded step's cost). With ``period`` 1: the median.
     """
     if period == 1:
         return statistics.median(step_times)
-    recorded = [t for i, t in enumerate(step_times, start=1) if i % period == 0]
-    others = [t for i, t in enumerate(step_times, start=1) if i % period]
-    if not recorded:
-        return float("nan")
+    recorded = [t for i, t in enumerate(step_times) if i % period == offset]
+    others = [t for i, t in enumerate(step_times) if i % period != offset]
     return (statistics.median(recorded) + (period - 1) * statistics.median(others)) / period
 
 
-def bench_workload(name: str, spec: Any, device: torch.device, steps: int, rounds: int, tmp: Path,
+BLOCK = 10  # consecutive steps a variant runs before the next one's turn: one sampled period
+RECORDED_AT = 5  # where in a block the sampled schedule's recorded step falls (not the cold first)
+
+
+def bench_workload(name: str, spec: Any, device: torch.device, steps: int, tmp: Path,
                    only: str | None = None) -> list[tuple]:
+    """Times ``steps`` training steps of every variant, in interleaved blocks of ``BLOCK`` steps.
+
+    Each variant trains its own copy of one model, all attached at once. Block b of every
+    variant runs back to back (in an order that rotates with b), and each block is compared
+    with the uninstrumented copy's block b, summarised the same way (for a sampled schedule,
+    with the same step standing for the recorded one); the median ratio over blocks is
+    reported, so a stall of the machine lasting seconds reads as no variant's overhead.
+    """
     make, make_batch, autocast = spec
     torch.manual_seed(0)
-    model = make().to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    template = make().to(device)
     batch = make_batch(device)
-    time_steps(model, opt, batch, 3, device, autocast, lambda loss: None)  # warm-up
     memory = PeakMemory(device)
     all_variants = variants(only)
-    times: dict[str, list[float]] = {v.name: [] for v in all_variants}  # one per round
+    blocks: dict[str, list[list[float]]] = {v.name: [] for v in all_variants}  # step times per block
     peaks: dict[str, list[float]] = {v.name: [] for v in all_variants}
-    for r in range(rounds):
-        for v in all_variants[r % len(all_variants):] + all_variants[:r % len(all_variants)]:  # rotate the order
-            with v.attach(model, opt, tmp) as after_backward:
-                time_steps(model, opt, batch, 1, device, autocast, after_backward)  # first step: set-up costs
+    with contextlib.ExitStack() as stack:
+        runners = []
+        for v in all_variants:
+            model = copy.deepcopy(template)
+            opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+            after_backward = stack.enter_context(v.attach(model, opt, tmp))
+            # warm-up: recorder steps 0..14, so each timed block's recorded step is its 6th
+            time_steps(model, opt, batch, BLOCK + (BLOCK - RECORDED_AT), device, autocast, after_backward)
+            runners.append((v, model, opt, after_backward))
+        for b in range(max(1, steps // BLOCK)):
+            shift = b % len(runners)
+            for v, model, opt, after_backward in runners[shift:] + runners[:shift]:
                 memory.start()
-                step_times = time_steps(model, opt, batch, steps, device, autocast, after_backward)
+                blocks[v.name].append(time_steps(model, opt, batch, BLOCK, device, autocast, after_backward))
                 peaks[v.name].append(memory.stop())
-            times[v.name].append(schedule_mean(step_times, v.period))
-    base_m = statistics.median(peaks["none"])
     rows = []
+    base_m = statistics.median(peaks["none"])
     for v in all_variants:
-        # ratios within each round (its variants ran minutes apart at most), then the median round
-        ratio = statistics.median(t / b for t, b in zip(times[v.name], times["none"]))
-        t, m = statistics.median(times[v.name]), statistics.median(peaks[v.name])
+        ours = [schedule_mean(times, v.period, RECORDED_AT) for times in blocks[v.name]]
+        base = [schedule_mean(times, v.period, RECORDED_AT) for times in blocks["none"]]
+        ratio = statistics.median(t / b for t, b in zip(ours, base))
+        t, m = statistics.median(ours), statistics.median(peaks[v.name])
         rows.append((name, v.name, t * 1e3, ratio, m / 2**20, m / base_m if base_m > 0 else float("nan")))
     return rows
 
@@ -298,8 +354,8 @@ def cpu_peaks_in_child(args: argparse.Namespace) -> dict[tuple[str, str], float]
     import subprocess
 
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    cmd = [sys.executable, __file__, "--memory-child", "--device", "cpu", "--steps", "10",
-           "--rounds", str(args.rounds), "--threads", str(args.threads)] + (["--only", args.only] if args.only else []) \
+    cmd = [sys.executable, __file__, "--memory-child", "--device", "cpu", "--steps", "20",
+           "--threads", str(args.threads)] + (["--only", args.only] if args.only else []) \
         + (["--variants", args.variants] if args.variants else [])
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     rows = json.loads(done.stdout.strip().splitlines()[-1])
@@ -331,8 +387,7 @@ def versions() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=100, help="timed steps per variant")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", default=None, help="run workloads whose name contains this")
     parser.add_argument("--variants", default=None, help="comma-separated fragments of variant names to run")
@@ -351,20 +406,20 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             rows = [(r[0], r[1], r[4] * 2**20) for name, spec in workloads.items()
                     if not args.only or args.only in name
-                    for r in bench_workload(name, spec, device, args.steps, args.rounds, Path(tmp), args.variants)]
+                    for r in bench_workload(name, spec, device, args.steps, Path(tmp), args.variants)]
         print(json.dumps(rows))
         return
     peaks = (cpu_peaks_in_child(args) if device.type == "cpu" and PeakMemory(device).available
              and not args.skip_memory else None)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
     print(f"device: {device} ({where}); {versions()}")
-    print(f"steps per round {args.steps}, rounds {args.rounds}")
+    print(f"timed steps per variant {args.steps}, interleaved step by step")
     print(f"{'workload':24} {'variant':36} {'step ms':>9} {'x time':>7} {'peak MiB':>9} {'x mem':>7}")
     with tempfile.TemporaryDirectory() as tmp:
         for name, spec in workloads.items():
             if args.only and args.only not in name:
                 continue
-            rows = bench_workload(name, spec, device, args.steps, args.rounds, Path(tmp), args.variants)
+            rows = bench_workload(name, spec, device, args.steps, Path(tmp), args.variants)
             if peaks is not None:  # CPU: memory from the child, ratios to its "none"
                 base = peaks[name, "none"]
                 rows = [(*r[:4], peaks[name, r[1]] / 2**20, peaks[name, r[1]] / base if base > 0 else float("nan"))

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from gradscope.layers import ModuleFilter, as_predicate
+from gradscope.stats import Scratch
 
 @dataclass(frozen=True)
 class BlockSpec:
@@ -104,12 +105,12 @@ def select_blocks(model: nn.Module, blocks: ModuleFilter | None) -> list[tuple[B
     return out
 
 
-def sample_norms(x: Tensor, y: Tensor) -> Tensor:
+def sample_norms(x: Tensor, y: Tensor, scratch: Scratch | None = None) -> Tensor:
     """[3, samples] float32: ||y_i - x_i||, ||x_i|| and ||y_i|| for each sample (leading dim).
 
     ``y - x`` is formed explicitly, so an exact identity gives exactly 0. On CUDA the three
     reductions are one kernel over a stacked copy (launches cost more than bytes there); on the
-    CPU three separate reductions avoid the copy.
+    CPU three separate reductions avoid the copy, and ``y - x`` goes into ``scratch`` if given.
     """
     n = x.shape[0] if x.dim() > 0 else 1
     x2, y2 = x.reshape(n, -1), y.reshape(n, -1)
@@ -117,7 +118,8 @@ def sample_norms(x: Tensor, y: Tensor) -> Tensor:
         x2, y2 = x2.float(), y2.float()
     if x2.is_cuda:
         return torch.linalg.vector_norm(torch.stack([y2 - x2, x2, y2]), dim=-1)
-    return torch.stack([torch.linalg.vector_norm(y2 - x2, dim=1), torch.linalg.vector_norm(x2, dim=1),
+    diff = y2 - x2 if scratch is None else torch.sub(y2, x2, out=scratch.take(y2.numel(), y2).view(y2.shape))
+    return torch.stack([torch.linalg.vector_norm(diff, dim=1), torch.linalg.vector_norm(x2, dim=1),
                         torch.linalg.vector_norm(y2, dim=1)])
 
 

@@ -97,7 +97,7 @@ class LayerProbe:
         counts, n = rec._counts, y.numel()
         seen = int(counts.act_n[slot, phase, self.row])
         # y is detached, so no autograd graph is recorded (cheaper than entering no_grad)
-        parts = activation_moments(y.detach(), self.bounds, self.count_zeros)
+        parts = activation_moments(y.detach(), self.bounds, self.count_zeros, rec._scratch)
         at = rec._layer_offset(slot, phase, self.row)
         dst = rec._buffer_view(False, at, len(parts))
         if seen == 0:
@@ -184,7 +184,7 @@ class BlockProbe:
             xs, ys = (t.detach().transpose(0, 1) if self.seq_first and t.dim() == 3 else t.detach()
                       for t in (x, y))
             # per-sample norms now; the recorder sums them for all blocks at once at the step's end
-            rec._pending_identity.append((slot, row, sample_norms(xs, ys)))
+            rec._pending_identity.append((slot, row, sample_norms(xs, ys, rec._scratch)))
             counts.block_samples[slot, row] += xs.shape[0] if xs.dim() else 1
         if y.dim() == 3 and y.shape[1 - self.seq_first] > 1:  # [batch, tokens, dim]
             yb = y.detach().transpose(0, 1) if self.seq_first else y.detach()

@@ -49,6 +49,7 @@ from gradscope.stats import (
     PHASES,
     TRAIN,
     HostCounts,
+    Scratch,
     squared_norms,
 )
 from gradscope.store import SCHEMA_VERSION, AttributionJob, FlushJob, RunWriter
@@ -157,6 +158,7 @@ class Recorder:
         self._pending_tokens: list[tuple[int, int, Tensor]] = []
         self._index_cache: dict[tuple[tuple[int, int], ...], Tensor] = {}
         self._views: dict[tuple[bool, int, int], Tensor] = {}
+        self._scratch = Scratch()  # CPU work vector of the probes, held during a forward only
         self._counts = HostCounts(self._capacity, n, nb)
         self._bounded = np.array([layer.saturation_bounds is not None for layer in self.layers], bool)
         self._zero_counted = np.array([layer.zero_counted for layer in self.layers], bool)
@@ -206,6 +208,7 @@ class Recorder:
         try:
             self._sync_probes()
             self._handles.append(model.register_forward_pre_hook(self._model_pre_hook))
+            self._handles.append(model.register_forward_hook(self._model_forward_end))
             if optimizer is not None:
                 self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
                 self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
@@ -277,6 +280,7 @@ class Recorder:
         self._closed = True
         try:
             self._remove_hooks()
+            self._scratch.release()
         finally:
             try:
                 self._flush(len(self._slot_steps))
@@ -437,6 +441,7 @@ class Recorder:
         """Own-parameter and gradient norms of every row, and the global gradient norm
         (at the step's end, where the pending block sums are committed too)."""
         self._commit_blocks()
+        self._scratch.release()  # in case the forward ended somewhere the model's hook did not see
         p = self._parameters
         with torch.no_grad():
             grad_ss, rows_with_grad = p.write_norms(param_col=self._layer_buf[slot, TRAIN, :, PARAM_SS],
@@ -557,6 +562,10 @@ class Recorder:
         if torch.is_grad_enabled():
             self._grad_forward_seen = True
         self._sync_probes()  # a step the GradScaler skipped may have begun a recorded one
+
+    def _model_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
+        """After each forward of the whole model: the probes' work vector is not needed until the next."""
+        self._scratch.release()
 
     def _check_open(self) -> None:
         if self._closed:

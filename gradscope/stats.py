@@ -66,7 +66,33 @@ def counts_zeros(module: torch.nn.Module) -> bool:
     return isinstance(module, ZERO_MEANINGFUL) or (isinstance(module, torch.nn.Hardtanh) and module.min_val == 0)
 
 
-def activation_moments(y: Tensor, bounds: tuple[float, float] | None, count_zeros: bool) -> list[Tensor]:
+class Scratch:
+    """A reusable float32 work vector for the CPU formulas that need a difference (y - c, y - x).
+
+    A fresh temporary per call costs more than the arithmetic: its pages are new to the process
+    each time, because the model's next activation takes over the memory just freed. One vector
+    reused within a forward stays mapped and in cache. The recorder releases it when the forward
+    ends, so it adds nothing to the backward's peak memory.
+    """
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf: Tensor | None = None
+
+    def take(self, n: int, like: Tensor) -> Tensor:
+        """``n`` float32 elements on ``like``'s device, contents undefined."""
+        buf = self._buf
+        if buf is None or buf.numel() < n or buf.device != like.device:
+            buf = self._buf = torch.empty(n, dtype=torch.float32, device=like.device)
+        return buf[:n]
+
+    def release(self) -> None:
+        self._buf = None
+
+
+def activation_moments(y: Tensor, bounds: tuple[float, float] | None, count_zeros: bool,
+                       scratch: Scratch | None = None) -> list[Tensor]:
     """Float32 scalars: mean, population variance, max |y|, then #nonzero if ``count_zeros``, then
     #saturated if ``bounds``, in buffer column order (#nonzero is a placeholder when only
     saturation is asked for).
@@ -83,7 +109,7 @@ def activation_moments(y: Tensor, bounds: tuple[float, float] | None, count_zero
         absmax = torch.linalg.vector_norm(y, float("inf"), dtype=torch.float32)
     else:
         if yf.numel() >= _SHIFTED_MIN and yf.is_contiguous():
-            mean, var = _shifted_moments(yf.view(-1))
+            mean, var = _shifted_moments(yf.view(-1), scratch)
         else:
             mean, var = yf.mean(), torch.var(yf, correction=0)
         lo, hi = torch.aminmax(y)
@@ -103,7 +129,7 @@ _SHIFTED_MIN = 16_384
 _SHIFT_SAMPLES = 64
 
 
-def _shifted_moments(flat: Tensor) -> tuple[Tensor, Tensor]:
+def _shifted_moments(flat: Tensor, scratch: Scratch | None = None) -> tuple[Tensor, Tensor]:
     """Mean and population variance of a contiguous float32 vector in three fast passes.
 
     ``torch.var`` on the CPU is a scalar two-pass loop, 2-4x slower than a subtraction, a sum
@@ -113,7 +139,7 @@ def _shifted_moments(flat: Tensor) -> tuple[Tensor, Tensor]:
     """
     n = flat.numel()
     c = flat[:: n // _SHIFT_SAMPLES].mean()
-    d = flat - c
+    d = flat - c if scratch is None else torch.sub(flat, c, out=scratch.take(n, flat))
     m = d.sum() / n
     return m + c, torch.addcmul(torch.dot(d, d) / n, m, m, value=-1).clamp_min_(0)
 

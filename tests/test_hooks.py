@@ -67,7 +67,8 @@ def test_second_watch_is_a_clear_error(run_dir, tmp_path):
         with pytest.raises(RuntimeError, match="already watched"):
             gradscope.watch(model[0], tmp_path / "inner")  # a submodule of a watched model
         assert hook_counts(model) == {**{f"{i}._forward_hooks": 1 for i in (0, 2, 4, 6)},
-                                      "<root>._forward_pre_hooks": 1}  # the model's step bookkeeping
+                                      "<root>._forward_pre_hooks": 1,  # the model's step bookkeeping
+                                      "<root>._forward_hooks": 1}  # releases the probes' work vector
     # once closed, watching again is fine
     with gradscope.watch(model, tmp_path / "again"):
         pass

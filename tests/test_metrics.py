@@ -264,7 +264,7 @@ def _large_inputs():
 @pytest.mark.parametrize("kind", list(_large_inputs()))
 def test_fast_cpu_moments_of_large_tensors_match_float64(kind):
     """Large CPU tensors take the shifted one-pass formula and the dot-product norm."""
-    from gradscope.stats import _SHIFTED_MIN, ACT_ABSMAX, ACT_MEAN, ACT_VAR, activation_moments, norm32
+    from gradscope.stats import _SHIFTED_MIN, ACT_ABSMAX, ACT_MEAN, ACT_VAR, Scratch, activation_moments, norm32
 
     y = _large_inputs()[kind]
     assert y.numel() >= _SHIFTED_MIN  # the fast path is the one under test
@@ -279,3 +279,22 @@ def test_fast_cpu_moments_of_large_tensors_match_float64(kind):
     out = torch.zeros(())
     norm32(y, out=out)
     assert close(float(out), float(y64.norm()))
+    # the recorder's reusable work vector changes nothing (and is reused across sizes)
+    scratch = Scratch()
+    scratch.take(10 * y.numel(), y).fill_(float("nan"))
+    assert torch.equal(torch.stack(activation_moments(y, None, False, scratch)), torch.stack(parts))
+
+
+def test_work_vector_lives_during_forwards_only(run_dir):
+    """The CPU work vector is released when the model's forward ends, before backward's peak."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 4))
+    x, y = torch.randn(64, 64), torch.randint(0, 4, (64,))
+    seen = []
+    model[2].register_forward_hook(lambda m, a, o: seen.append(rec._scratch._buf is not None))
+    with gradscope.watch(model, run_dir, modules=with_activations) as rec:
+        loss = F.cross_entropy(model(x), y)
+        assert rec._scratch._buf is None
+        loss.backward()
+        rec.step(loss=loss)
+    assert seen == [True]  # in use by the first layers' probes (64 x 512 outputs take the fast path)
