@@ -14,12 +14,13 @@ alone, step after step:
 - ``wandb.watch(log="all", log_freq=1)`` in offline mode, when wandb is installed;
 - ``tensorboard``: ``SummaryWriter.add_histogram`` of every gradient each step, when installed.
 
-A block's time is the median step; for the sampled ``every=10`` schedule it is the mean over the
-period, (recorded + 9 x median of the others) / 10 (``schedule_mean``), since a median would
-hide the recorded step's cost; the recorded step is the block's 6th, not its first (which runs
-on caches the other copies cooled), and the uninstrumented block is summarised with its own 6th
-step in that place. Each block is divided by the uninstrumented copy's same block and the
-median ratio over blocks is printed.
+Each step is divided by the uninstrumented copy's step at the same place in the same block (the
+first step of a block runs on caches the other copies cooled, so only like is compared with
+like). The printed ratio is the median of these for ``every=1`` and the peers; for the sampled
+``every=10`` schedule it is the mean over its period, (recorded + 9 x others) / 10, with the
+median over the recorded steps and over the others (``schedule_mean``), since a median over all
+steps would hide the recorded step's cost. The recorded step is each block's 6th. Step times in
+milliseconds are summarised the same way.
 
 Peak memory is a block's working set, the median over blocks: on CUDA ``max_memory_allocated``
 above the memory allocated before the block; on Linux CPUs the peak RSS (VmHWM, reset through
@@ -285,18 +286,20 @@ def time_steps(model, opt, batch, steps, device, autocast, after_backward) -> li
     return times
 
 
-def schedule_mean(step_times: list[float], period: int, offset: int = 0) -> float:
-    """Mean step time of a schedule that records one step in ``period``, from robust parts.
+def schedule_mean(blocks: list[list[float]], period: int, offset: int = 0) -> float:
+    """Mean per step of a schedule that records one step in ``period``, from robust parts.
 
-    The recorded steps are those at positions ``offset``, ``offset + period``, ... of
-    ``step_times``. The mean of one period is one recorded step plus ``period - 1`` others, the
-    others taken as their median, so a stall during one step does not read as overhead (a
-    median over all steps would hide the recorded step's cost). With ``period`` 1: the median.
+    ``blocks`` hold per-step values (times or ratios); in each, the recorded steps are at
+    positions ``offset``, ``offset + period``, .... The mean of one period is one recorded step
+    plus ``period - 1`` others, each part the median over all blocks, so a stall during one step
+    does not read as overhead (a median over all steps would hide the recorded step's cost).
+    With ``period`` 1 it is the median over every step.
     """
+    steps = [(i, x) for block in blocks for i, x in enumerate(block)]
     if period == 1:
-        return statistics.median(step_times)
-    recorded = [t for i, t in enumerate(step_times) if i % period == offset]
-    others = [t for i, t in enumerate(step_times) if i % period != offset]
+        return statistics.median(x for _, x in steps)
+    recorded = [x for i, x in steps if i % period == offset]
+    others = [x for i, x in steps if i % period != offset]
     return (statistics.median(recorded) + (period - 1) * statistics.median(others)) / period
 
 
@@ -309,10 +312,9 @@ def bench_workload(name: str, spec: Any, device: torch.device, steps: int, tmp: 
     """Times ``steps`` training steps of every variant, in interleaved blocks of ``BLOCK`` steps.
 
     Each variant trains its own copy of one model, all attached at once. Block b of every
-    variant runs back to back (in an order that rotates with b), and each block is compared
-    with the uninstrumented copy's block b, summarised the same way (for a sampled schedule,
-    with the same step standing for the recorded one); the median ratio over blocks is
-    reported, so a stall of the machine lasting seconds reads as no variant's overhead.
+    variant runs back to back (in an order that rotates with b), and each step is compared
+    with the uninstrumented copy's step at the same place (see the module docstring), so a
+    stall of the machine lasting seconds reads as no variant's overhead.
     """
     make, make_batch, autocast = spec
     torch.manual_seed(0)
@@ -340,10 +342,10 @@ def bench_workload(name: str, spec: Any, device: torch.device, steps: int, tmp: 
     rows = []
     base_m = statistics.median(peaks["none"])
     for v in all_variants:
-        ours = [schedule_mean(times, v.period, RECORDED_AT) for times in blocks[v.name]]
-        base = [schedule_mean(times, v.period, RECORDED_AT) for times in blocks["none"]]
-        ratio = statistics.median(t / b for t, b in zip(ours, base))
-        t, m = statistics.median(ours), statistics.median(peaks[v.name])
+        # step i of block b over the uninstrumented copy's step i of block b (same cache state)
+        ratios = [[t / b for t, b in zip(ours, base)] for ours, base in zip(blocks[v.name], blocks["none"])]
+        ratio = schedule_mean(ratios, v.period, RECORDED_AT)
+        t, m = schedule_mean(blocks[v.name], v.period, RECORDED_AT), statistics.median(peaks[v.name])
         rows.append((name, v.name, t * 1e3, ratio, m / 2**20, m / base_m if base_m > 0 else float("nan")))
     return rows
 
@@ -413,7 +415,7 @@ def main() -> None:
              and not args.skip_memory else None)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
     print(f"device: {device} ({where}); {versions()}")
-    print(f"timed steps per variant {args.steps}, interleaved step by step")
+    print(f"timed steps per variant {args.steps}, interleaved in blocks of {BLOCK}")
     print(f"{'workload':24} {'variant':36} {'step ms':>9} {'x time':>7} {'peak MiB':>9} {'x mem':>7}")
     with tempfile.TemporaryDirectory() as tmp:
         for name, spec in workloads.items():

@@ -99,14 +99,17 @@ def activation_moments(y: Tensor, bounds: tuple[float, float] | None, count_zero
 
     Runs under no_grad inside a forward hook; results stay on ``y``'s device. The kernels are
     chosen per device: on CPU, where bytes cost more than calls, large tensors take the shifted
-    one-pass formula (``_shifted_moments``) and small ones ``torch.var`` plus a mean (both far
-    faster than the Welford ``var_mean`` there); on CUDA, where launches cost more than bytes,
-    ``var_mean`` and one infinity-norm keep it to few kernels.
+    one-pass formula (``_shifted_moments``) and middling ones ``torch.var`` plus a mean (both far
+    faster per element than the Welford ``var_mean`` there); on CUDA, where launches cost more
+    than bytes, and for tiny CPU tensors, ``var_mean`` and one infinity-norm keep it to two ops.
     """
     yf = y if y.dtype == torch.float32 else y.float()
-    if y.device.type == "cuda":
+    if y.device.type == "cuda" or y.numel() < _FEW_ELEMENTS:  # launch- or call-bound: fewest ops
         var, mean = torch.var_mean(yf, correction=0)
-        absmax = torch.linalg.vector_norm(y, float("inf"), dtype=torch.float32)
+        if y.dtype in _NARROW:  # float32 output from half types without a converted copy
+            absmax = torch.linalg.vector_norm(y, float("inf"), dtype=torch.float32)
+        else:  # float64 would be narrowed, which dtype= refuses
+            absmax = torch.linalg.vector_norm(yf, float("inf"))
     else:
         if yf.numel() >= _SHIFTED_MIN and yf.is_contiguous():
             mean, var = _shifted_moments(yf.view(-1), scratch)
@@ -126,6 +129,8 @@ def activation_moments(y: Tensor, bounds: tuple[float, float] | None, count_zero
 
 # Below this many elements the fixed cost of the shifted formula's extra ops outweighs its speed.
 _SHIFTED_MIN = 16_384
+# Below this many, the cost is per call, not per element: two ops (as on CUDA) instead of six.
+_FEW_ELEMENTS = 2_048
 _SHIFT_SAMPLES = 64
 
 

@@ -27,6 +27,7 @@ class Reference:
 
     def _hook(self, name):
         def hook(module, inputs, output):
+            output = output[0] if isinstance(output, tuple) else output  # what gradscope watches
             self.outputs[name].append(output.detach().double().clone())
             if output.requires_grad:
                 output.register_hook(lambda g: self.grads[name].append(g.double().clone()))
@@ -298,3 +299,41 @@ def test_work_vector_lives_during_forwards_only(run_dir):
         loss.backward()
         rec.step(loss=loss)
     assert seen == [True]  # in use by the first layers' probes (64 x 512 outputs take the fast path)
+
+
+class InPlaceAndSplit(nn.Module):
+    """Outputs modified in place after their layer (ReLU(inplace), +=), and a layer whose output
+    is one of several outputs of one autograd node (chunk), one of them unused by the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.norm = nn.LayerNorm(16)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Linear(16, 16)
+        self.split = Chunk()
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.act(self.norm(self.fc1(x)))  # norm's output is overwritten by the ReLU
+        out = self.fc2(h)
+        out += h  # fc2's output is overwritten by the residual sum
+        used, _unused = self.split(out)
+        return self.head(used)
+
+
+class Chunk(nn.Module):
+    def forward(self, x):
+        first, second = x.chunk(2, dim=1)  # two outputs of one node: the watched one is output 1
+        return second, first  # and output 0 gets no gradient
+
+
+def test_gradients_of_outputs_modified_in_place_or_split(run_dir):
+    torch.manual_seed(0)
+    model = InPlaceAndSplit()
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    run, ref, *_ = record_one_step(model, x, y, run_dir, modules=["fc1", "norm", "fc2", "split", "head"])
+    rows = run.layers[run.layers.phase == "train"].set_index("layer")
+    for name in ("fc1", "norm", "fc2", "split", "head"):
+        g = torch.cat([t.flatten() for t in ref.grads[name]])
+        assert close(rows.loc[name, "grad_out_norm"], float(g.norm())), (name, rows.loc[name, "grad_out_norm"])
