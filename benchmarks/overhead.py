@@ -26,8 +26,11 @@ Peak memory is a block's working set, the median over blocks: on CUDA ``max_memo
 above the memory allocated before the block; on Linux CPUs the peak RSS (VmHWM, reset through
 /proc/self/clear_refs) above the RSS before it, measured in a child
 process whose malloc returns every block of 64 KiB or more to the system on free
-(``MALLOC_MMAP_THRESHOLD_``), so RSS follows the live tensors (its times are not used). The
-script also times ``load_run`` on a 10,000-step resnet110 run.
+(``MALLOC_MMAP_THRESHOLD_``), so RSS follows the live tensors (its times are not used).
+
+The script also prints the fixed cost per watched layer on tiny tensors (the launch-bound regime
+of small GPU steps, measurable on any machine) and times ``load_run`` on a 10,000-step
+resnet110 run.
 
     python benchmarks/overhead.py [--device cpu|cuda] [--steps 100] [--only resnet20]
                                   [--variants every,naive] [--skip-memory] [--skip-load]
@@ -124,13 +127,14 @@ class EmptyHooks(Variant):
     def attach(self, model, opt, tmp):
         from gradscope.blocks import select_blocks
         from gradscope.layers import select_layers
+        from gradscope.probes import on_gradient
 
         def grad_hook(grad: torch.Tensor) -> None:
             return None
 
         def forward_hook(module: nn.Module, args: Any, out: Any) -> None:
-            if isinstance(out, torch.Tensor) and out.requires_grad:
-                out.register_hook(grad_hook)
+            if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+                on_gradient(out, grad_hook)  # gradscope's way of hooking dL/dy
 
         def pre_hook(module: nn.Module, args: Any) -> None:
             return None
@@ -364,6 +368,22 @@ def cpu_peaks_in_child(args: argparse.Namespace) -> dict[tuple[str, str], float]
     return {(w, v): m for w, v, m in rows}
 
 
+def fixed_cost_per_layer(device: torch.device, tmp: Path, only: str | None = None,
+                         layers: int = 100, steps: int = 100) -> list[tuple[str, float]]:
+    """Microseconds each watched layer adds to a step when its tensors are tiny.
+
+    A stack of ``layers`` Linear(8, 8) on a batch of 4: the kernels cost next to nothing, so what
+    is left is what every hook call, op dispatch and kernel launch costs. On a GPU this is the
+    regime of any small, launch-bound step; here it can be measured without one.
+    """
+    make = lambda: nn.Sequential(*[nn.Linear(8, 8) for _ in range(layers)])  # noqa: E731
+    batch = (torch.randn(4, 8, device=device), torch.randint(0, 8, (4,), device=device))
+    spec = (make, lambda d: batch, None)
+    rows = bench_workload("fixed", spec, device, steps, tmp, only)
+    base = next(r[2] for r in rows if r[1] == "none")
+    return [(r[1], (r[2] - base) * 1e3 / layers) for r in rows if r[1] != "none"]
+
+
 def time_load_run(tmp: Path, steps: int = 10_000) -> tuple[float, int]:
     """Seconds to load a synthetic resnet110 run of ``steps`` recorded steps (report_scale's layout)."""
     from report_scale import synthesise, template_run
@@ -394,6 +414,7 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="run workloads whose name contains this")
     parser.add_argument("--variants", default=None, help="comma-separated fragments of variant names to run")
     parser.add_argument("--skip-load", action="store_true", help="skip the load_run timing")
+    parser.add_argument("--skip-fixed", action="store_true", help="skip the per-layer fixed cost")
     parser.add_argument("--skip-memory", action="store_true", help="skip the CPU peak-memory child")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -428,6 +449,10 @@ def main() -> None:
                         for r in rows]
             for row in rows:
                 print(f"{row[0]:24} {row[1]:36} {row[2]:9.2f} {row[3]:7.3f} {row[4]:9.1f} {row[5]:7.3f}", flush=True)
+        if not args.skip_fixed:
+            costs = fixed_cost_per_layer(device, Path(tmp), args.variants)
+            print("fixed cost per watched layer, 100 x Linear(8, 8) batch 4 (tiny tensors: hooks, dispatch, "
+                  "launches): " + ", ".join(f"{name} {us:.0f} us" for name, us in costs))
         if not args.skip_load:
             seconds, rows = time_load_run(Path(tmp))
             print(f"load_run, resnet110, 10,000 recorded steps ({rows:,} layer rows): {seconds:.2f} s (target 3 s)")
