@@ -92,8 +92,8 @@ class _OutputGradient:
 class LayerProbe:
     """Forward hook of one watched module.
 
-    On recorded steps it merges the output's moments into the recorder's buffer row and, in
-    training, hooks the output tensor for dL/dy. On other steps it returns after one attribute
+    On recorded steps it computes the output's moments (the recorder writes them into its buffer
+    row, for all layers at once) and, in training, hooks the output for dL/dy. On other steps it returns after one attribute
     test, doing no tensor work.
     """
 
@@ -122,11 +122,11 @@ class LayerProbe:
         seen = int(counts.act_n[slot, phase, self.row])
         # y is detached, so no autograd graph is recorded (cheaper than entering no_grad)
         parts = activation_moments(y.detach(), self.bounds, self.count_zeros, rec._scratch)
-        at = rec._layer_offset(slot, phase, self.row)
-        dst = rec._buffer_view(False, at, len(parts))
-        if seen == 0:
-            torch.stack(parts, out=dst)  # straight into the buffer: one kernel
-        else:  # the module ran again in this step: merge the calls
+        if seen == 0:  # written with every layer's at the step's end, in one kernel for all
+            rec._pending_moments.append((slot, rec._layer_offset(0, phase, self.row), parts))
+        else:  # the module ran again in this step: merge the calls (the first must be written)
+            rec._commit_moments()
+            dst = rec._buffer_view(False, rec._layer_offset(slot, phase, self.row), len(parts))
             merge_activation_(dst, torch.stack(parts), seen, n)
         counts.act_n[slot, phase, self.row] += n
         counts.act_calls[slot, phase, self.row] += 1

@@ -154,9 +154,13 @@ class Recorder:
         self._layer_strides = (len(PHASES) * n * N_LAYER_STATS, n * N_LAYER_STATS, N_LAYER_STATS)
         # Per-sample block norms and token cosines of this step, summed for all blocks at once at
         # the step's end (_commit_blocks): a few kernels per step instead of a dozen per block.
+        # Activation moments of this step's first calls, (slot, offset within the slot, scalars),
+        # likewise written for all layers at once (_commit_moments): two kernels, not one a layer.
+        self._pending_moments: list[tuple[int, int, list[Tensor]]] = []
         self._pending_identity: list[tuple[int, int, Tensor]] = []
         self._pending_tokens: list[tuple[int, int, Tensor]] = []
-        self._index_cache: dict[tuple[tuple[int, int], ...], Tensor] = {}
+        self._index_cache: dict[tuple[tuple[int, int], ...], Tensor] = {}  # block rows of samples
+        self._offset_cache: dict[tuple[tuple[int, int], ...], Tensor] = {}  # buffer elements
         self._views: dict[tuple[bool, int, int], Tensor] = {}
         self._scratch = Scratch()  # CPU work vector of the probes, held during a forward only
         self._counts = HostCounts(self._capacity, n, nb)
@@ -339,6 +343,32 @@ class Recorder:
     def _block_offset(self, slot: int, row: int) -> int:
         return (slot * len(self.blocks) + row) * N_BLOCK_STATS
 
+    def _commit_moments(self) -> None:
+        """Write the pending activation moments into the layer buffer: a stack and an index copy
+        per slot (the offsets repeat from step to step, so their device index is built once)."""
+        pending = self._pending_moments
+        if not pending:
+            return
+        by_slot: dict[int, list[tuple[int, list[Tensor]]]] = {}
+        for slot, offset, parts in pending:
+            by_slot.setdefault(slot, []).append((offset, parts))
+        pending.clear()
+        per_slot = self._layer_strides[0]
+        for slot, items in by_slot.items():
+            values = torch.stack([part for _, parts in items for part in parts])
+            index = self._offset_index(tuple((offset, len(parts)) for offset, parts in items))
+            self._buffer_view(False, slot * per_slot, per_slot).index_copy_(0, index, values)
+
+    def _offset_index(self, pattern: tuple[tuple[int, int], ...]) -> Tensor:
+        """Device index of the buffer elements that ``pattern`` ((offset, length) runs) covers."""
+        index = self._offset_cache.get(pattern)
+        if index is None:
+            if len(self._offset_cache) > 64:
+                self._offset_cache.clear()
+            flat = np.concatenate([np.arange(offset, offset + length) for offset, length in pattern])
+            index = self._offset_cache[pattern] = _device_index(flat, self.device)
+        return index
+
     def _commit_blocks(self) -> None:
         """Sum the pending per-sample identity terms and token cosines into the block buffer."""
         for pending, columns, compute in (
@@ -440,6 +470,7 @@ class Recorder:
     def _record_parameters(self, slot: int) -> None:
         """Own-parameter and gradient norms of every row, and the global gradient norm
         (at the step's end, where the pending block sums are committed too)."""
+        self._commit_moments()
         self._commit_blocks()
         self._scratch.release()  # in case the forward ended somewhere the model's hook did not see
         p = self._parameters
@@ -484,6 +515,7 @@ class Recorder:
                                                ready=_copies_done(self.device)))
         if upto <= 0:
             return
+        self._commit_moments()
         self._commit_blocks()
         counts = self._counts.take(upto)
         self._calls = np.maximum(self._calls, counts.act_calls.max(axis=(0, 1)))

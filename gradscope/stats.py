@@ -188,7 +188,8 @@ def norm32(t: Tensor, out: Tensor | None = None) -> Tensor:
 def accumulate_norm(dst: Tensor, t: Tensor, first: bool) -> None:
     """Fold ||t|| into the norm held in the float32 scalar ``dst``: written there on the first
     call of a step, combined as sqrt(a^2 + b^2) (``hypot``, no overflow) on later ones."""
-    t = t.detach()  # a gradient of a create_graph backward requires grad; out= would refuse it
+    if t.requires_grad:  # a gradient of a create_graph backward; out= would refuse it
+        t = t.detach()
     if first:
         norm32(t, out=dst)
     else:

@@ -243,3 +243,20 @@ def test_block_first_model_after_scaler_skipped_steps(run_dir):
             x = xs[step]
             want = float((model[0](x) - x).norm() / x.norm())
             assert blocks.loc[(step, "0"), "id_rel_residual"] == pytest.approx(want, rel=1e-4)
+
+
+def test_create_graph_backward_is_recorded_without_joining_the_graph(run_dir):
+    """A gradient penalty's backward(create_graph=True) hands the probes gradients that require grad."""
+    torch.manual_seed(0)
+    model = TinyMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 8, requires_grad=True), torch.randint(0, 4, (16,))
+    with gradscope.watch(model, run_dir, optimizer=opt) as rec:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+        (loss + gx.square().sum()).backward()
+        rec.step(loss=loss)
+        opt.step()
+    layers = gradscope.load_run(run_dir).layers
+    assert layers.grad_out_norm.notna().all() and (layers.grad_out_norm > 0).all()
