@@ -113,6 +113,16 @@ class Gradscope(Variant):
             yield lambda loss: rec.step(loss=loss)
 
 
+@contextlib.contextmanager
+def _removed_after(handles: list[Any]) -> Iterator[None]:
+    """Remove hook handles when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class EmptyHooks(Variant):
     """The floor of any hook-based recorder: gradscope's hooks on the same modules, doing nothing.
 
@@ -142,11 +152,8 @@ class EmptyHooks(Variant):
         handles = [m.register_forward_hook(forward_hook) for _, m in select_layers(model)]
         for _, block, _ in select_blocks(model, None):
             handles += [block.register_forward_pre_hook(pre_hook), block.register_forward_hook(forward_hook)]
-        try:
+        with _removed_after(handles):
             yield lambda loss: None
-        finally:
-            for h in handles:
-                h.remove()
 
 
 class NaiveHooks(Variant):
@@ -177,11 +184,8 @@ class NaiveHooks(Variant):
                     log[n + ".grad_norm"] = p.grad.norm().item()
             log["loss"] = loss.item()
 
-        try:
+        with _removed_after(handles):
             yield after_backward
-        finally:
-            for h in handles:
-                h.remove()
 
 
 class WandbWatch(Variant):

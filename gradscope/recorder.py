@@ -159,8 +159,7 @@ class Recorder:
         self._pending_moments: list[tuple[int, int, list[Tensor]]] = []
         self._pending_identity: list[tuple[int, int, Tensor]] = []
         self._pending_tokens: list[tuple[int, int, Tensor]] = []
-        self._index_cache: dict[tuple[tuple[int, int], ...], Tensor] = {}  # block rows of samples
-        self._offset_cache: dict[tuple[tuple[int, int], ...], Tensor] = {}  # buffer elements
+        self._index_cache: dict[tuple[str, tuple[tuple[int, int], ...]], Tensor] = {}  # _pattern_index
         self._views: dict[tuple[bool, int, int], Tensor] = {}
         self._scratch = Scratch()  # CPU work vector of the probes, held during a forward only
         self._counts = HostCounts(self._capacity, n, nb)
@@ -346,55 +345,37 @@ class Recorder:
     def _commit_moments(self) -> None:
         """Write the pending activation moments into the layer buffer: a stack and an index copy
         per slot (the offsets repeat from step to step, so their device index is built once)."""
-        pending = self._pending_moments
-        if not pending:
-            return
-        by_slot: dict[int, list[tuple[int, list[Tensor]]]] = {}
-        for slot, offset, parts in pending:
-            by_slot.setdefault(slot, []).append((offset, parts))
-        pending.clear()
         per_slot = self._layer_strides[0]
-        for slot, items in by_slot.items():
+        for slot, items in _take_by_slot(self._pending_moments).items():
             values = torch.stack([part for _, parts in items for part in parts])
-            index = self._offset_index(tuple((offset, len(parts)) for offset, parts in items))
+            index = self._pattern_index("elements", tuple((offset, len(parts)) for offset, parts in items))
             self._buffer_view(False, slot * per_slot, per_slot).index_copy_(0, index, values)
-
-    def _offset_index(self, pattern: tuple[tuple[int, int], ...]) -> Tensor:
-        """Device index of the buffer elements that ``pattern`` ((offset, length) runs) covers."""
-        index = self._offset_cache.get(pattern)
-        if index is None:
-            if len(self._offset_cache) > 64:
-                self._offset_cache.clear()
-            flat = np.concatenate([np.arange(offset, offset + length) for offset, length in pattern])
-            index = self._offset_cache[pattern] = _device_index(flat, self.device)
-        return index
 
     def _commit_blocks(self) -> None:
         """Sum the pending per-sample identity terms and token cosines into the block buffer."""
         for pending, columns, compute in (
                 (self._pending_identity, slice(B_DIFF_SS, B_COS_SUM + 1), identity_terms),
                 (self._pending_tokens, B_TOKEN_COS_SUM, None)):
-            if not pending:
-                continue
-            by_slot: dict[int, list[tuple[int, Tensor]]] = {}
-            for slot, row, values in pending:
-                by_slot.setdefault(slot, []).append((row, values))
-            pending.clear()
-            for slot, items in by_slot.items():
+            for slot, items in _take_by_slot(pending).items():
                 values = torch.cat([v for _, v in items], dim=-1) if len(items) > 1 else items[0][1]
                 terms = compute(values) if compute is not None else values
-                index = self._sample_index(tuple((row, v.shape[-1]) for row, v in items))
+                index = self._pattern_index("samples", tuple((row, v.shape[-1]) for row, v in items))
                 self._block_buf[slot][:, columns].index_add_(0, index, terms)
 
-    def _sample_index(self, pattern: tuple[tuple[int, int], ...]) -> Tensor:
-        """Device tensor of the block row of every pending sample; the pattern (rows and batch
-        sizes) repeats from step to step, so it is built and copied to the device once."""
-        index = self._index_cache.get(pattern)
+    def _pattern_index(self, kind: str, pattern: tuple[tuple[int, int], ...]) -> Tensor:
+        """Device index for a pattern of pending entries, which repeats from step to step, so it
+        is built and copied to the device once. ``"elements"``: the buffer elements of (offset,
+        length) runs; ``"samples"``: the block row of every sample of (row, samples) entries."""
+        key = (kind, pattern)
+        index = self._index_cache.get(key)
         if index is None:
-            if len(self._index_cache) > 64:
+            if len(self._index_cache) > 128:
                 self._index_cache.clear()
-            rows = np.repeat([row for row, _ in pattern], [n for _, n in pattern])
-            index = self._index_cache[pattern] = _device_index(rows, self.device)
+            if kind == "elements":
+                values = np.concatenate([np.arange(offset, offset + length) for offset, length in pattern])
+            else:
+                values = np.repeat([row for row, _ in pattern], [n for _, n in pattern])
+            index = self._index_cache[key] = _device_index(values, self.device)
         return index
 
     def _check_scaler_update(self) -> None:
@@ -672,6 +653,15 @@ class _ParameterIndex:
 
 
 # -------------------------------------------------------------------- helpers
+
+
+def _take_by_slot(pending: list[tuple[Any, ...]]) -> dict[int, list[tuple[Any, Any]]]:
+    """Empty a pending list of (slot, key, value) into {slot: [(key, value), ...]}, in order."""
+    by_slot: dict[int, list[tuple[Any, Any]]] = {}
+    for slot, key, value in pending:
+        by_slot.setdefault(slot, []).append((key, value))
+    pending.clear()
+    return by_slot
 
 
 def _device_index(values: Any, device: torch.device) -> Tensor:
