@@ -354,7 +354,12 @@ def bench_workload(name: str, spec: Any, device: torch.device, steps: int, tmp: 
         ratios = [[t / b for t, b in zip(ours, base)] for ours, base in zip(blocks[v.name], blocks["none"])]
         ratio = schedule_mean(ratios, v.period, RECORDED_AT)
         t, m = schedule_mean(blocks[v.name], v.period, RECORDED_AT), statistics.median(peaks[v.name])
-        rows.append((name, v.name, t * 1e3, ratio, m / 2**20, m / base_m if base_m > 0 else float("nan")))
+        note = ""
+        if v.period > 1:  # the two parts of the sampled schedule's mean
+            recorded = statistics.median(r[i] for r in ratios for i in range(RECORDED_AT, len(r), v.period))
+            others = statistics.median(x for r in ratios for i, x in enumerate(r) if i % v.period != RECORDED_AT)
+            note = f" (rec x{recorded:.2f}, rest x{others:.2f})"
+        rows.append((name, v.name, t * 1e3, ratio, m / 2**20, m / base_m if base_m > 0 else float("nan"), note))
     return rows
 
 
@@ -441,7 +446,7 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
     print(f"device: {device} ({where}); {versions()}")
     print(f"timed steps per variant {args.steps}, interleaved in blocks of {BLOCK}")
-    print(f"{'workload':24} {'variant':36} {'step ms':>9} {'x time':>7} {'peak MiB':>9} {'x mem':>7}")
+    print(f"{'workload':24} {'variant':48} {'step ms':>9} {'x time':>7} {'peak MiB':>9} {'x mem':>7}")
     with tempfile.TemporaryDirectory() as tmp:
         for name, spec in workloads.items():
             if args.only and args.only not in name:
@@ -449,10 +454,10 @@ def main() -> None:
             rows = bench_workload(name, spec, device, args.steps, Path(tmp), args.variants)
             if peaks is not None:  # CPU: memory from the child, ratios to its "none"
                 base = peaks[name, "none"]
-                rows = [(*r[:4], peaks[name, r[1]] / 2**20, peaks[name, r[1]] / base if base > 0 else float("nan"))
-                        for r in rows]
+                rows = [(*r[:4], peaks[name, r[1]] / 2**20, peaks[name, r[1]] / base if base > 0 else float("nan"),
+                         r[6]) for r in rows]
             for row in rows:
-                print(f"{row[0]:24} {row[1]:36} {row[2]:9.2f} {row[3]:7.3f} {row[4]:9.1f} {row[5]:7.3f}", flush=True)
+                print(f"{row[0]:24} {row[1] + row[6]:48} {row[2]:9.2f} {row[3]:7.3f} {row[4]:9.1f} {row[5]:7.3f}", flush=True)
         if not args.skip_fixed:
             costs = fixed_cost_per_layer(device, Path(tmp), args.variants)
             print("fixed cost per watched layer, 100 x Linear(8, 8) batch 4 (tiny tensors: hooks, dispatch, "

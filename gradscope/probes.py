@@ -20,13 +20,13 @@ from torch import Tensor, nn
 
 from gradscope.blocks import sample_norms, token_cosines
 from gradscope.stats import (
-    B_BRANCH_NORM,
-    B_GRAD_IN_NORM,
-    B_GRAD_OUT_NORM,
+    B_BRANCH_SS,
+    B_GRAD_IN_SS,
+    B_GRAD_OUT_SS,
     EVAL,
-    GRAD_OUT_NORM,
+    GRAD_OUT_SS,
     TRAIN,
-    accumulate_norm,
+    accumulate_square,
     activation_moments,
     merge_activation_,
 )
@@ -120,11 +120,17 @@ class LayerProbe:
         rec._note_execution(self.row)
         counts, n = rec._counts, y.numel()
         seen = int(counts.act_n[slot, phase, self.row])
-        # y is detached, so no autograd graph is recorded (cheaper than entering no_grad)
-        parts = activation_moments(y.detach(), self.bounds, self.count_zeros, rec._scratch)
-        if seen == 0:  # written with every layer's at the step's end, in one kernel for all
+        batcher = rec._batcher
+        if seen == 0 and batcher is not None and batcher.takes_output(self.row, y):
+            batcher.add_output(y.detach(), slot, phase, self.row)  # reduced with the others' later
+        elif seen == 0:  # written with every layer's at the step's end, in one kernel for all
+            # y is detached, so no autograd graph is recorded (cheaper than entering no_grad)
+            parts = activation_moments(y.detach(), self.bounds, self.count_zeros, rec._scratch)
             rec._pending_moments.append((slot, rec._layer_offset(0, phase, self.row), parts))
+            if batcher is not None:
+                batcher.learn(self.row, y)
         else:  # the module ran again in this step: merge the calls (the first must be written)
+            parts = activation_moments(y.detach(), self.bounds, self.count_zeros, rec._scratch)
             rec._commit_moments()
             dst = rec._buffer_view(False, rec._layer_offset(slot, phase, self.row), len(parts))
             merge_activation_(dst, torch.stack(parts), seen, n)
@@ -137,7 +143,7 @@ class LayerProbe:
 
 
 class GradientProbe:
-    """Gradient hook of a layer's output: accumulates ||dL/dy|| for the step it was made in."""
+    """Gradient hook of a layer's output: accumulates ||dL/dy||^2 for the step it was made in."""
 
     __slots__ = ("rec", "row", "step")
 
@@ -151,8 +157,8 @@ class GradientProbe:
             return
         counts = rec._counts
         rec._capture_loss_scale(slot)  # the scale this backward ran with
-        accumulate_norm(rec._buffer_view(False, rec._layer_offset(slot, TRAIN, self.row) + GRAD_OUT_NORM),
-                        grad, first=counts.grad_calls[slot, self.row] == 0)
+        rec._add_square(rec._layer_offset(slot, TRAIN, self.row) + GRAD_OUT_SS, grad,
+                        first=counts.grad_calls[slot, self.row] == 0)
         counts.grad_n[slot, self.row] += grad.numel()
         counts.grad_calls[slot, self.row] += 1
 
@@ -215,9 +221,9 @@ class BlockProbe:
             rec._pending_tokens.append((slot, row, token_cosines(yb)))
             counts.block_tokens[slot, row] += yb.shape[0]
         if x.grad_fn is not None:
-            on_gradient(x, BlockGradientProbe(rec, row, rec.step_index, B_GRAD_IN_NORM))
+            on_gradient(x, BlockGradientProbe(rec, row, rec.step_index, B_GRAD_IN_SS))
         if y.grad_fn is not None:
-            on_gradient(y, BlockGradientProbe(rec, row, rec.step_index, B_GRAD_OUT_NORM))
+            on_gradient(y, BlockGradientProbe(rec, row, rec.step_index, B_GRAD_OUT_SS))
 
 
 class BranchProbe:
@@ -237,13 +243,14 @@ class BranchProbe:
             return
         slot = rec._open_slot()
         counts = rec._counts
-        accumulate_norm(rec._buffer_view(True, rec._block_offset(slot, self.row) + B_BRANCH_NORM), f.detach(),
-                        first=counts.block_branch[slot, self.row] == 0)
+        # F(x) is often modified in place next (out += x), so it is reduced now, never deferred
+        accumulate_square(rec._buffer_view(True, rec._block_offset(slot, self.row) + B_BRANCH_SS), f.detach(),
+                          first=counts.block_branch[slot, self.row] == 0)
         counts.block_branch[slot, self.row] += 1
 
 
 class BlockGradientProbe:
-    """Gradient hook of a block's input or output: accumulates the gradient norm."""
+    """Gradient hook of a block's input or output: accumulates the squared gradient norm."""
 
     __slots__ = ("rec", "row", "step", "column")
 
@@ -256,7 +263,7 @@ class BlockGradientProbe:
         if slot is None or rec._closed:
             return
         rec._capture_loss_scale(slot)
-        seen = rec._counts.block_grad_in if self.column == B_GRAD_IN_NORM else rec._counts.block_grad_out
-        accumulate_norm(rec._buffer_view(True, rec._block_offset(slot, self.row) + self.column), grad,
+        seen = rec._counts.block_grad_in if self.column == B_GRAD_IN_SS else rec._counts.block_grad_out
+        rec._add_square(rec._block_base + rec._block_offset(slot, self.row) + self.column, grad,
                         first=seen[slot, self.row] == 0)
         seen[slot, self.row] += 1

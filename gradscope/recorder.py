@@ -28,6 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from gradscope.attribution import Attribution, AttributionProbe
+from gradscope.batching import Batcher
+from gradscope.batching import enabled as batching_enabled
 from gradscope.blocks import Block, identity_terms, select_blocks
 from gradscope.layers import Layer, ModuleFilter, assign_depths, own_parameters, select_layers
 from gradscope.probes import BlockProbe, BranchProbe, LayerProbe
@@ -39,6 +41,7 @@ from gradscope.stats import (
     EVAL_ACCURACY,
     EVAL_LOSS,
     GRAD_GLOBAL_SS,
+    GRAD_OUT_SS,
     GRAD_SS,
     LOSS,
     LOSS_SCALE,
@@ -50,6 +53,7 @@ from gradscope.stats import (
     TRAIN,
     HostCounts,
     Scratch,
+    accumulate_square,
     squared_norms,
 )
 from gradscope.store import SCHEMA_VERSION, AttributionJob, FlushJob, RunWriter
@@ -145,9 +149,14 @@ class Recorder:
         # One slot more than a flush writes: the latest step stays on the device after a flush,
         # so step(loss=) called after optimizer.step() still finds it.
         self._capacity = flush_every + 1
-        self._layer_buf = torch.zeros(self._capacity, len(PHASES), n, N_LAYER_STATS, device=self.device)
+        # Layer and block statistics share one allocation, so a batched kernel can address any
+        # element of either by its offset (block elements start at _block_base).
+        layer_size, block_size = self._capacity * len(PHASES) * n * N_LAYER_STATS, self._capacity * nb * N_BLOCK_STATS
+        self._stats_flat = torch.zeros(layer_size + block_size, device=self.device)
+        self._block_base = layer_size
+        self._layer_buf = self._stats_flat[:layer_size].view(self._capacity, len(PHASES), n, N_LAYER_STATS)
+        self._block_buf = self._stats_flat[layer_size:].view(self._capacity, nb, N_BLOCK_STATS)
         self._step_buf = torch.zeros(self._capacity, N_STEP_STATS, device=self.device)
-        self._block_buf = torch.zeros(self._capacity, nb, N_BLOCK_STATS, device=self.device)
         # Flat views and strides, so a probe reaches its row with one slice instead of an
         # index chain (each indexing op is a dispatcher call, and probes run hundreds per step).
         self._layer_flat, self._block_flat = self._layer_buf.view(-1), self._block_buf.view(-1)
@@ -175,6 +184,8 @@ class Recorder:
         self._attribution = AttributionProbe(attribution, model, chosen_blocks, self.device) if attribution else None
         self._attribution_done: list[tuple[int, Tensor]] = []  # (step, [blocks, columns]) awaiting a flush
         self._next_attribution = 0
+        # On a GPU with Triton: outputs and gradients reduced many per launch (gradscope.batching)
+        self._batcher = Batcher(self) if batching_enabled(self.device) else None
 
         # Step state; all plain Python so hooks can test it without touching a tensor.
         self.step_index = 0
@@ -320,6 +331,8 @@ class Recorder:
             self._counts.clear(slot)
             if self.blocks:
                 self._block_buf[slot].zero_()  # block statistics are pure sums
+            if self._batcher is not None:  # batched kernels add squared norms to what is there
+                self._layer_buf[slot, TRAIN, :, GRAD_OUT_SS].zero_()
         return slot
 
     def _buffer_view(self, blocks: bool, start: int, length: int = 0) -> Tensor:
@@ -335,6 +348,19 @@ class Recorder:
                 self._views[key] = view
         return view
 
+    def _add_square(self, offset: int, grad: Tensor, first: bool) -> None:
+        """Add ||grad||^2 to element ``offset`` of the stats allocation (layer, or block from
+        ``_block_base`` on): held for a batched reduction where possible, else reduced now."""
+        batcher = self._batcher
+        if batcher is not None:
+            if batcher.add_square(offset, grad):
+                return
+            first = False  # the element was zeroed when the slot opened; the kernels add to it
+        view = self._views.get((None, offset, 0))
+        if view is None:
+            view = self._views[(None, offset, 0)] = self._stats_flat[offset]
+        accumulate_square(view, grad, first)
+
     def _layer_offset(self, slot: int, phase: int, row: int) -> int:
         a, b, c = self._layer_strides
         return slot * a + phase * b + row * c
@@ -344,7 +370,10 @@ class Recorder:
 
     def _commit_moments(self) -> None:
         """Write the pending activation moments into the layer buffer: a stack and an index copy
-        per slot (the offsets repeat from step to step, so their device index is built once)."""
+        per slot (the offsets repeat from step to step, so their device index is built once),
+        after the batched reduction of any held outputs."""
+        if self._batcher is not None:
+            self._batcher.reduce_outputs()
         per_slot = self._layer_strides[0]
         for slot, items in _take_by_slot(self._pending_moments).items():
             values = torch.stack([part for _, parts in items for part in parts])
@@ -451,6 +480,8 @@ class Recorder:
     def _record_parameters(self, slot: int) -> None:
         """Own-parameter and gradient norms of every row, and the global gradient norm
         (at the step's end, where the pending block sums are committed too)."""
+        if self._batcher is not None:
+            self._batcher.reduce_all()
         self._commit_moments()
         self._commit_blocks()
         self._scratch.release()  # in case the forward ended somewhere the model's hook did not see
@@ -496,6 +527,8 @@ class Recorder:
                                                ready=_copies_done(self.device)))
         if upto <= 0:
             return
+        if self._batcher is not None:
+            self._batcher.reduce_all()
         self._commit_moments()
         self._commit_blocks()
         counts = self._counts.take(upto)
@@ -577,8 +610,11 @@ class Recorder:
         self._sync_probes()  # a step the GradScaler skipped may have begun a recorded one
 
     def _model_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
-        """After each forward of the whole model: the probes' work vector is not needed until the next."""
+        """After each forward of the whole model: the probes' work vector is not needed until the
+        next, and the outputs held for a batched reduction are reduced."""
         self._scratch.release()
+        if self._batcher is not None:
+            self._batcher.end_forward()
 
     def _check_open(self) -> None:
         if self._closed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import pytest
@@ -10,6 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscope
+from gradscope import kernels
+
+# GRADSCOPE_TEST_BATCHING=torch (or =triton, with TRITON_INTERPRET=1) runs the whole suite with
+# the GPU's batched reductions forced on, on any device.
+kernels.MODE = os.environ.get("GRADSCOPE_TEST_BATCHING") or None
 
 
 def batches(model_kind: str, steps: int, seed: int = 0, batch: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:

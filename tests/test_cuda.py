@@ -117,6 +117,43 @@ def test_values_match_float64_on_cuda(tmp_path):
     assert math.isclose(rows.loc["head", "param_norm"], pnorm, rel_tol=1e-4)
 
 
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+def test_batched_statistics_match_float64_on_cuda(amp, tmp_path):
+    """From the second recorded step on, outputs and gradients are reduced by the batched kernels."""
+    from gradscope import kernels
+
+    if not kernels.triton_available(torch.device("cuda")):
+        pytest.skip("needs Triton")
+    torch.manual_seed(0)
+    model = TinyCNN().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = data("cnn", 3, "cuda")
+    outs, grads = {}, {}
+    step = [0]
+    for name in ("features.0", "features.1", "features.3", "head"):
+        def hook(m, i, o, name=name):
+            outs[step[0], name] = o.detach().double().clone()
+            o.register_hook(lambda g: grads.__setitem__((step[0], name), g.double().clone()))
+        model.get_submodule(name).register_forward_hook(hook)
+    with gradscope.watch(model, tmp_path / "r", optimizer=opt) as rec:
+        for x, y in batches:
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            step[0] += 1
+        held = {layer.name for layer in rec.layers if layer.row in rec._batcher.holdable}
+    assert held == {"features.0", "features.3", "head"}  # the BatchNorms are clobbered by ReLU(inplace)
+    rows = gradscope.load_run(tmp_path / "r").layers.query("phase == 'train'").set_index(["step", "layer"])
+    for (s, name), o in outs.items():
+        row = rows.loc[(s, name)]
+        assert math.isclose(row.act_mean, float(o.mean()), rel_tol=1e-4, abs_tol=1e-5 * float(o.abs().max()))
+        assert math.isclose(row.act_std, float(o.std(unbiased=False)), rel_tol=1e-4)
+        assert math.isclose(row.act_absmax, float(o.abs().max()), rel_tol=1e-4)
+        assert math.isclose(row.grad_out_norm, float(grads[s, name].norm()), rel_tol=1e-4)
+
+
 @pytest.mark.parametrize("name, overrides", [("resnet20", {}), ("transformer_lm_pre", {"depth": 4})])
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
 def test_reference_models_with_blocks_no_sync_and_bit_identical(name, overrides, amp, tmp_path):

@@ -1,0 +1,155 @@
+"""Reductions over many tensors in one launch: the statistics of every watched layer at once.
+
+On a GPU, a small training step is bound by the host launching kernels, and a recorder that
+reduces each layer's output and gradient with its own ops adds a dozen launches per layer. These
+kernels take a table of (address, element count, destination) rows, one per tensor, and reduce
+them all in one launch (one per dtype), in the spirit of PyTorch's ``_foreach`` multi-tensor
+kernels. Written in Triton, which ships with PyTorch's CUDA builds; where it is missing (CPU
+builds) ``reduce_moments`` and ``reduce_squares`` run the same arithmetic with torch ops per
+tensor, which is what the tests of the batching logic use on machines without a GPU.
+
+Per tensor, ``reduce_moments`` accumulates, in float32, the mean of d = y - c and of d^2 (c is
+the mean of 64 evenly spaced elements, as in ``stats._shifted_moments``, so the variance
+E[d^2] - E[d]^2 keeps its digits when the mean is large against the spread), max |y|, the count
+of nonzero elements and the count of saturated ones; ``reduce_squares`` accumulates sum(g^2).
+Programs add their partial results atomically, so the low bits can differ from run to run.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+#: Columns of the moments accumulator: E[d], E[d^2], max |y|, #nonzero, #saturated, shift c.
+M_D, M_D2, M_ABSMAX, M_NONZERO, M_SAT, M_SHIFT = range(6)
+N_MOMENT_COLS = 6
+#: Columns of the per-row parameter table: count zeros (0/1), has bounds (0/1), middle, threshold.
+N_ROW_PARAMS = 4
+
+_BLOCK = 1024
+_ITERS = 8
+_CHUNK = _BLOCK * _ITERS  # elements per program
+_SHIFT_SAMPLES = 64
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def supports(t: Tensor) -> bool:
+    """Whether ``t``'s elements can be read as one dense run of a supported dtype."""
+    if t.dtype not in _DTYPES:
+        return False
+    if t.is_contiguous():
+        return True
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_kernels() -> Any:
+    """The module of jitted kernels, or None without Triton."""
+    try:
+        from gradscope import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels
+
+
+def triton_available(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on ``device`` (a CUDA GPU with Triton installed)."""
+    return device.type == "cuda" and _triton_kernels() is not None
+
+
+# Set by tests: "torch" forces the torch path; "triton" runs the kernels on any device, which on a
+# CPU works only in Triton's interpreter (TRITON_INTERPRET=1 before triton is first imported).
+MODE: str | None = None
+
+
+def _kernels_for(device: torch.device) -> Any:
+    if MODE == "torch":
+        return None
+    if MODE == "triton" or device.type == "cuda":
+        return _triton_kernels()
+    return None
+
+
+def uses_triton(device: torch.device) -> bool:
+    """Whether ``reduce_moments``/``reduce_squares`` can run on ``device`` (else: the torch path)."""
+    return _kernels_for(device) is not None
+
+
+def _table(rows: Sequence[Sequence[int]], device: torch.device) -> Tensor:
+    """An int64 [rows, k] table on ``device``, through pinned memory without a blocking copy."""
+    host = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host
+
+
+def _by_dtype(tensors: Sequence[Tensor]) -> dict[torch.dtype, list[int]]:
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+    return groups
+
+
+def reduce_moments(tensors: Sequence[Tensor], cells: Sequence[int], rows: Sequence[int],
+                   row_params: Tensor, acc: Tensor) -> None:
+    """Accumulate the moments of each ``tensors[i]`` into ``acc.view(-1)[cells[i]:][:6]``.
+
+    ``acc`` is a zeroed float32 tensor on the tensors' device; ``rows[i]`` picks the row of
+    ``row_params`` ([rows, 4]: count zeros, has bounds, middle, threshold) that applies.
+    Every tensor must pass ``supports``, and ``uses_triton`` must hold for the device.
+    """
+    kernels = _kernels_for(acc.device)
+    for dtype, idx in _by_dtype(tensors).items():
+        table = _table([(tensors[i].data_ptr(), tensors[i].numel(), cells[i], rows[i]) for i in idx], acc.device)
+        chunks = max(-(-tensors[i].numel() // _CHUNK) for i in idx)
+        kernels.moments[(chunks, len(idx))](table, row_params, acc, DTYPE=kernels.DTYPES[dtype],
+                                            BLOCK=_BLOCK, ITERS=_ITERS, SAMPLES=_SHIFT_SAMPLES)
+
+
+def reduce_squares(tensors: Sequence[Tensor], cells: Sequence[int], acc: Tensor) -> None:
+    """Add sum(t^2) of each ``tensors[i]`` (float32 accumulation) to ``acc.view(-1)[cells[i]]``."""
+    kernels = _kernels_for(acc.device)
+    for dtype, idx in _by_dtype(tensors).items():
+        table = _table([(tensors[i].data_ptr(), tensors[i].numel(), cells[i]) for i in idx], acc.device)
+        chunks = max(-(-tensors[i].numel() // _CHUNK) for i in idx)
+        kernels.squares[(chunks, len(idx))](table, acc, DTYPE=kernels.DTYPES[dtype], BLOCK=_BLOCK, ITERS=_ITERS)
+
+
+def reduce_squares_by_torch(tensors: Sequence[Tensor], cells: Sequence[int], acc: Tensor) -> None:
+    """``reduce_squares`` with torch ops, one tensor at a time (no Triton)."""
+    flat = acc.view(-1)
+    for t, cell in zip(tensors, cells):
+        flat[cell] += torch.linalg.vector_norm(t, dtype=torch.float32).square()
+
+
+def reduce_moments_by_torch(tensors: Sequence[Tensor], cells: Sequence[int], rows: Sequence[int],
+                            params: Sequence[Sequence[float]], acc: Tensor) -> None:
+    """``reduce_moments`` with torch ops, one tensor at a time (no Triton); ``params``: the
+    parameter table as host lists."""
+    flat = acc.view(-1)
+    for t, cell, row in zip(tensors, cells, rows):
+        y = t.detach().reshape(-1).float()
+        n = y.numel()
+        c = y[:: max(n // _SHIFT_SAMPLES, 1)][:_SHIFT_SAMPLES].mean()
+        d = y - c
+        zeros_on, bounds_on, middle, threshold = params[row]
+        values = torch.stack([
+            flat[cell + M_D] + d.sum() / n,
+            flat[cell + M_D2] + d.square().sum() / n,
+            torch.maximum(flat[cell + M_ABSMAX], torch.linalg.vector_norm(y, float("inf"))),
+            flat[cell + M_NONZERO] + (torch.count_nonzero(y).float() if zeros_on else 0.0),
+            flat[cell + M_SAT] + (((y - middle).abs() >= threshold).sum().float() if bounds_on else 0.0),
+            c,
+        ])
+        flat[cell: cell + N_MOMENT_COLS] = values
+
+
+def finish_moments(acc: Tensor) -> Tensor:
+    """[N, 5] float32 (mean, variance, max |y|, #nonzero, #saturated) from an accumulator [N, 6]."""
+    m1, m2 = acc[:, M_D], acc[:, M_D2]
+    mean = acc[:, M_SHIFT] + m1
+    var = torch.addcmul(m2, m1, m1, value=-1).clamp_min_(0)
+    return torch.cat([mean[:, None], var[:, None], acc[:, M_ABSMAX:M_SAT + 1]], dim=1)

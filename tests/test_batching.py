@@ -1,0 +1,219 @@
+"""Batched reductions (the GPU path): held outputs and gradients give the same statistics.
+
+On a CPU the batcher is forced on with ``kernels.MODE = "torch"`` (the kernels' arithmetic in
+torch ops); the Triton kernels themselves are checked against float64 in Triton's interpreter
+when Triton is installed, and on a GPU by tests/test_cuda.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradscope
+from gradscope import batching, kernels, models
+from gradscope.testing import TinyCNN, TinyMLP, TwiceCalled
+
+
+class Bounded(nn.Module):
+    """Tanh (saturation counted) and ReLU6 layers, a shape for the channels-last path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.tanh = nn.Tanh()
+        self.relu6 = nn.ReLU6()
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu6(self.tanh(self.conv(x.contiguous(memory_format=torch.channels_last)) * 3) * 4)
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def _model(kind: str) -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if kind in ("resnet20", "transformer_lm_pre"):
+        overrides = {"depth": 2} if kind == "transformer_lm_pre" else {}
+        model = models.create(kind, **overrides)
+        data = [models.example_input(kind, batch=4, seed=i, **overrides) for i in range(4)]
+        return model, data
+    model = {"cnn": TinyCNN, "mlp": TinyMLP, "twice": TwiceCalled, "bounded": Bounded}[kind]()
+    shape = (6, 3, 8, 8) if kind in ("cnn", "bounded") else (6, 8)
+    return model, [(torch.randn(shape, generator=g), torch.randint(0, 4, (6,), generator=g)) for _ in range(4)]
+
+
+def _train(model, data, run=None, **kwargs):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    rec = gradscope.watch(model, run, optimizer=opt, **kwargs) if run is not None else None
+    for x, y in data:
+        opt.zero_grad()
+        out = model(x)
+        F.cross_entropy(out.flatten(0, -2), y.flatten()).backward()
+        opt.step()
+    if rec is not None:
+        rec.close()
+    return rec
+
+
+def _assert_same_tables(a: gradscope.Run, b: gradscope.Run) -> None:
+    for table in ("layers", "blocks"):
+        x, y = getattr(a, table), getattr(b, table)
+        assert list(x.columns) == list(y.columns) and len(x) == len(y), table
+        for column in x.columns:
+            if x[column].dtype.kind == "f":
+                np.testing.assert_allclose(y[column].to_numpy(), x[column].to_numpy(), rtol=2e-5, atol=1e-7,
+                                           err_msg=f"{table}.{column}")
+            else:
+                assert x[column].tolist() == y[column].tolist(), f"{table}.{column}"
+
+
+@pytest.mark.parametrize("kind", ["cnn", "mlp", "twice", "bounded", "resnet20", "transformer_lm_pre"])
+def test_batched_statistics_equal_immediate_ones_and_training_is_untouched(kind, tmp_path, monkeypatch):
+    base, data = _model(kind)
+    plain = copy.deepcopy(base)
+    _train(plain, data)
+    immediate = copy.deepcopy(base)
+    _train(immediate, data, tmp_path / "immediate")
+    monkeypatch.setattr(kernels, "MODE", "torch")
+    batched = copy.deepcopy(base)
+    rec = _train(batched, data, tmp_path / "batched")
+    assert rec._batcher is not None and rec._batcher.holdable  # held and reduced together
+    _assert_same_tables(gradscope.load_run(tmp_path / "immediate"), gradscope.load_run(tmp_path / "batched"))
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, batched.state_dict()[key]), key
+
+
+def test_outputs_changed_in_place_are_never_held(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "MODE", "torch")
+    model, data = _model("cnn")
+    rec = _train(model, data, tmp_path / "r")
+    names = {layer.row: layer.name for layer in rec.layers}
+    # BatchNorm outputs are overwritten by ReLU(inplace=True): learned at step 0, never held
+    assert {names[r] for r in rec._batcher.immediate} == {"features.1", "features.4"}
+    assert {names[r] for r in rec._batcher.holdable} == {"features.0", "features.3", "head"}
+
+
+class Clobbered(nn.Module):
+    """A layer whose output the parent overwrites in place, but only from step ``after`` on."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__()
+        self.lin, self.head, self.after, self.calls = nn.Linear(8, 8), nn.Linear(8, 4), after, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        if self.training and self.calls == self.after:
+            h.mul_(2)  # allowed by autograd: Linear's backward does not need its output
+        self.calls += 1
+        return self.head(torch.relu(h))
+
+
+def test_a_held_output_changed_later_is_dropped_not_recorded_wrong(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "MODE", "torch")
+    torch.manual_seed(0)
+    model = Clobbered(after=1)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g)) for _ in range(3)]
+    outputs = []
+    model.lin.register_forward_hook(lambda m, i, o: outputs.append(o.detach().double().clone()))
+    rec = _train(model, data, tmp_path / "r")
+    lin = gradscope.load_run(tmp_path / "r").layers.query("layer == 'lin' and phase == 'train'").set_index("step")
+    assert np.isnan(lin.loc[1, "act_mean"]) and np.isnan(lin.loc[1, "act_std"])  # the clobbered call: dropped
+    for step in (0, 2):  # learned at 0, then immediate again after the surprise
+        assert lin.loc[step, "act_mean"] == pytest.approx(float(outputs[step].mean()), rel=1e-5)
+        assert lin.loc[step, "act_std"] == pytest.approx(float(outputs[step].std(unbiased=False)), rel=1e-5)
+    assert lin.grad_out_norm.notna().all()  # gradients are unaffected
+    assert [layer.name for layer in rec.layers if layer.row in rec._batcher.immediate] == ["lin"]
+
+
+def test_holding_little_memory_reduces_early_with_the_same_results(tmp_path, monkeypatch):
+    model, data = _model("resnet20")
+    monkeypatch.setattr(kernels, "MODE", "torch")
+    _train(copy.deepcopy(model), data, tmp_path / "default")
+    calls = []
+    reduce = kernels.reduce_moments_by_torch
+    monkeypatch.setattr(kernels, "reduce_moments_by_torch", lambda t, *a: (calls.append(len(t)), reduce(t, *a)))
+    monkeypatch.setattr(batching, "HOLD_BYTES", 1)  # every tensor reduced as soon as it is held
+    _train(copy.deepcopy(model), data, tmp_path / "early")
+    assert calls and max(calls) == 1
+    _assert_same_tables(gradscope.load_run(tmp_path / "default"), gradscope.load_run(tmp_path / "early"))
+
+
+def test_a_failing_kernel_falls_back_to_torch_once_with_a_warning(tmp_path, monkeypatch):
+    model, data = _model("mlp")
+    _train(copy.deepcopy(model), data, tmp_path / "immediate")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(kernels, "MODE", "torch")
+    monkeypatch.setattr(kernels, "uses_triton", lambda device: True)
+    monkeypatch.setattr(kernels, "reduce_moments", broken)
+    monkeypatch.setattr(kernels, "reduce_squares", broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(copy.deepcopy(model), data, tmp_path / "fallback")
+    assert [str(w.message) for w in caught if "kernel failed" in str(w.message)] == [
+        "gradscope: batched statistics kernel failed (RuntimeError: no compiler); "
+        "reducing tensors one at a time from now on"]
+    _assert_same_tables(gradscope.load_run(tmp_path / "immediate"), gradscope.load_run(tmp_path / "fallback"))
+
+
+_KERNEL_CHECK = textwrap.dedent("""
+    import torch
+    from gradscope import kernels
+    kernels.MODE = "triton"
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)
+    ys = [r(3000) * 2 + 5, torch.relu(r(4, 16, 8, 8)), r(10000) * 1e-2 + 1e4, r(9000).tanh() * 1.02,
+          r(20000).to(torch.bfloat16), r(2, 3, 4, 5).contiguous(memory_format=torch.channels_last),
+          r(5).half(), torch.tensor([1.0, float("nan"), -3.0])]
+    rows = [0, 1, 0, 2, 0, 0, 0, 1]
+    params = [[0, 0, 0, float("inf")], [1, 0, 0, float("inf")], [0, 1, 0.0, 0.98]]
+    ys[-1] = ys[-1].to(DEVICE)
+    acc = torch.zeros(len(ys), 6, device=DEVICE)
+    kernels.reduce_moments(ys, [6 * i for i in range(len(ys))], rows, torch.tensor(params, device=DEVICE), acc)
+    got = kernels.finish_moments(acc).double()
+    for y, row, out in zip(ys, rows, got.cpu()):
+        y = y.double().flatten().cpu()
+        want = torch.stack([y.mean(), y.var(correction=0), y.abs().max(),
+                            (y != 0).sum().double() if params[row][0] else torch.tensor(0.0).double(),
+                            (y.abs() >= 0.98).sum().double() if params[row][1] else torch.tensor(0.0).double()])
+        if y.isnan().any():
+            assert out[:3].isnan().all() and out[3] == 3, out
+            continue
+        assert torch.allclose(out, want, rtol=1e-5, atol=1e-6 * float(y.abs().max())), (out, want)
+    sq = torch.zeros(2, device=DEVICE)
+    kernels.reduce_squares([ys[0], ys[1], ys[4]], [0, 1, 1], sq)
+    want = [ys[0].double().square().sum(), ys[1].double().square().sum() + ys[4].double().square().sum()]
+    assert torch.allclose(sq.double(), torch.stack(want), rtol=1e-5), (sq, want)
+    kernels.MODE = None
+    print("ok")
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its CPU interpreter)")
+def test_triton_kernels_match_float64_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", "DEVICE = 'cpu'\n" + _KERNEL_CHECK], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_kernels_match_float64_on_cuda():
+    if not kernels.triton_available(torch.device("cuda")):
+        pytest.skip("needs Triton")
+    exec(compile(_KERNEL_CHECK, "kernel_check", "exec"), {"DEVICE": "cuda"})
