@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from gradscope import kernels
-from gradscope.stats import SATURATION_MARGIN
+from gradscope.stats import PHASES, SATURATION_MARGIN
 
 if TYPE_CHECKING:
     from gradscope.recorder import Recorder
@@ -52,6 +52,7 @@ class Batcher:
         self.rec = rec
         self.device = rec.device
         self.thread = threading.get_ident()
+        self.stream_of = _stream_getter(self.device)
         params = []
         for layer in rec.layers:
             bounds = layer.saturation_bounds
@@ -63,8 +64,15 @@ class Batcher:
         self.holdable: set[int] = set()  # layers whose outputs stayed untouched to the forward's end
         self.immediate: set[int] = set()  # layers whose outputs were changed in place
         self.watched: list[tuple[Tensor, int, int]] = []  # (output, version, row) being learned
-        self.outputs: list[tuple[Tensor, int, int, int, int]] = []  # (output, version, slot, phase, row)
+        self.outputs: list[tuple[Tensor, int, int, int]] = []  # held (output, version, phase, row)
         self.output_bytes = 0
+        # Moments of the current forward's first calls, [phase * layers + row, 6], summed by the
+        # kernels and turned into buffer columns once per forward (finish): acc_cells lists the
+        # rows written, acc_slot the step's buffer slot.
+        self.layers = len(rec.layers)
+        self.acc = torch.zeros(len(PHASES) * self.layers, kernels.N_MOMENT_COLS, device=self.device)
+        self.acc_cells: list[int] = []
+        self.acc_slot: int | None = None
         self.grads: list[Tensor] = []
         self.grad_cells: list[int] = []
         self.grad_bytes = 0
@@ -74,60 +82,92 @@ class Batcher:
     # ------------------------------------------------------------------ layer outputs
 
     def takes_output(self, row: int, y: Tensor) -> bool:
-        return (row in self.holdable and y.device == self.device and kernels.supports(y)
-                and threading.get_ident() == self.thread)
+        """Whether ``y`` can be held (its layer's outputs survive the forward) rather than reduced now."""
+        return row in self.holdable and self._readable(y)
 
     def add_output(self, y: Tensor, slot: int, phase: int, row: int) -> None:
-        self.outputs.append((y, y._version, slot, phase, row))
+        self._claim(slot)
+        self.outputs.append((y, y._version, phase, row))
         self.output_bytes += y.numel() * y.element_size()
         if self.output_bytes >= HOLD_BYTES:
             self.reduce_outputs()
 
+    def reduce_now(self, y: Tensor, slot: int, phase: int, row: int) -> bool:
+        """Reduce ``y`` into the accumulator at once (one launch; its values may not last);
+        False where the kernels cannot read it."""
+        if not self._readable(y):
+            return False
+        self._claim(slot)
+        cell = phase * self.layers + row
+        self._run(lambda: kernels.reduce_moment(y, cell * kernels.N_MOMENT_COLS, row, self.row_params, self.acc),
+                  lambda: kernels.reduce_moments_by_torch([y], [cell * kernels.N_MOMENT_COLS], [row],
+                                                          self.host_params, self.acc))
+        self.acc_cells.append(cell)
+        return True
+
     def learn(self, row: int, y: Tensor) -> None:
         """Watch a layer's first output (reduced at once) to see whether it survives the forward."""
-        if row in self.holdable or row in self.immediate:
-            return
-        if y.device != self.device or not kernels.supports(y) or threading.get_ident() != self.thread:
+        if row in self.holdable or row in self.immediate or not self._readable(y):
             return
         self.watched.append((y.detach(), y._version, row))
-        if len(self.watched) > 4 * len(self.row_params) + 64:  # forwards that never end at the model
+        if len(self.watched) > 4 * self.layers + 64:  # forwards that never end at the model
             self.end_forward()
 
     def end_forward(self) -> None:
-        """The model's forward returned: settle what was learned and reduce the held outputs."""
+        """The model's forward returned: settle what was learned and write this forward's moments."""
         for y, version, row in self.watched:
             if row not in self.immediate:
                 (self.holdable if y._version == version else self.immediate).add(row)
         self.watched.clear()
-        self.reduce_outputs()
+        self.finish()
 
     def reduce_outputs(self) -> None:
-        """Reduce every held output into the layer buffer (first calls of their step only)."""
+        """Reduce every held output into the accumulator, one launch per dtype."""
         if not self.outputs:
             return
         entries, self.outputs, self.output_bytes = self.outputs, [], 0
-        rec, counts = self.rec, self.rec._counts
-        by_slot: dict[int, list[tuple[Tensor, int, int]]] = {}
-        for y, version, slot, phase, row in entries:
+        counts, slot = self.rec._counts, self.acc_slot
+        tensors, cells, rows = [], [], []
+        for y, version, phase, row in entries:
             if y._version != version:  # changed in place after all: drop the call, stop holding
-                n = y.numel()
-                counts.act_n[slot, phase, row] -= n
+                counts.act_n[slot, phase, row] -= y.numel()
                 counts.act_calls[slot, phase, row] -= 1
                 self.holdable.discard(row)
                 self.immediate.add(row)
                 continue
-            by_slot.setdefault(slot, []).append((y, phase, row))
+            tensors.append(y)
+            cells.append((phase * self.layers + row) * kernels.N_MOMENT_COLS)
+            rows.append(row)
+            self.acc_cells.append(phase * self.layers + row)
+        if tensors:
+            self._run(lambda: kernels.reduce_moments(tensors, cells, rows, self.row_params, self.acc),
+                      lambda: kernels.reduce_moments_by_torch(tensors, cells, rows, self.host_params, self.acc))
+
+    def finish(self) -> None:
+        """Write the accumulated moments into the layer buffer and clear the accumulator."""
+        self.reduce_outputs()
+        if not self.acc_cells:
+            self.acc_slot = None
+            return
+        rec, cells = self.rec, tuple(self.acc_cells)
+        take = rec._pattern_index("elements", tuple((cell, 1) for cell in cells))
+        values = kernels.finish_moments(self.acc.index_select(0, take)).view(-1)
         per_slot = rec._layer_strides[0]
-        for slot, items in by_slot.items():
-            acc = torch.zeros(len(items), kernels.N_MOMENT_COLS, device=self.device)
-            tensors = [y for y, _, _ in items]
-            cells = [i * kernels.N_MOMENT_COLS for i in range(len(items))]
-            rows = [row for _, _, row in items]
-            self._run(lambda: kernels.reduce_moments(tensors, cells, rows, self.row_params, acc),
-                      lambda: kernels.reduce_moments_by_torch(tensors, cells, rows, self.host_params, acc))
-            values = kernels.finish_moments(acc).view(-1)
-            index = rec._pattern_index("elements", tuple((rec._layer_offset(0, phase, row), 5) for _, phase, row in items))
-            rec._buffer_view(False, slot * per_slot, per_slot).index_copy_(0, index, values)
+        index = rec._pattern_index("elements", tuple((rec._layer_offset(0, *divmod(cell, self.layers)), 5)
+                                                      for cell in cells))
+        rec._buffer_view(False, self.acc_slot * per_slot, per_slot).index_copy_(0, index, values)
+        self.acc.zero_()
+        self.acc_cells, self.acc_slot = [], None
+
+    def _claim(self, slot: int) -> None:
+        """The accumulator holds one step's moments: finish another step's first."""
+        if self.acc_slot != slot:
+            if self.acc_slot is not None:
+                self.finish()
+            self.acc_slot = slot
+
+    def _readable(self, t: Tensor) -> bool:
+        return t.device == self.device and kernels.supports(t) and threading.get_ident() == self.thread
 
     # ------------------------------------------------------------------ gradients
 
@@ -135,7 +175,7 @@ class Batcher:
         """Hold ``grad`` to add its squared norm to buffer element ``cell``; False if it cannot be held."""
         if grad.device != self.device or not kernels.supports(grad) or grad.requires_grad:
             return False
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        stream = self.stream_of()
         if stream != self.grad_stream:
             self.reduce_grads()
             self.grad_stream = stream
@@ -153,11 +193,12 @@ class Batcher:
         grads, cells = self.grads, self.grad_cells
         self.grads, self.grad_cells, self.grad_bytes = [], [], 0
         flat = self.rec._stats_flat
-        with _on_stream(self.grad_stream):
+        with _on_stream(self.device, self.grad_stream):
             self._run(lambda: kernels.reduce_squares(grads, cells, flat),
                       lambda: kernels.reduce_squares_by_torch(grads, cells, flat))
 
     def reduce_all(self) -> None:
+        """Everything held, written (the step ends, or the buffer is about to be copied)."""
         self.end_forward()
         self.reduce_grads()
 
@@ -175,6 +216,19 @@ class Batcher:
         fallback()
 
 
-def _on_stream(stream: Any) -> Any:
-    """``torch.cuda.stream(stream)``, or nothing to do for None (CPU)."""
-    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+def _stream_getter(device: torch.device) -> Any:
+    """A cheap function giving the current stream's handle on ``device`` (None on a CPU)."""
+    if device.type != "cuda":
+        return lambda: None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # about 50 times cheaper than current_stream()
+    if raw is not None:
+        return lambda: raw(index)
+    return lambda: torch.cuda.current_stream(index).cuda_stream
+
+
+def _on_stream(device: torch.device, handle: Any) -> Any:
+    """Make the stream with handle ``handle`` current (nothing to do on a CPU)."""
+    if handle is None:
+        return contextlib.nullcontext()
+    return torch.cuda.stream(torch.cuda.ExternalStream(handle, device=device))

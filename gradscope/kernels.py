@@ -109,6 +109,14 @@ def reduce_moments(tensors: Sequence[Tensor], cells: Sequence[int], rows: Sequen
                                             BLOCK=_BLOCK, ITERS=_ITERS, SAMPLES=_SHIFT_SAMPLES)
 
 
+def reduce_moment(y: Tensor, cell: int, row: int, row_params: Tensor, acc: Tensor) -> None:
+    """``reduce_moments`` of one tensor, launched with no table (for outputs that cannot wait)."""
+    kernels = _kernels_for(acc.device)
+    chunks = -(-y.numel() // _CHUNK)
+    kernels.moments_one[(chunks,)](y, y.numel(), cell, row, row_params, acc, BLOCK=_BLOCK, ITERS=_ITERS,
+                                   SAMPLES=_SHIFT_SAMPLES)
+
+
 def reduce_squares(tensors: Sequence[Tensor], cells: Sequence[int], acc: Tensor) -> None:
     """Add sum(t^2) of each ``tensors[i]`` (float32 accumulation) to ``acc.view(-1)[cells[i]]``."""
     kernels = _kernels_for(acc.device)

@@ -123,6 +123,8 @@ class LayerProbe:
         batcher = rec._batcher
         if seen == 0 and batcher is not None and batcher.takes_output(self.row, y):
             batcher.add_output(y.detach(), slot, phase, self.row)  # reduced with the others' later
+        elif seen == 0 and batcher is not None and batcher.reduce_now(y.detach(), slot, phase, self.row):
+            batcher.learn(self.row, y)  # one launch now; held from the next step if it survives
         elif seen == 0:  # written with every layer's at the step's end, in one kernel for all
             # y is detached, so no autograd graph is recorded (cheaper than entering no_grad)
             parts = activation_moments(y.detach(), self.bounds, self.count_zeros, rec._scratch)

@@ -373,7 +373,7 @@ class Recorder:
         per slot (the offsets repeat from step to step, so their device index is built once),
         after the batched reduction of any held outputs."""
         if self._batcher is not None:
-            self._batcher.reduce_outputs()
+            self._batcher.finish()
         per_slot = self._layer_strides[0]
         for slot, items in _take_by_slot(self._pending_moments).items():
             values = torch.stack([part for _, parts in items for part in parts])

@@ -16,17 +16,14 @@ DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: 
 def max_with_nan(a, b):
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
+
 @triton.jit
-def moments(table, row_params, acc, DTYPE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
-            SAMPLES: tl.constexpr):
-    chunk = tl.program_id(0)
-    t = tl.program_id(1)
-    n = tl.load(table + t * 4 + 1)
+def _moments_of_chunk(base, n, chunk, cell, row, row_params, acc, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                      SAMPLES: tl.constexpr):
+    """Add chunk ``chunk`` of the tensor at ``base`` to accumulator row ``acc + cell``."""
     start = chunk.to(tl.int64) * (BLOCK * ITERS)
     if start < n:
-        base = tl.load(table + t * 4).to(tl.pointer_type(DTYPE))
-        cell = tl.load(table + t * 4 + 2)
-        row = tl.load(table + t * 4 + 3)
+        # the shift c: the mean of SAMPLES evenly spaced elements, the same in every program
         step = tl.maximum(n // SAMPLES, 1)
         spots = tl.arange(0, SAMPLES).to(tl.int64) * step
         samples = tl.load(base + spots, mask=spots < n, other=0.0).to(tl.float32)
@@ -58,6 +55,27 @@ def moments(table, row_params, acc, DTYPE: tl.constexpr, BLOCK: tl.constexpr, IT
         tl.atomic_add(acc + cell + 4, tl.sum(saturated, axis=0) * bounds_on)
         if chunk == 0:
             tl.store(acc + cell + 5, c)
+
+
+@triton.jit
+def moments(table, row_params, acc, DTYPE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+            SAMPLES: tl.constexpr):
+    """Moments of many tensors: program (chunk, t) reads chunk ``chunk`` of table row t's tensor."""
+    t = tl.program_id(1)
+    base = tl.load(table + t * 4).to(tl.pointer_type(DTYPE))
+    n = tl.load(table + t * 4 + 1)
+    cell = tl.load(table + t * 4 + 2)
+    row = tl.load(table + t * 4 + 3)
+    _moments_of_chunk(base, n, tl.program_id(0), cell, row, row_params, acc, BLOCK, ITERS, SAMPLES)
+
+
+@triton.jit(do_not_specialize=["n", "cell", "row"])
+def moments_one(y, n, cell, row, row_params, acc, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                SAMPLES: tl.constexpr):
+    """Moments of one tensor, passed directly (no table to copy to the device first)."""
+    _moments_of_chunk(y, n.to(tl.int64), tl.program_id(0), cell.to(tl.int64), row, row_params, acc, BLOCK, ITERS,
+                      SAMPLES)
+
 
 @triton.jit
 def squares(table, acc, DTYPE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):

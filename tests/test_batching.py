@@ -161,6 +161,7 @@ def test_a_failing_kernel_falls_back_to_torch_once_with_a_warning(tmp_path, monk
     monkeypatch.setattr(kernels, "MODE", "torch")
     monkeypatch.setattr(kernels, "uses_triton", lambda device: True)
     monkeypatch.setattr(kernels, "reduce_moments", broken)
+    monkeypatch.setattr(kernels, "reduce_moment", broken)
     monkeypatch.setattr(kernels, "reduce_squares", broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -199,6 +200,10 @@ _KERNEL_CHECK = textwrap.dedent("""
     kernels.reduce_squares([ys[0], ys[1], ys[4]], [0, 1, 1], sq)
     want = [ys[0].double().square().sum(), ys[1].double().square().sum() + ys[4].double().square().sum()]
     assert torch.allclose(sq.double(), torch.stack(want), rtol=1e-5), (sq, want)
+    acc = torch.zeros(3, 6, device=DEVICE)  # one tensor, launched without a table
+    kernels.reduce_moment(ys[1], 6, 1, torch.tensor(params, device=DEVICE), acc)
+    one = kernels.finish_moments(acc[1:2])[0].double().cpu()
+    assert torch.allclose(one, got[1].cpu(), rtol=1e-5), (one, got[1])
     kernels.MODE = None
     print("ok")
 """)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscope
+from gradscope import kernels
 from gradscope.layers import with_activations
 from gradscope.testing import TinyCNN, TinyMLP, TwiceCalled
 from conftest import batches
@@ -286,8 +287,9 @@ def test_fast_cpu_moments_of_large_tensors_match_float64(kind):
     assert torch.equal(torch.stack(activation_moments(y, None, False, scratch)), torch.stack(parts))
 
 
-def test_work_vector_lives_during_forwards_only(run_dir):
+def test_work_vector_lives_during_forwards_only(run_dir, monkeypatch):
     """The CPU work vector is released when the model's forward ends, before backward's peak."""
+    monkeypatch.setattr(kernels, "MODE", None)  # the CPU's immediate path, even in a batched test run
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 4))
     x, y = torch.randn(64, 64), torch.randint(0, 4, (64,))
