@@ -57,6 +57,7 @@ from torch import nn
 
 import gradscope
 from gradscope import models
+from gradscope.batching import enabled as batching_enabled
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -111,6 +112,26 @@ class Gradscope(Variant):
         path = tmp / f"gradscope-{time.monotonic_ns()}"
         with gradscope.watch(model, path, optimizer=opt, every=self.every) as rec:
             yield lambda loss: rec.step(loss=loss)
+
+
+class GradscopeUnbatched(Gradscope):
+    """gradscope every=1 with the GPU's batched reductions off: each tensor reduced by its own ops."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.name = "gradscope every=1, unbatched"
+
+    @contextlib.contextmanager
+    def attach(self, model, opt, tmp):
+        from gradscope import kernels
+
+        kernels.MODE = "off"  # read when the recorder is made
+        try:
+            with super().attach(model, opt, tmp) as after_backward:
+                kernels.MODE = None
+                yield after_backward
+        finally:
+            kernels.MODE = None
 
 
 @contextlib.contextmanager
@@ -230,6 +251,8 @@ class TensorBoardHistograms(Variant):
 def variants(only: str | None = None) -> list[Variant]:
     """Every variant whose tools are installed; ``only``: comma-separated name fragments (none is kept)."""
     out: list[Variant] = [Nothing(), EmptyHooks(), Gradscope(1), Gradscope(10), NaiveHooks()]
+    if torch.cuda.is_available() and batching_enabled(torch.device("cuda")):
+        out.insert(3, GradscopeUnbatched())  # what the batched kernels save, in the same run
     for module, cls in (("wandb", WandbWatch), ("tensorboard", TensorBoardHistograms)):
         try:
             __import__(module)

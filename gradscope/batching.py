@@ -23,6 +23,7 @@ takes the immediate path.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor
 
 from gradscope import kernels
+from gradscope.blocks import sample_squares
 from gradscope.stats import PHASES, SATURATION_MARGIN
 
 if TYPE_CHECKING:
@@ -41,8 +43,11 @@ HOLD_BYTES = 64 << 20
 
 
 def enabled(device: torch.device) -> bool:
-    """Whether recorders on ``device`` batch their reductions (CUDA with Triton, or tests' MODE)."""
-    return kernels.MODE is not None or kernels.triton_available(device)
+    """Whether recorders on ``device`` batch their reductions: on CUDA with Triton unless the
+    environment sets GRADSCOPE_BATCHING=0 (or ``kernels.MODE`` says otherwise, in tests)."""
+    if kernels.MODE is not None:
+        return kernels.MODE != "off"
+    return os.environ.get("GRADSCOPE_BATCHING", "1") != "0" and kernels.triton_available(device)
 
 
 class Batcher:
@@ -168,6 +173,18 @@ class Batcher:
 
     def _readable(self, t: Tensor) -> bool:
         return t.device == self.device and kernels.supports(t) and threading.get_ident() == self.thread
+
+    # ------------------------------------------------------------------ blocks
+
+    def sample_squares(self, x: Tensor, y: Tensor) -> Tensor | None:
+        """``blocks.sample_squares`` in one launch that reads x and y once; None where it cannot."""
+        if not (x.is_contiguous() and y.is_contiguous() and self._readable(x) and self._readable(y)):
+            return None
+        samples = x.shape[0] if x.dim() else 1
+        out = torch.zeros(3, samples, device=self.device)
+        self._run(lambda: kernels.sample_squares(x, y, out),
+                  lambda: out.copy_(sample_squares(x, y)))
+        return out
 
     # ------------------------------------------------------------------ gradients
 

@@ -105,32 +105,33 @@ def select_blocks(model: nn.Module, blocks: ModuleFilter | None) -> list[tuple[B
     return out
 
 
-def sample_norms(x: Tensor, y: Tensor, scratch: Scratch | None = None) -> Tensor:
-    """[3, samples] float32: ||y_i - x_i||, ||x_i|| and ||y_i|| for each sample (leading dim).
+def sample_squares(x: Tensor, y: Tensor, scratch: Scratch | None = None) -> Tensor:
+    """[3, samples] float32: ||y_i - x_i||^2, ||x_i||^2 and ||y_i||^2 for each sample (leading dim).
 
     ``y - x`` is formed explicitly, so an exact identity gives exactly 0. On CUDA the three
-    reductions are one kernel over a stacked copy (launches cost more than bytes there); on the
-    CPU three separate reductions avoid the copy, and ``y - x`` goes into ``scratch`` if given.
+    reductions are one kernel over a stacked copy (launches cost more than bytes there; with
+    Triton, ``kernels.sample_squares`` reads x and y once instead); on the CPU three separate
+    reductions avoid the copy, and ``y - x`` goes into ``scratch`` if given.
     """
     n = x.shape[0] if x.dim() > 0 else 1
     x2, y2 = x.reshape(n, -1), y.reshape(n, -1)
     if x2.dtype != torch.float32 or y2.dtype != torch.float32:
         x2, y2 = x2.float(), y2.float()
     if x2.is_cuda:
-        return torch.linalg.vector_norm(torch.stack([y2 - x2, x2, y2]), dim=-1)
+        return torch.linalg.vector_norm(torch.stack([y2 - x2, x2, y2]), dim=-1).square_()
     diff = y2 - x2 if scratch is None else torch.sub(y2, x2, out=scratch.take(y2.numel(), y2).view(y2.shape))
     return torch.stack([torch.linalg.vector_norm(diff, dim=1), torch.linalg.vector_norm(x2, dim=1),
-                        torch.linalg.vector_norm(y2, dim=1)])
+                        torch.linalg.vector_norm(y2, dim=1)]).square_()
 
 
-def identity_terms(norms: Tensor) -> Tensor:
-    """[samples, 3] float32 from ``sample_norms`` (of any number of blocks, concatenated):
+def identity_terms(squares: Tensor) -> Tensor:
+    """[samples, 3] float32 from ``sample_squares`` (of any number of blocks, concatenated):
     ||y - x||^2, ||x||^2 and cos(x, y) per sample, to be summed into the block buffer.
 
     The cosine needs no extra pass: x.y = (|x|^2 + |y|^2 - |y - x|^2) / 2.
     """
-    sq = norms.square()
-    cos = (sq[1] + sq[2] - sq[0]) / (2 * norms[1] * norms[2]).clamp_min(1e-30)
+    sq = squares
+    cos = (sq[1] + sq[2] - sq[0]) / (2 * sq[1].sqrt() * sq[2].sqrt()).clamp_min(1e-30)
     return torch.stack([sq[0], sq[1], cos.clamp(-1, 1)], dim=1)
 
 

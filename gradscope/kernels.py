@@ -2,11 +2,12 @@
 
 On a GPU, a small training step is bound by the host launching kernels, and a recorder that
 reduces each layer's output and gradient with its own ops adds a dozen launches per layer. These
-kernels take a table of (address, element count, destination) rows, one per tensor, and reduce
-them all in one launch (one per dtype), in the spirit of PyTorch's ``_foreach`` multi-tensor
-kernels. Written in Triton, which ships with PyTorch's CUDA builds; where it is missing (CPU
-builds) ``reduce_moments`` and ``reduce_squares`` run the same arithmetic with torch ops per
-tensor, which is what the tests of the batching logic use on machines without a GPU.
+kernels take up to eight tensors per launch as arguments, with their element counts and
+destinations, and reduce them together, in the spirit of PyTorch's ``_foreach`` multi-tensor
+kernels (and, like them, with nothing copied to the device first). Written in Triton, which
+ships with PyTorch's CUDA builds; where it is missing (CPU builds) the same arithmetic runs with
+torch ops per tensor (``reduce_moments_by_torch``, ``reduce_squares_by_torch``), which is what
+the tests of the batching logic use on machines without a GPU.
 
 Per tensor, ``reduce_moments`` accumulates, in float32, the mean of d = y - c and of d^2 (c is
 the mean of 64 evenly spaced elements, as in ``stats._shifted_moments``, so the variance
@@ -60,8 +61,9 @@ def triton_available(device: torch.device) -> bool:
     return device.type == "cuda" and _triton_kernels() is not None
 
 
-# Set by tests: "torch" forces the torch path; "triton" runs the kernels on any device, which on a
-# CPU works only in Triton's interpreter (TRITON_INTERPRET=1 before triton is first imported).
+# Set by tests and benchmarks: "torch" forces batching with the torch path; "triton" runs the
+# kernels on any device, which on a CPU works only in Triton's interpreter (TRITON_INTERPRET=1
+# before triton is first imported); "off" turns batching off.
 MODE: str | None = None
 
 
@@ -78,19 +80,16 @@ def uses_triton(device: torch.device) -> bool:
     return _kernels_for(device) is not None
 
 
-def _table(rows: Sequence[Sequence[int]], device: torch.device) -> Tensor:
-    """An int64 [rows, k] table on ``device``, through pinned memory without a blocking copy."""
-    host = torch.tensor(rows, dtype=torch.int64)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host
-
-
-def _by_dtype(tensors: Sequence[Tensor]) -> dict[torch.dtype, list[int]]:
-    groups: dict[torch.dtype, list[int]] = {}
+def _groups(tensors: Sequence[Tensor], size: int) -> list[list[int]]:
+    """Indices of ``tensors`` in groups of one dtype and at most ``size`` (one launch each)."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
     for i, t in enumerate(tensors):
-        groups.setdefault(t.dtype, []).append(i)
-    return groups
+        by_dtype.setdefault(t.dtype, []).append(i)
+    return [idx[k:k + size] for idx in by_dtype.values() for k in range(0, len(idx), size)]
+
+
+def _padded(values: list[Any], fill: Any, size: int) -> list[Any]:
+    return values + [fill] * (size - len(values))
 
 
 def reduce_moments(tensors: Sequence[Tensor], cells: Sequence[int], rows: Sequence[int],
@@ -102,11 +101,14 @@ def reduce_moments(tensors: Sequence[Tensor], cells: Sequence[int], rows: Sequen
     Every tensor must pass ``supports``, and ``uses_triton`` must hold for the device.
     """
     kernels = _kernels_for(acc.device)
-    for dtype, idx in _by_dtype(tensors).items():
-        table = _table([(tensors[i].data_ptr(), tensors[i].numel(), cells[i], rows[i]) for i in idx], acc.device)
-        chunks = max(-(-tensors[i].numel() // _CHUNK) for i in idx)
-        kernels.moments[(chunks, len(idx))](table, row_params, acc, DTYPE=kernels.DTYPES[dtype],
-                                            BLOCK=_BLOCK, ITERS=_ITERS, SAMPLES=_SHIFT_SAMPLES)
+    k = kernels.ARGS
+    for idx in _groups(tensors, k):
+        ys = [tensors[i] for i in idx]
+        chunks = max(-(-y.numel() // _CHUNK) for y in ys)
+        kernels.moments[(chunks, len(ys))](
+            *_padded(ys, ys[0], k), *_padded([y.numel() for y in ys], 0, k),
+            *_padded([cells[i] for i in idx], 0, k), *_padded([rows[i] for i in idx], 0, k),
+            row_params, acc, BLOCK=_BLOCK, ITERS=_ITERS, SAMPLES=_SHIFT_SAMPLES)
 
 
 def reduce_moment(y: Tensor, cell: int, row: int, row_params: Tensor, acc: Tensor) -> None:
@@ -120,10 +122,23 @@ def reduce_moment(y: Tensor, cell: int, row: int, row_params: Tensor, acc: Tenso
 def reduce_squares(tensors: Sequence[Tensor], cells: Sequence[int], acc: Tensor) -> None:
     """Add sum(t^2) of each ``tensors[i]`` (float32 accumulation) to ``acc.view(-1)[cells[i]]``."""
     kernels = _kernels_for(acc.device)
-    for dtype, idx in _by_dtype(tensors).items():
-        table = _table([(tensors[i].data_ptr(), tensors[i].numel(), cells[i]) for i in idx], acc.device)
-        chunks = max(-(-tensors[i].numel() // _CHUNK) for i in idx)
-        kernels.squares[(chunks, len(idx))](table, acc, DTYPE=kernels.DTYPES[dtype], BLOCK=_BLOCK, ITERS=_ITERS)
+    k = kernels.ARGS
+    for idx in _groups(tensors, k):
+        gs = [tensors[i] for i in idx]
+        chunks = max(-(-g.numel() // _CHUNK) for g in gs)
+        kernels.squares[(chunks, len(gs))](
+            *_padded(gs, gs[0], k), *_padded([g.numel() for g in gs], 0, k),
+            *_padded([cells[i] for i in idx], 0, k), acc, BLOCK=_BLOCK, ITERS=_ITERS)
+
+
+def sample_squares(x: Tensor, y: Tensor, out: Tensor) -> None:
+    """Add ||y_i - x_i||^2, ||x_i||^2, ||y_i||^2 of each sample i (leading dim) of two contiguous
+    tensors of one shape to ``out`` [3, samples] (zeroed, float32), reading each once."""
+    kernels = _kernels_for(out.device)
+    samples = out.shape[1]
+    per_sample = x.numel() // samples
+    chunks = -(-per_sample // _CHUNK)
+    kernels.sample_squares[(chunks, samples)](x, y, out, samples, per_sample, BLOCK=_BLOCK, ITERS=_ITERS)
 
 
 def reduce_squares_by_torch(tensors: Sequence[Tensor], cells: Sequence[int], acc: Tensor) -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from gradscope.blocks import sample_norms, token_cosines
+from gradscope.blocks import token_cosines
 from gradscope.stats import (
     B_BRANCH_SS,
     B_GRAD_IN_SS,
@@ -216,7 +216,7 @@ class BlockProbe:
             xs, ys = (t.detach().transpose(0, 1) if self.seq_first and t.dim() == 3 else t.detach()
                       for t in (x, y))
             # per-sample norms now; the recorder sums them for all blocks at once at the step's end
-            rec._pending_identity.append((slot, row, sample_norms(xs, ys, rec._scratch)))
+            rec._pending_identity.append((slot, row, rec._identity_squares(xs, ys)))
             counts.block_samples[slot, row] += xs.shape[0] if xs.dim() else 1
         if y.dim() == 3 and y.shape[1 - self.seq_first] > 1:  # [batch, tokens, dim]
             yb = y.detach().transpose(0, 1) if self.seq_first else y.detach()

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from gradscope.attribution import Attribution, AttributionProbe
 from gradscope.batching import Batcher
 from gradscope.batching import enabled as batching_enabled
-from gradscope.blocks import Block, identity_terms, select_blocks
+from gradscope.blocks import Block, identity_terms, sample_squares, select_blocks
 from gradscope.layers import Layer, ModuleFilter, assign_depths, own_parameters, select_layers
 from gradscope.probes import BlockProbe, BranchProbe, LayerProbe
 from gradscope.stats import (
@@ -360,6 +360,14 @@ class Recorder:
         if view is None:
             view = self._views[(None, offset, 0)] = self._stats_flat[offset]
         accumulate_square(view, grad, first)
+
+    def _identity_squares(self, x: Tensor, y: Tensor) -> Tensor:
+        """Per-sample ||y - x||^2, ||x||^2, ||y||^2 of a block call ([3, samples])."""
+        if self._batcher is not None:
+            squares = self._batcher.sample_squares(x, y)
+            if squares is not None:
+                return squares
+        return sample_squares(x, y, self._scratch)
 
     def _layer_offset(self, slot: int, phase: int, row: int) -> int:
         a, b, c = self._layer_strides

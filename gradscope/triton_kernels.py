@@ -1,15 +1,15 @@
 """The Triton kernels behind ``gradscope.kernels`` (imported only where Triton is installed).
 
-One program reduces one chunk of one tensor; table row t holds the tensor's address, element
-count and destination in the accumulator (and, for moments, its row of the parameter table).
-Programs past a tensor's end do nothing; partial results are combined with atomics.
+One program reduces one chunk of one tensor. A launch takes up to ARGS tensors as arguments,
+with their element counts and destinations in the accumulator (and, for moments, their rows of
+the parameter table); programs past a tensor's end do nothing, and partial results are combined
+with atomics.
 """
 
-import torch
 import triton
 import triton.language as tl
 
-DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+ARGS = 8  # tensors per launch of ``moments`` and ``squares``
 
 
 @triton.jit
@@ -57,15 +57,34 @@ def _moments_of_chunk(base, n, chunk, cell, row, row_params, acc, BLOCK: tl.cons
             tl.store(acc + cell + 5, c)
 
 
-@triton.jit
-def moments(table, row_params, acc, DTYPE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
-            SAMPLES: tl.constexpr):
-    """Moments of many tensors: program (chunk, t) reads chunk ``chunk`` of table row t's tensor."""
+@triton.jit(do_not_specialize=['n0', 'n1', 'n2', 'n3', 'n4', 'n5', 'n6', 'n7', 'c0', 'c1', 'c2', 'c3', 'c4', 'c5', 'c6', 'c7', 'r0', 'r1', 'r2', 'r3', 'r4', 'r5', 'r6', 'r7'])
+def moments(
+    y0, y1, y2, y3, y4, y5, y6, y7,
+    n0, n1, n2, n3, n4, n5, n6, n7,
+    c0, c1, c2, c3, c4, c5, c6, c7,
+    r0, r1, r2, r3, r4, r5, r6, r7,
+    row_params, acc, BLOCK: tl.constexpr, ITERS: tl.constexpr, SAMPLES: tl.constexpr,
+):
+    """Moments of up to 8 tensors of one dtype: program (chunk, t) reads chunk ``chunk`` of
+    tensor ``y<t>`` (n elements, accumulator row at ``c``, parameter row ``r``). The tensors
+    are kernel arguments, so nothing is copied to the device before the launch; unused
+    slots repeat ``y0`` with n = 0."""
     t = tl.program_id(1)
-    base = tl.load(table + t * 4).to(tl.pointer_type(DTYPE))
-    n = tl.load(table + t * 4 + 1)
-    cell = tl.load(table + t * 4 + 2)
-    row = tl.load(table + t * 4 + 3)
+    base, n, cell, row = y0, n0.to(tl.int64), c0.to(tl.int64), r0.to(tl.int64)
+    if t == 1:
+        base, n, cell, row = y1, n1.to(tl.int64), c1.to(tl.int64), r1.to(tl.int64)
+    if t == 2:
+        base, n, cell, row = y2, n2.to(tl.int64), c2.to(tl.int64), r2.to(tl.int64)
+    if t == 3:
+        base, n, cell, row = y3, n3.to(tl.int64), c3.to(tl.int64), r3.to(tl.int64)
+    if t == 4:
+        base, n, cell, row = y4, n4.to(tl.int64), c4.to(tl.int64), r4.to(tl.int64)
+    if t == 5:
+        base, n, cell, row = y5, n5.to(tl.int64), c5.to(tl.int64), r5.to(tl.int64)
+    if t == 6:
+        base, n, cell, row = y6, n6.to(tl.int64), c6.to(tl.int64), r6.to(tl.int64)
+    if t == 7:
+        base, n, cell, row = y7, n7.to(tl.int64), c7.to(tl.int64), r7.to(tl.int64)
     _moments_of_chunk(base, n, tl.program_id(0), cell, row, row_params, acc, BLOCK, ITERS, SAMPLES)
 
 
@@ -77,18 +96,61 @@ def moments_one(y, n, cell, row, row_params, acc, BLOCK: tl.constexpr, ITERS: tl
                       SAMPLES)
 
 
-@triton.jit
-def squares(table, acc, DTYPE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    chunk = tl.program_id(0)
+@triton.jit(do_not_specialize=['n0', 'n1', 'n2', 'n3', 'n4', 'n5', 'n6', 'n7', 'c0', 'c1', 'c2', 'c3', 'c4', 'c5', 'c6', 'c7'])
+def squares(
+    g0, g1, g2, g3, g4, g5, g6, g7,
+    n0, n1, n2, n3, n4, n5, n6, n7,
+    c0, c1, c2, c3, c4, c5, c6, c7,
+    acc, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+):
+    """Adds sum(g^2) of up to 8 tensors of one dtype to ``acc + c<t>``, like ``moments``."""
     t = tl.program_id(1)
-    n = tl.load(table + t * 3 + 1)
-    start = chunk.to(tl.int64) * (BLOCK * ITERS)
+    base, n, cell = g0, n0.to(tl.int64), c0.to(tl.int64)
+    if t == 1:
+        base, n, cell = g1, n1.to(tl.int64), c1.to(tl.int64)
+    if t == 2:
+        base, n, cell = g2, n2.to(tl.int64), c2.to(tl.int64)
+    if t == 3:
+        base, n, cell = g3, n3.to(tl.int64), c3.to(tl.int64)
+    if t == 4:
+        base, n, cell = g4, n4.to(tl.int64), c4.to(tl.int64)
+    if t == 5:
+        base, n, cell = g5, n5.to(tl.int64), c5.to(tl.int64)
+    if t == 6:
+        base, n, cell = g6, n6.to(tl.int64), c6.to(tl.int64)
+    if t == 7:
+        base, n, cell = g7, n7.to(tl.int64), c7.to(tl.int64)
+    start = tl.program_id(0).to(tl.int64) * (BLOCK * ITERS)
     if start < n:
-        base = tl.load(table + t * 3).to(tl.pointer_type(DTYPE))
-        cell = tl.load(table + t * 3 + 2)
         s2 = tl.zeros([BLOCK], tl.float32)
         for i in range(ITERS):
             offs = start + i * BLOCK + tl.arange(0, BLOCK)
             g = tl.load(base + offs, mask=offs < n, other=0.0).to(tl.float32)
             s2 += g * g
         tl.atomic_add(acc + cell, tl.sum(s2, axis=0))
+
+
+@triton.jit(do_not_specialize=["samples", "per_sample"])
+def sample_squares(x, y, out, samples, per_sample, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """Per sample s: sum((y - x)^2), sum(x^2), sum(y^2) into out[0, s], out[1, s], out[2, s];
+    program (chunk, s) reads one chunk of sample s of both tensors."""
+    s = tl.program_id(1)
+    n = per_sample.to(tl.int64)
+    start = tl.program_id(0).to(tl.int64) * (BLOCK * ITERS)
+    if start < n:
+        base = s.to(tl.int64) * n
+        diff = tl.zeros([BLOCK], tl.float32)
+        xx = tl.zeros([BLOCK], tl.float32)
+        yy = tl.zeros([BLOCK], tl.float32)
+        for i in range(ITERS):
+            offs = start + i * BLOCK + tl.arange(0, BLOCK)
+            inside = offs < n
+            a = tl.load(x + base + offs, mask=inside, other=0.0).to(tl.float32)
+            b = tl.load(y + base + offs, mask=inside, other=0.0).to(tl.float32)
+            d = b - a
+            diff += d * d
+            xx += a * a
+            yy += b * b
+        tl.atomic_add(out + s, tl.sum(diff, axis=0))
+        tl.atomic_add(out + samples + s, tl.sum(xx, axis=0))
+        tl.atomic_add(out + 2 * samples + s, tl.sum(yy, axis=0))

@@ -172,6 +172,17 @@ def test_a_failing_kernel_falls_back_to_torch_once_with_a_warning(tmp_path, monk
     _assert_same_tables(gradscope.load_run(tmp_path / "immediate"), gradscope.load_run(tmp_path / "fallback"))
 
 
+def test_batching_is_on_for_cuda_with_triton_unless_the_environment_says_no(monkeypatch):
+    monkeypatch.setattr(kernels, "MODE", None)
+    monkeypatch.setattr(kernels, "triton_available", lambda device: device.type == "cuda")
+    monkeypatch.delenv("GRADSCOPE_BATCHING", raising=False)
+    assert batching.enabled(torch.device("cuda")) and not batching.enabled(torch.device("cpu"))
+    monkeypatch.setenv("GRADSCOPE_BATCHING", "0")
+    assert not batching.enabled(torch.device("cuda"))
+    monkeypatch.setattr(kernels, "MODE", "torch")  # tests force it on anywhere
+    assert batching.enabled(torch.device("cpu"))
+
+
 _KERNEL_CHECK = textwrap.dedent("""
     import torch
     from gradscope import kernels
@@ -200,7 +211,27 @@ _KERNEL_CHECK = textwrap.dedent("""
     kernels.reduce_squares([ys[0], ys[1], ys[4]], [0, 1, 1], sq)
     want = [ys[0].double().square().sum(), ys[1].double().square().sum() + ys[4].double().square().sum()]
     assert torch.allclose(sq.double(), torch.stack(want), rtol=1e-5), (sq, want)
-    acc = torch.zeros(3, 6, device=DEVICE)  # one tensor, launched without a table
+    many = [r(int(n)) for n in torch.randint(1, 20000, (19,), generator=g)]  # three launches of up to 8
+    sq = torch.zeros(19, device=DEVICE)
+    kernels.reduce_squares(many, list(range(19)), sq)
+    want = torch.stack([t.double().square().sum() for t in many])
+    assert torch.allclose(sq.double(), want, rtol=1e-5), (sq, want)
+    acc = torch.zeros(19, 6, device=DEVICE)
+    kernels.reduce_moments(many, [6 * i for i in range(19)], [0] * 19, torch.tensor(params, device=DEVICE), acc)
+    got_many = kernels.finish_moments(acc).double()
+    want = torch.stack([torch.stack([t.double().mean(), t.double().var(correction=0)]) for t in many])
+    assert torch.allclose(got_many[:, :2], want, rtol=1e-4, atol=1e-6), (got_many, want)
+    x, y = r(5, 3, 7, 9), r(5, 3, 7, 9)  # per-sample squares of a block's input and output
+    for a, b in ((x, y), (x, x.clone()), (x.to(torch.bfloat16), y)):
+        out = torch.zeros(3, 5, device=DEVICE)
+        kernels.sample_squares(a, b, out)
+        a64, b64 = a.double().reshape(5, -1), b.double().reshape(5, -1)
+        want = torch.stack([(b64 - a64).square().sum(1), a64.square().sum(1), b64.square().sum(1)])
+        assert torch.allclose(out.double().cpu(), want.cpu(), rtol=1e-5), (out, want)
+    out = torch.zeros(3, 5, device=DEVICE)
+    kernels.sample_squares(x, x.clone(), out)
+    assert (out[0] == 0).all()  # an exact identity gives exactly 0
+    acc = torch.zeros(3, 6, device=DEVICE)  # one tensor, launched on its own
     kernels.reduce_moment(ys[1], 6, 1, torch.tensor(params, device=DEVICE), acc)
     one = kernels.finish_moments(acc[1:2])[0].double().cpu()
     assert torch.allclose(one, got[1].cpu(), rtol=1e-5), (one, got[1])
