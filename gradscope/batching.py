@@ -55,7 +55,10 @@ class Batcher:
 
     def __init__(self, rec: "Recorder") -> None:
         self.rec = rec
-        self.device = rec.device
+        device = rec.device
+        if device.type == "cuda" and device.index is None:  # tensors name their device's index
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
         self.thread = threading.get_ident()
         self.stream_of = _stream_getter(self.device)
         params = []
@@ -210,7 +213,7 @@ class Batcher:
         grads, cells = self.grads, self.grad_cells
         self.grads, self.grad_cells, self.grad_bytes = [], [], 0
         flat = self.rec._stats_flat
-        with _on_stream(self.device, self.grad_stream):
+        with _on_stream(self.device, self.grad_stream, self.stream_of()):
             self._run(lambda: kernels.reduce_squares(grads, cells, flat),
                       lambda: kernels.reduce_squares_by_torch(grads, cells, flat))
 
@@ -244,8 +247,8 @@ def _stream_getter(device: torch.device) -> Any:
     return lambda: torch.cuda.current_stream(index).cuda_stream
 
 
-def _on_stream(device: torch.device, handle: Any) -> Any:
-    """Make the stream with handle ``handle`` current (nothing to do on a CPU)."""
-    if handle is None:
+def _on_stream(device: torch.device, handle: Any, current: Any) -> Any:
+    """Make the stream with handle ``handle`` current (nothing to do if it is, or on a CPU)."""
+    if handle is None or handle == current:
         return contextlib.nullcontext()
     return torch.cuda.stream(torch.cuda.ExternalStream(handle, device=device))

@@ -135,7 +135,7 @@ def test_batched_statistics_match_float64_on_cuda(amp, tmp_path):
             outs[step[0], name] = o.detach().double().clone()
             o.register_hook(lambda g: grads.__setitem__((step[0], name), g.double().clone()))
         model.get_submodule(name).register_forward_hook(hook)
-    with gradscope.watch(model, tmp_path / "r", optimizer=opt) as rec:
+    with gradscope.watch(model, tmp_path / "r", optimizer=opt, device="cuda") as rec:  # no index named
         for x, y in batches:
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
