@@ -2,22 +2,23 @@
 
 On a GPU a small training step is bound by the host launching kernels, and reducing each layer's
 output and each gradient with its own ops costs the host a dozen launches per layer. The
-``Batcher`` instead keeps a reference to each tensor and reduces the lot with one launch of
-``gradscope.kernels`` per dtype: layer outputs when the model's forward ends, gradients when the
-step ends, and either earlier once the tensors held pass ``HOLD_BYTES`` (so holding them never
-costs more memory than that).
+``Batcher`` instead keeps a reference to each tensor and reduces them eight to a launch of
+``gradscope.kernels``: layer outputs when the model's forward ends (into one accumulator, turned
+into buffer columns once per forward), gradients when the step ends (added straight into the
+buffer's squared-norm columns), and either earlier once the tensors held pass ``HOLD_BYTES`` (so
+holding them never costs more memory than that).
 
 A held output must still hold the values its layer produced. A module that a later in-place op
 overwrites (``ReLU(inplace=True)`` after a ``BatchNorm``) would be measured wrong, so a layer's
 outputs are held only once its first recorded forward showed them untouched at the forward's end
 (its version counter unchanged); until then, and for good where they were touched, they are
-reduced at once as on the CPU. Should a held output be changed after all, that call is dropped
+reduced at once, one launch each. Should a held output be changed after all, that call is dropped
 from the step (as if not seen) and the layer goes back to immediate reduction: a missing row,
 never a wrong one.
 
 Only tensors on the recorder's device, dense and of a float dtype the kernels read, from the
 thread that made the recorder (``DataParallel`` replicas run in others) are held; anything else
-takes the immediate path.
+takes the CPU's path of torch ops. Gradients are reduced on the stream they were made on.
 """
 
 from __future__ import annotations

@@ -92,6 +92,17 @@ def _padded(values: list[Any], fill: Any, size: int) -> list[Any]:
     return values + [fill] * (size - len(values))
 
 
+def _launches(tensors: Sequence[Tensor], columns: Sequence[Sequence[int]], k: int) -> Any:
+    """(grid, arguments) of each launch over ``tensors``: up to ``k`` tensors of one dtype (unused
+    slots repeat the first with n = 0), their element counts, then each column of per-tensor ints."""
+    for idx in _groups(tensors, k):
+        ts = [tensors[i] for i in idx]
+        args = [*_padded(ts, ts[0], k), *_padded([t.numel() for t in ts], 0, k)]
+        for column in columns:
+            args += _padded([column[i] for i in idx], 0, k)
+        yield (max(-(-t.numel() // _CHUNK) for t in ts), len(ts)), args
+
+
 def reduce_moments(tensors: Sequence[Tensor], cells: Sequence[int], rows: Sequence[int],
                    row_params: Tensor, acc: Tensor) -> None:
     """Accumulate the moments of each ``tensors[i]`` into ``acc.view(-1)[cells[i]:][:6]``.
@@ -101,18 +112,12 @@ def reduce_moments(tensors: Sequence[Tensor], cells: Sequence[int], rows: Sequen
     Every tensor must pass ``supports``, and ``uses_triton`` must hold for the device.
     """
     kernels = _kernels_for(acc.device)
-    k = kernels.ARGS
-    for idx in _groups(tensors, k):
-        ys = [tensors[i] for i in idx]
-        chunks = max(-(-y.numel() // _CHUNK) for y in ys)
-        kernels.moments[(chunks, len(ys))](
-            *_padded(ys, ys[0], k), *_padded([y.numel() for y in ys], 0, k),
-            *_padded([cells[i] for i in idx], 0, k), *_padded([rows[i] for i in idx], 0, k),
-            row_params, acc, BLOCK=_BLOCK, ITERS=_ITERS, SAMPLES=_SHIFT_SAMPLES)
+    for grid, args in _launches(tensors, (cells, rows), kernels.ARGS):
+        kernels.moments[grid](*args, row_params, acc, BLOCK=_BLOCK, ITERS=_ITERS, SAMPLES=_SHIFT_SAMPLES)
 
 
 def reduce_moment(y: Tensor, cell: int, row: int, row_params: Tensor, acc: Tensor) -> None:
-    """``reduce_moments`` of one tensor, launched with no table (for outputs that cannot wait)."""
+    """``reduce_moments`` of one tensor, launched on its own (for outputs that cannot wait)."""
     kernels = _kernels_for(acc.device)
     chunks = -(-y.numel() // _CHUNK)
     kernels.moments_one[(chunks,)](y, y.numel(), cell, row, row_params, acc, BLOCK=_BLOCK, ITERS=_ITERS,
@@ -122,13 +127,8 @@ def reduce_moment(y: Tensor, cell: int, row: int, row_params: Tensor, acc: Tenso
 def reduce_squares(tensors: Sequence[Tensor], cells: Sequence[int], acc: Tensor) -> None:
     """Add sum(t^2) of each ``tensors[i]`` (float32 accumulation) to ``acc.view(-1)[cells[i]]``."""
     kernels = _kernels_for(acc.device)
-    k = kernels.ARGS
-    for idx in _groups(tensors, k):
-        gs = [tensors[i] for i in idx]
-        chunks = max(-(-g.numel() // _CHUNK) for g in gs)
-        kernels.squares[(chunks, len(gs))](
-            *_padded(gs, gs[0], k), *_padded([g.numel() for g in gs], 0, k),
-            *_padded([cells[i] for i in idx], 0, k), acc, BLOCK=_BLOCK, ITERS=_ITERS)
+    for grid, args in _launches(tensors, (cells,), kernels.ARGS):
+        kernels.squares[grid](*args, acc, BLOCK=_BLOCK, ITERS=_ITERS)
 
 
 def sample_squares(x: Tensor, y: Tensor, out: Tensor) -> None:
