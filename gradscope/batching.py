@@ -131,7 +131,7 @@ class Batcher:
         self.finish()
 
     def reduce_outputs(self) -> None:
-        """Reduce every held output into the accumulator, one launch per dtype."""
+        """Reduce every held output into the accumulator, up to eight per launch."""
         if not self.outputs:
             return
         entries, self.outputs, self.output_bytes = self.outputs, [], 0

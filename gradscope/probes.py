@@ -93,8 +93,9 @@ class LayerProbe:
     """Forward hook of one watched module.
 
     On recorded steps it computes the output's moments (the recorder writes them into its buffer
-    row, for all layers at once) and, in training, hooks the output for dL/dy. On other steps it returns after one attribute
-    test, doing no tensor work.
+    row, for all layers at once; on a GPU the ``Batcher`` may hold the output and reduce it with
+    others) and, in training, hooks the output for dL/dy. On other steps it returns after one
+    attribute test, doing no tensor work.
     """
 
     __slots__ = ("rec", "row", "bounds", "count_zeros")
@@ -125,12 +126,10 @@ class LayerProbe:
             batcher.add_output(y.detach(), slot, phase, self.row)  # reduced with the others' later
         elif seen == 0 and batcher is not None and batcher.reduce_now(y.detach(), slot, phase, self.row):
             batcher.learn(self.row, y)  # one launch now; held from the next step if it survives
-        elif seen == 0:  # written with every layer's at the step's end, in one kernel for all
+        elif seen == 0:  # (or no batcher can read y) written with every layer's at the step's end
             # y is detached, so no autograd graph is recorded (cheaper than entering no_grad)
             parts = activation_moments(y.detach(), self.bounds, self.count_zeros, rec._scratch)
             rec._pending_moments.append((slot, rec._layer_offset(0, phase, self.row), parts))
-            if batcher is not None:
-                batcher.learn(self.row, y)
         else:  # the module ran again in this step: merge the calls (the first must be written)
             parts = activation_moments(y.detach(), self.bounds, self.count_zeros, rec._scratch)
             rec._commit_moments()

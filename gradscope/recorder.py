@@ -157,9 +157,8 @@ class Recorder:
         self._layer_buf = self._stats_flat[:layer_size].view(self._capacity, len(PHASES), n, N_LAYER_STATS)
         self._block_buf = self._stats_flat[layer_size:].view(self._capacity, nb, N_BLOCK_STATS)
         self._step_buf = torch.zeros(self._capacity, N_STEP_STATS, device=self.device)
-        # Flat views and strides, so a probe reaches its row with one slice instead of an
-        # index chain (each indexing op is a dispatcher call, and probes run hundreds per step).
-        self._layer_flat, self._block_flat = self._layer_buf.view(-1), self._block_buf.view(-1)
+        # Strides, so a probe reaches its row with one slice of _stats_flat instead of an index
+        # chain (each indexing op is a dispatcher call, and probes run hundreds per step).
         self._layer_strides = (len(PHASES) * n * N_LAYER_STATS, n * N_LAYER_STATS, N_LAYER_STATS)
         # Per-sample block norms and token cosines of this step, summed for all blocks at once at
         # the step's end (_commit_blocks): a few kernels per step instead of a dozen per block.
@@ -336,14 +335,16 @@ class Recorder:
         return slot
 
     def _buffer_view(self, blocks: bool, start: int, length: int = 0) -> Tensor:
-        """A view of the flat layer (or block) buffer: ``length`` elements from ``start``, or the
-        scalar at ``start``. Views are cached: creating one is a dispatcher call, and a dict
-        lookup is far cheaper (the buffers are never reallocated, so views stay valid)."""
+        """A view of the statistics: ``length`` elements from offset ``start`` of the layer buffer
+        (of the block buffer with ``blocks``), or the scalar there. Both buffers share one
+        allocation, so layer offsets run on into the block buffer from ``_block_base``. Views are
+        cached: creating one is a dispatcher call, and a dict lookup is far cheaper (the buffers
+        are never reallocated, so views stay valid)."""
         key = (blocks, start, length)
         view = self._views.get(key)
         if view is None:
-            flat = self._block_flat if blocks else self._layer_flat
-            view = flat[start: start + length] if length else flat[start]
+            at = start + self._block_base if blocks else start
+            view = self._stats_flat[at: at + length] if length else self._stats_flat[at]
             if len(self._views) < _MAX_CACHED_VIEWS:
                 self._views[key] = view
         return view
@@ -356,10 +357,7 @@ class Recorder:
             if batcher.add_square(offset, grad):
                 return
             first = False  # the element was zeroed when the slot opened; the kernels add to it
-        view = self._views.get((None, offset, 0))
-        if view is None:
-            view = self._views[(None, offset, 0)] = self._stats_flat[offset]
-        accumulate_square(view, grad, first)
+        accumulate_square(self._buffer_view(False, offset), grad, first)
 
     def _identity_squares(self, x: Tensor, y: Tensor) -> Tensor:
         """Per-sample ||y - x||^2, ||x||^2, ||y||^2 of a block call ([3, samples])."""

@@ -172,11 +172,17 @@ def merge_activation_(row: Tensor, new: Tensor, n_old: int, n_new: int) -> None:
 _NARROW = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _dot_ready(t: Tensor) -> bool:
+    """Whether ||t||^2 is best taken as a BLAS dot: about twice as fast as vector_norm's reduction
+    on the CPU, for large contiguous float32 tensors."""
+    return t.dtype == torch.float32 and t.device.type == "cpu" and t.numel() >= _SHIFTED_MIN and t.is_contiguous()
+
+
 def norm32(t: Tensor, out: Tensor | None = None) -> Tensor:
     """L2 norm as a float32 scalar, accumulated in float32 (or float64 for float64 input);
     written into ``out`` (a float32 scalar, e.g. a buffer element) when given."""
-    if t.dtype == torch.float32 and t.device.type == "cpu" and t.numel() >= _SHIFTED_MIN and t.is_contiguous():
-        v = t.view(-1)  # a BLAS dot is about twice as fast as vector_norm's reduction on the CPU
+    if _dot_ready(t):
+        v = t.view(-1)
         square = torch.dot(v, v)
         return square.sqrt_() if out is None else torch.sqrt(square, out=out)
     if t.dtype in _NARROW:
@@ -191,8 +197,8 @@ def accumulate_square(dst: Tensor, t: Tensor, first: bool) -> None:
     """Add ||t||^2 to the float32 scalar ``dst``; on the first call of a step, write it there."""
     if t.requires_grad:  # a gradient of a create_graph backward; out= would refuse it
         t = t.detach()
-    if t.dtype == torch.float32 and t.device.type == "cpu" and t.numel() >= _SHIFTED_MIN and t.is_contiguous():
-        v = t.view(-1)  # a BLAS dot is about twice as fast as vector_norm's reduction on the CPU
+    if _dot_ready(t):
+        v = t.view(-1)
         if first:
             torch.dot(v, v, out=dst)
         else:
