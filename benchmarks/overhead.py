@@ -147,7 +147,7 @@ def _removed_after(handles: list[Any]) -> Iterator[None]:
 class EmptyHooks(Variant):
     """The floor of any hook-based recorder: gradscope's hooks on the same modules, doing nothing.
 
-    A forward hook on every module gradscope watches, a tensor hook on each output, and a
+    A forward hook on every module gradscope watches, a gradient hook on each output, and a
     pre-hook and hook on every block, none of which touches a tensor. What gradscope costs
     above this is its statistics; this itself is Python calls and autograd hook dispatch.
     """
@@ -160,7 +160,7 @@ class EmptyHooks(Variant):
         from gradscope.layers import select_layers
         from gradscope.probes import on_gradient
 
-        def grad_hook(grad: torch.Tensor) -> None:
+        def grad_hook(grad_outputs: tuple[Any, ...]) -> None:
             return None
 
         def forward_hook(module: nn.Module, args: Any, out: Any) -> None:

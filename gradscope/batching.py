@@ -60,6 +60,7 @@ class Batcher:
         if device.type == "cuda" and device.index is None:  # tensors name their device's index
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
+        self.device_index = device.index if device.type == "cuda" else -1  # as Tensor.get_device() says
         self.thread = threading.get_ident()
         self.stream_of = _stream_getter(self.device)
         params = []
@@ -86,20 +87,23 @@ class Batcher:
         self.grad_cells: list[int] = []
         self.grad_bytes = 0
         self.grad_stream: Any = None
+        self.zeroed_buf: Tensor | None = None  # see _zeroed
+        self.zeroed_used = 0
         self.broken = False  # a kernel failed: the torch path from then on
 
     # ------------------------------------------------------------------ layer outputs
 
-    def takes_output(self, row: int, y: Tensor) -> bool:
-        """Whether ``y`` can be held (its layer's outputs survive the forward) rather than reduced now."""
-        return row in self.holdable and self._readable(y)
-
-    def add_output(self, y: Tensor, slot: int, phase: int, row: int) -> None:
+    def hold_output(self, y: Tensor, slot: int, phase: int, row: int) -> bool:
+        """Hold ``y`` for the forward's batched reduction, if its layer's outputs survive the
+        forward and the kernels can read it; False (nothing done) otherwise."""
+        if row not in self.holdable or not self._readable(y):
+            return False
         self._claim(slot)
-        self.outputs.append((y, y._version, phase, row))
-        self.output_bytes += y.numel() * y.element_size()
+        self.outputs.append((y.detach(), y._version, phase, row))
+        self.output_bytes += y.nbytes
         if self.output_bytes >= HOLD_BYTES:
             self.reduce_outputs()
+        return True
 
     def reduce_now(self, y: Tensor, slot: int, phase: int, row: int) -> bool:
         """Reduce ``y`` into the accumulator at once (one launch; its values may not last);
@@ -176,7 +180,9 @@ class Batcher:
             self.acc_slot = slot
 
     def _readable(self, t: Tensor) -> bool:
-        return t.device == self.device and kernels.supports(t) and threading.get_ident() == self.thread
+        # get_device() is an int (-1 on a CPU), cheaper to compare than a torch.device
+        return (t.get_device() == self.device_index and kernels.supports(t)
+                and threading.get_ident() == self.thread)
 
     # ------------------------------------------------------------------ blocks
 
@@ -185,16 +191,32 @@ class Batcher:
         if not (x.is_contiguous() and y.is_contiguous() and self._readable(x) and self._readable(y)):
             return None
         samples = x.shape[0] if x.dim() else 1
-        out = torch.zeros(3, samples, device=self.device)
+        out = self._zeroed(3 * samples).view(3, samples)
         self._run(lambda: kernels.sample_squares(x, y, out),
                   lambda: out.copy_(sample_squares(x, y)))
         return out
+
+    def _zeroed(self, n: int) -> Tensor:
+        """``n`` zeroed float32 elements for a kernel to add into: the next part of a buffer that
+        is zeroed once per step (``recycle``), not a fresh ``zeros`` launch per block call."""
+        buf, used = self.zeroed_buf, self.zeroed_used
+        if buf is None or used + n > buf.numel():  # the old buffer lives on in what was handed out
+            buf = self.zeroed_buf = torch.zeros(max(n, 4096, 2 * used), device=self.device)
+            used = 0
+        self.zeroed_used = used + n
+        return buf[used:used + n]
+
+    def recycle(self) -> None:
+        """The outputs of ``_zeroed`` were consumed (the step's block sums are written): zero them for reuse."""
+        if self.zeroed_used:
+            self.zeroed_buf[:self.zeroed_used].zero_()
+            self.zeroed_used = 0
 
     # ------------------------------------------------------------------ gradients
 
     def add_square(self, cell: int, grad: Tensor) -> bool:
         """Hold ``grad`` to add its squared norm to buffer element ``cell``; False if it cannot be held."""
-        if grad.device != self.device or not kernels.supports(grad) or grad.requires_grad:
+        if grad.get_device() != self.device_index or not kernels.supports(grad) or grad.requires_grad:
             return False
         stream = self.stream_of()
         if stream != self.grad_stream:
@@ -202,9 +224,19 @@ class Batcher:
             self.grad_stream = stream
         self.grads.append(grad)
         self.grad_cells.append(cell)
-        self.grad_bytes += grad.numel() * grad.element_size()
+        self.grad_bytes += grad.nbytes
         if self.grad_bytes >= HOLD_BYTES:
             self.reduce_grads()
+        return True
+
+    def reduce_square_now(self, cell: int, t: Tensor) -> bool:
+        """Add ||t||^2 to buffer element ``cell`` at once, in one launch (for a tensor that may be
+        changed in place next, like a residual branch's output); False where the kernels cannot read it."""
+        if not self._readable(t):
+            return False
+        flat = self.rec._stats_flat
+        self._run(lambda: kernels.reduce_squares([t], [cell], flat),
+                  lambda: kernels.reduce_squares_by_torch([t], [cell], flat))
         return True
 
     def reduce_grads(self) -> None:

@@ -13,7 +13,7 @@ non-leaf module with a sibling of the same class in an ``nn.Sequential`` or ``nn
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,7 +48,7 @@ class Block:
     reason: str | None = None  # why identity metrics are NaN (the block changes shape)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return dict(vars(self))  # a shallow copy: every field is a scalar (see Layer.to_json)
 
 
 def declared_blocks(model: nn.Module) -> list[BlockSpec] | None:
@@ -135,16 +135,24 @@ def identity_terms(squares: Tensor) -> Tensor:
     return torch.stack([sq[0], sq[1], cos.clamp(-1, 1)], dim=1)
 
 
-def token_cosines(y: Tensor) -> Tensor:
-    """[batch] mean pairwise cosine between the tokens of each sample of ``y`` [batch, tokens, dim].
+def token_direction_norms(y: Tensor) -> Tensor:
+    """[batch] ||sum_i u_i|| for ``y`` [batch, tokens, dim], with u_i the tokens' unit vectors:
+    the part of ``token_cosines`` that needs ``y``.
+
+    sum_i u_i is a weighted sum of the rows of ``y`` (weights 1/||y_i||), one batched matmul,
+    so no normalised copy of ``y`` is made. Five kernels per call; the rest of the formula runs
+    once per step for every block (``token_cosines``), launches being what a GPU step pays for.
+    """
+    yf = y if y.dtype == torch.float32 else y.float()
+    inverse = torch.linalg.vector_norm(yf, dim=-1).clamp_min_(1e-12).reciprocal_()  # [batch, tokens]
+    return torch.linalg.vector_norm(torch.bmm(inverse.unsqueeze(1), yf), dim=(1, 2))
+
+
+def token_cosines(norms: Tensor, tokens: float | Tensor) -> Tensor:
+    """Mean pairwise cosine between the tokens of each sample, from ``token_direction_norms``.
 
     With unit vectors u_i, the mean over pairs i != j of u_i . u_j is
     (||sum_i u_i||^2 - T) / (T (T - 1)); near 1 means the tokens collapsed to one direction.
-    sum_i u_i is a weighted sum of the rows of ``y`` (weights 1/||y_i||), one batched matmul,
-    so no normalised copy of ``y`` is made.
+    ``tokens`` is T, a number or a tensor with one per sample.
     """
-    t = y.shape[1]
-    yf = y if y.dtype == torch.float32 else y.float()
-    inverse = torch.linalg.vector_norm(yf, dim=-1).clamp_min_(1e-12).reciprocal_()  # [batch, tokens]
-    s = torch.bmm(inverse.unsqueeze(1), yf).square().sum(dim=(1, 2))  # [batch]
-    return s.sub_(t).div_(t * (t - 1))
+    return (norms.square() - tokens) / (tokens * (tokens - 1))

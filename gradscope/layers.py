@@ -9,7 +9,7 @@ nothing about where a module sits in the computation (shared or reused modules, 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Union
 
 from torch import nn
@@ -36,7 +36,9 @@ class Layer:
     zero_counted: bool = False  # act_zero_frac is measured (ReLU-like outputs; NaN elsewhere)
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
+        # a shallow copy: every field is a scalar or a tuple (asdict's deep copy cost 10x more,
+        # and meta.json is rewritten for every layer at each flush)
+        d = dict(vars(self))
         d["saturation_bounds"] = list(self.saturation_bounds) if self.saturation_bounds else None
         return d
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from gradscope.blocks import token_cosines
+from gradscope.blocks import token_direction_norms
 from gradscope.stats import (
     B_BRANCH_SS,
     B_GRAD_IN_SS,
@@ -68,25 +68,19 @@ def first_float_tensor(output: Any, _depth: int = 0) -> Tensor | None:
 
 
 def on_gradient(t: Tensor, probe: Any) -> None:
-    """Call ``probe(grad)`` with dL/dt when backward reaches the node that produced ``t``.
+    """Call ``probe(grad_outputs)`` when backward reaches the node that produced ``t``.
 
     The node's pre-hook sees the gradients of all its outputs, summed over their consumers;
-    ``t``'s is at ``t.output_nr`` (None where no gradient reached it). The hook goes with the
-    graph, like a tensor hook, and leaves the gradients untouched (it returns None).
+    ``t``'s is at ``t.output_nr`` (None where no gradient reached it), which the probe was made
+    with (``output_gradient`` reads it). The hook goes with the graph, like a tensor hook, and
+    leaves the gradients untouched (it returns None).
     """
-    t.grad_fn.register_prehook(_OutputGradient(probe, t.output_nr))
+    t.grad_fn.register_prehook(probe)
 
 
-class _OutputGradient:
-    __slots__ = ("probe", "index")
-
-    def __init__(self, probe: Any, index: int) -> None:
-        self.probe, self.index = probe, index
-
-    def __call__(self, grad_outputs: tuple[Tensor | None, ...]) -> None:
-        grad = grad_outputs[self.index] if self.index < len(grad_outputs) else None
-        if grad is not None:
-            self.probe(grad)
+def output_gradient(grad_outputs: tuple[Tensor | None, ...], index: int) -> Tensor | None:
+    """dL/dt from a node pre-hook's gradients, for ``t`` its output number ``index``."""
+    return grad_outputs[index] if index < len(grad_outputs) else None
 
 
 class LayerProbe:
@@ -104,6 +98,8 @@ class LayerProbe:
         self.rec, self.row, self.bounds, self.count_zeros = rec, row, bounds, count_zeros
 
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        # Runs for every watched module on recorded steps, hundreds of times per step: on a GPU
+        # its Python is the cost, so the common case is kept to few calls.
         rec = self.rec  # skipped AMP steps are detected by the recorder's model pre-hook, before this
         grad_on = torch.is_grad_enabled()
         if grad_on:  # lets step(loss=) tell this step from the previous one
@@ -112,54 +108,68 @@ class LayerProbe:
             return
         if _in_backward():  # activation checkpointing recomputes forwards during backward
             return
-        y = first_float_tensor(output)
-        if y is None or y.numel() == 0:
+        y = output if type(output) is Tensor and output.is_floating_point() else first_float_tensor(output)
+        if y is None:
             return
+        n = y.numel()
+        if n == 0:
+            return
+        row = self.row
         train = module.training and grad_on
         phase = TRAIN if train else EVAL
-        slot = rec._open_slot()
-        rec._note_execution(self.row)
-        counts, n = rec._counts, y.numel()
-        seen = int(counts.act_n[slot, phase, self.row])
+        slot = rec._slots.get(rec.step_index)
+        if slot is None:
+            slot = rec._open_slot()
+        if not rec._executed[row]:
+            rec._note_execution(row)
+        counts = rec._counts
+        seen = counts.act_n[slot, phase, row]
         batcher = rec._batcher
-        if seen == 0 and batcher is not None and batcher.takes_output(self.row, y):
-            batcher.add_output(y.detach(), slot, phase, self.row)  # reduced with the others' later
-        elif seen == 0 and batcher is not None and batcher.reduce_now(y.detach(), slot, phase, self.row):
-            batcher.learn(self.row, y)  # one launch now; held from the next step if it survives
+        if seen == 0 and batcher is not None and batcher.hold_output(y, slot, phase, row):
+            pass  # held, and reduced with the others' when the forward ends
+        elif seen == 0 and batcher is not None and batcher.reduce_now(y.detach(), slot, phase, row):
+            batcher.learn(row, y)  # one launch now; held from the next step if it survives
         elif seen == 0:  # (or no batcher can read y) written with every layer's at the step's end
             # y is detached, so no autograd graph is recorded (cheaper than entering no_grad)
             parts = activation_moments(y.detach(), self.bounds, self.count_zeros, rec._scratch)
-            rec._pending_moments.append((slot, rec._layer_offset(0, phase, self.row), parts))
+            rec._pending_moments.append((slot, rec._layer_offset(0, phase, row), parts))
         else:  # the module ran again in this step: merge the calls (the first must be written)
             parts = activation_moments(y.detach(), self.bounds, self.count_zeros, rec._scratch)
             rec._commit_moments()
-            dst = rec._buffer_view(False, rec._layer_offset(slot, phase, self.row), len(parts))
-            merge_activation_(dst, torch.stack(parts), seen, n)
-        counts.act_n[slot, phase, self.row] += n
-        counts.act_calls[slot, phase, self.row] += 1
+            dst = rec._buffer_view(False, rec._layer_offset(slot, phase, row), len(parts))
+            merge_activation_(dst, torch.stack(parts), int(seen), n)
+        counts.act_n[slot, phase, row] = seen + n
+        counts.act_calls[slot, phase, row] += 1
         # Only non-leaf outputs: a hook on a leaf (a module returning a parameter) would outlive
         # the step and the recorder; a non-leaf's hook goes with its graph.
-        if train and y.grad_fn is not None:
-            on_gradient(y, GradientProbe(rec, self.row, rec.step_index))
+        if train:
+            node = y.grad_fn
+            if node is not None:
+                node.register_prehook(GradientProbe(rec, row, rec.step_index, y.output_nr))  # on_gradient, inlined
 
 
 class GradientProbe:
-    """Gradient hook of a layer's output: accumulates ||dL/dy||^2 for the step it was made in."""
+    """Gradient pre-hook of a layer's output node: accumulates ||dL/dy||^2 for the step it was made in."""
 
-    __slots__ = ("rec", "row", "step")
+    __slots__ = ("rec", "row", "step", "index")
 
-    def __init__(self, rec: "Recorder", row: int, step: int) -> None:
-        self.rec, self.row, self.step = rec, row, step
+    def __init__(self, rec: "Recorder", row: int, step: int, index: int) -> None:
+        self.rec, self.row, self.step, self.index = rec, row, step, index
 
-    def __call__(self, grad: Tensor) -> None:
+    def __call__(self, grad_outputs: tuple[Tensor | None, ...]) -> None:
+        index = self.index
+        grad = grad_outputs[index] if index < len(grad_outputs) else None  # output_gradient, inlined
+        if grad is None:
+            return
         rec = self.rec
         slot = rec._slots.get(self.step)
         if slot is None or rec._closed:  # backward after the step was flushed or the recorder closed
             return
         counts = rec._counts
-        rec._capture_loss_scale(slot)  # the scale this backward ran with
-        rec._add_square(rec._layer_offset(slot, TRAIN, self.row) + GRAD_OUT_SS, grad,
-                        first=counts.grad_calls[slot, self.row] == 0)
+        if rec.scaler is not None:
+            rec._capture_loss_scale(slot)  # the scale this backward ran with
+        a, _, c = rec._layer_strides  # (phase TRAIN is 0)
+        rec._add_square(slot * a + self.row * c + GRAD_OUT_SS, grad, first=counts.grad_calls[slot, self.row] == 0)
         counts.grad_n[slot, self.row] += grad.numel()
         counts.grad_calls[slot, self.row] += 1
 
@@ -219,12 +229,12 @@ class BlockProbe:
             counts.block_samples[slot, row] += xs.shape[0] if xs.dim() else 1
         if y.dim() == 3 and y.shape[1 - self.seq_first] > 1:  # [batch, tokens, dim]
             yb = y.detach().transpose(0, 1) if self.seq_first else y.detach()
-            rec._pending_tokens.append((slot, row, token_cosines(yb)))
+            rec._pending_tokens.append((slot, row, (token_direction_norms(yb), yb.shape[1])))
             counts.block_tokens[slot, row] += yb.shape[0]
         if x.grad_fn is not None:
-            on_gradient(x, BlockGradientProbe(rec, row, rec.step_index, B_GRAD_IN_SS))
+            on_gradient(x, BlockGradientProbe(rec, row, rec.step_index, B_GRAD_IN_SS, x.output_nr))
         if y.grad_fn is not None:
-            on_gradient(y, BlockGradientProbe(rec, row, rec.step_index, B_GRAD_OUT_SS))
+            on_gradient(y, BlockGradientProbe(rec, row, rec.step_index, B_GRAD_OUT_SS, y.output_nr))
 
 
 class BranchProbe:
@@ -245,20 +255,26 @@ class BranchProbe:
         slot = rec._open_slot()
         counts = rec._counts
         # F(x) is often modified in place next (out += x), so it is reduced now, never deferred
-        accumulate_square(rec._buffer_view(True, rec._block_offset(slot, self.row) + B_BRANCH_SS), f.detach(),
-                          first=counts.block_branch[slot, self.row] == 0)
+        # (on a GPU with one launch; the block's buffer row starts at zero, so both paths add)
+        offset = rec._block_offset(slot, self.row) + B_BRANCH_SS
+        batcher = rec._batcher
+        if batcher is None or not batcher.reduce_square_now(rec._block_base + offset, f.detach()):
+            accumulate_square(rec._buffer_view(True, offset), f.detach(), first=counts.block_branch[slot, self.row] == 0)
         counts.block_branch[slot, self.row] += 1
 
 
 class BlockGradientProbe:
-    """Gradient hook of a block's input or output: accumulates the squared gradient norm."""
+    """Gradient pre-hook of a block's input or output node: accumulates the squared gradient norm."""
 
-    __slots__ = ("rec", "row", "step", "column")
+    __slots__ = ("rec", "row", "step", "column", "index")
 
-    def __init__(self, rec: "Recorder", row: int, step: int, column: int) -> None:
-        self.rec, self.row, self.step, self.column = rec, row, step, column
+    def __init__(self, rec: "Recorder", row: int, step: int, column: int, index: int) -> None:
+        self.rec, self.row, self.step, self.column, self.index = rec, row, step, column, index
 
-    def __call__(self, grad: Tensor) -> None:
+    def __call__(self, grad_outputs: tuple[Tensor | None, ...]) -> None:
+        grad = output_gradient(grad_outputs, self.index)
+        if grad is None:
+            return
         rec = self.rec
         slot = rec._slots.get(self.step)
         if slot is None or rec._closed:

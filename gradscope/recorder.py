@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from gradscope.attribution import Attribution, AttributionProbe
 from gradscope.batching import Batcher
 from gradscope.batching import enabled as batching_enabled
-from gradscope.blocks import Block, identity_terms, sample_squares, select_blocks
+from gradscope.blocks import Block, identity_terms, sample_squares, select_blocks, token_cosines
 from gradscope.layers import Layer, ModuleFilter, assign_depths, own_parameters, select_layers
 from gradscope.probes import BlockProbe, BranchProbe, LayerProbe
 from gradscope.stats import (
@@ -166,7 +166,7 @@ class Recorder:
         # likewise written for all layers at once (_commit_moments): two kernels, not one a layer.
         self._pending_moments: list[tuple[int, int, list[Tensor]]] = []
         self._pending_identity: list[tuple[int, int, Tensor]] = []
-        self._pending_tokens: list[tuple[int, int, Tensor]] = []
+        self._pending_tokens: list[tuple[int, int, tuple[Tensor, int]]] = []  # (norms, tokens)
         self._index_cache: dict[tuple[str, tuple[tuple[int, int], ...]], Tensor] = {}  # _pattern_index
         self._views: dict[tuple[bool, int, int], Tensor] = {}
         self._scratch = Scratch()  # CPU work vector of the probes, held during a forward only
@@ -388,14 +388,24 @@ class Recorder:
 
     def _commit_blocks(self) -> None:
         """Sum the pending per-sample identity terms and token cosines into the block buffer."""
-        for pending, columns, compute in (
-                (self._pending_identity, slice(B_DIFF_SS, B_COS_SUM + 1), identity_terms),
-                (self._pending_tokens, B_TOKEN_COS_SUM, None)):
-            for slot, items in _take_by_slot(pending).items():
-                values = torch.cat([v for _, v in items], dim=-1) if len(items) > 1 else items[0][1]
-                terms = compute(values) if compute is not None else values
-                index = self._pattern_index("samples", tuple((row, v.shape[-1]) for row, v in items))
-                self._block_buf[slot][:, columns].index_add_(0, index, terms)
+        for slot, items in _take_by_slot(self._pending_identity).items():
+            squares = torch.cat([v for _, v in items], dim=-1) if len(items) > 1 else items[0][1]
+            self._add_samples(slot, slice(B_DIFF_SS, B_COS_SUM + 1), identity_terms(squares),
+                              [(row, v.shape[-1]) for row, v in items])
+        for slot, items in _take_by_slot(self._pending_tokens).items():
+            norms = torch.cat([v for _, (v, _) in items]) if len(items) > 1 else items[0][1][0]
+            lengths = {t for _, (_, t) in items}
+            tokens: Any = lengths.pop() if len(lengths) == 1 else torch.cat(  # sequences of several lengths
+                [torch.full_like(v, t) for _, (v, t) in items])
+            self._add_samples(slot, B_TOKEN_COS_SUM, token_cosines(norms, tokens),
+                              [(row, v.shape[-1]) for row, (v, _) in items])
+        if self._batcher is not None:
+            self._batcher.recycle()
+
+    def _add_samples(self, slot: int, columns: Any, terms: Tensor, rows: list[tuple[int, int]]) -> None:
+        """Add per-sample ``terms`` into the block buffer, each sample to its (row, samples) entry's row."""
+        index = self._pattern_index("samples", tuple(rows))
+        self._block_buf[slot][:, columns].index_add_(0, index, terms)
 
     def _pattern_index(self, kind: str, pattern: tuple[tuple[int, int], ...]) -> Tensor:
         """Device index for a pattern of pending entries, which repeats from step to step, so it

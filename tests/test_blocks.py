@@ -149,6 +149,34 @@ def test_token_cos_matches_mean_pairwise_cosine(run_dir):
     assert got == pytest.approx(want, rel=1e-5)
 
 
+def _mean_pairwise_token_cosine(y: torch.Tensor) -> float:
+    u = F.normalize(y.double(), dim=-1)
+    t = y.shape[1]
+    return float((((u @ u.transpose(1, 2)).sum((1, 2)) - t) / (t * (t - 1))).mean())
+
+
+class EveryOtherToken(nn.Module):
+    def forward(self, x):
+        return x[:, ::2]
+
+
+def test_token_cos_of_blocks_with_different_sequence_lengths_in_one_step(run_dir):
+    """Token cosines are finished for all blocks of a step at once, with each block's own T."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Tokens(6), EveryOtherToken(), Tokens(6))
+    x = torch.randn(3, 8, 6, requires_grad=True)
+    outs = {}
+    for name in ("0", "2"):
+        model.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: outs.update({name: o.detach()}))
+    with gradscope.watch(model, run_dir) as rec:
+        model(x).sum().backward()
+        rec.step()
+    assert (outs["0"].shape[1], outs["2"].shape[1]) == (8, 4)
+    got = gradscope.load_run(run_dir).blocks.set_index("block").token_cos
+    for name in ("0", "2"):
+        assert got[name] == pytest.approx(_mean_pairwise_token_cosine(outs[name]), rel=1e-5), name
+
+
 def test_collapsed_tokens_have_token_cos_one(run_dir):
     class Collapse(nn.Module):
         def __init__(self):
