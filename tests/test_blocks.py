@@ -177,6 +177,23 @@ def test_token_cos_of_blocks_with_different_sequence_lengths_in_one_step(run_dir
         assert got[name] == pytest.approx(_mean_pairwise_token_cosine(outs[name]), rel=1e-5), name
 
 
+def test_token_cos_under_bfloat16_autocast_is_computed_in_float32(run_dir):
+    """Autocast would run the token sum's matmul in bfloat16; it is kept in float32."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Tokens(16), Tokens(16))
+    x = torch.randn(4, 12, 16)
+    outs = []
+    model[1].register_forward_hook(lambda m, a, o: outs.append(o.detach()))
+    with gradscope.watch(model, run_dir) as rec:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x)
+        assert y.dtype == torch.bfloat16
+        y.float().sum().backward()
+        rec.step()
+    got = gradscope.load_run(run_dir).blocks.set_index("block").loc["1", "token_cos"]
+    assert got == pytest.approx(_mean_pairwise_token_cosine(outs[0]), rel=1e-5)
+
+
 def test_collapsed_tokens_have_token_cos_one(run_dir):
     class Collapse(nn.Module):
         def __init__(self):
