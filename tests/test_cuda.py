@@ -228,3 +228,23 @@ def test_attribution_checkpoints_on_cuda_leave_training_bit_identical(tmp_path):
     table = gradscope.load_run(tmp_path / "rTrue").attribution
     assert sorted(table.step.unique()) == [0, 2, 4]
     assert table[["attr_abs", "branch_share"]].notna().all().all()
+
+
+def test_token_cos_under_bfloat16_autocast_on_cuda(tmp_path):
+    """The token sum's matmul runs in float32 under autocast (bf16 would round it to 3 digits)."""
+    from test_blocks import Tokens, _mean_pairwise_token_cosine
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Tokens(64), Tokens(64)).cuda()
+    with torch.no_grad():  # tokens far from orthogonal, where bf16 rounding would show
+        model[1].lin.bias.fill_(0.5)
+    x = torch.randn(8, 32, 64, device="cuda")
+    outs = []
+    model[1].register_forward_hook(lambda m, a, o: outs.append(o.detach()))
+    with gradscope.watch(model, tmp_path / "run") as rec:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = model(x)
+        y.float().sum().backward()
+        rec.step()
+    got = gradscope.load_run(tmp_path / "run").blocks.set_index("block").loc["1", "token_cos"]
+    assert got == pytest.approx(_mean_pairwise_token_cosine(outs[0]), rel=1e-5)
