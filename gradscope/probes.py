@@ -125,6 +125,10 @@ class LayerProbe:
         counts = rec._counts
         seen = counts.act_n[slot, phase, row]
         batcher = rec._batcher
+        if seen:  # the module ran again in this step: merge the calls (the first must be written,
+            # and the batcher may drop it there if it was held and then changed in place)
+            rec._commit_moments()
+            seen = counts.act_n[slot, phase, row]
         if seen == 0 and batcher is not None and batcher.hold_output(y, slot, phase, row):
             pass  # held, and reduced with the others' when the forward ends
         elif seen == 0 and batcher is not None and batcher.reduce_now(y.detach(), slot, phase, row):
@@ -133,12 +137,11 @@ class LayerProbe:
             # y is detached, so no autograd graph is recorded (cheaper than entering no_grad)
             parts = activation_moments(y.detach(), self.bounds, self.count_zeros, rec._scratch)
             rec._pending_moments.append((slot, rec._layer_offset(0, phase, row), parts))
-        else:  # the module ran again in this step: merge the calls (the first must be written)
+        else:
             parts = activation_moments(y.detach(), self.bounds, self.count_zeros, rec._scratch)
-            rec._commit_moments()
             dst = rec._buffer_view(False, rec._layer_offset(slot, phase, row), len(parts))
             merge_activation_(dst, torch.stack(parts), int(seen), n)
-        counts.act_n[slot, phase, row] = seen + n
+        counts.act_n[slot, phase, row] += n
         counts.act_calls[slot, phase, row] += 1
         # Only non-leaf outputs: a hook on a leaf (a module returning a parameter) would outlive
         # the step and the recorder; a non-leaf's hook goes with its graph.

@@ -138,6 +138,44 @@ def test_a_held_output_changed_later_is_dropped_not_recorded_wrong(tmp_path, mon
     assert [layer.name for layer in rec.layers if layer.row in rec._batcher.immediate] == ["lin"]
 
 
+class ClobberedBetweenCalls(nn.Module):
+    """A layer called twice per forward; from step ``after`` on, its first output is overwritten
+    in place before the second call."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__()
+        self.lin, self.head, self.after, self.calls = nn.Linear(8, 8), nn.Linear(8, 4), after, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.lin(x)
+        if self.training and self.calls >= self.after:
+            a.mul_(2)
+        b = self.lin(x * 3)
+        self.calls += 1
+        return self.head(torch.relu(a + b))
+
+
+def test_a_dropped_first_call_leaves_the_second_recorded_alone(tmp_path, monkeypatch):
+    """The second call of a layer whose held first call was changed in place is recorded as the
+    step's only call: its own moments and count, not merged with a call that was dropped."""
+    monkeypatch.setattr(kernels, "MODE", "torch")
+    torch.manual_seed(0)
+    model = ClobberedBetweenCalls(after=1)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g)) for _ in range(2)]
+    outputs = []
+    model.lin.register_forward_hook(lambda m, i, o: outputs.append(o.detach().double().clone()))
+    _train(model, data, tmp_path / "r")
+    lin = gradscope.load_run(tmp_path / "r").layers.query("layer == 'lin' and phase == 'train'").set_index("step")
+    both = torch.cat([outputs[0], outputs[1]])  # step 0: nothing changed, the two calls merged
+    assert lin.loc[0, "act_mean"] == pytest.approx(float(both.mean()), rel=1e-5)
+    assert lin.loc[0, "act_std"] == pytest.approx(float(both.std(unbiased=False)), rel=1e-5)
+    second = outputs[3]  # step 1: the first call (held, then doubled in place) is dropped
+    assert lin.loc[1, "act_mean"] == pytest.approx(float(second.mean()), rel=1e-5)
+    assert lin.loc[1, "act_std"] == pytest.approx(float(second.std(unbiased=False)), rel=1e-5)
+    assert lin.loc[1, "act_absmax"] == pytest.approx(float(second.abs().max()), rel=1e-5)
+
+
 def test_holding_little_memory_reduces_early_with_the_same_results(tmp_path, monkeypatch):
     model, data = _model("resnet20")
     monkeypatch.setattr(kernels, "MODE", "torch")
