@@ -106,16 +106,20 @@ def test_outputs_changed_in_place_are_never_held(tmp_path, monkeypatch):
 
 
 class Clobbered(nn.Module):
-    """A layer whose output the parent overwrites in place, but only from step ``after`` on."""
+    """A layer whose output the parent overwrites in place, but only from step ``after`` on (and
+    only at that step, unless ``twice``: then the layer runs twice per forward and its first
+    output is overwritten before the second call at every step from ``after`` on)."""
 
-    def __init__(self, after: int) -> None:
+    def __init__(self, after: int, twice: bool = False) -> None:
         super().__init__()
-        self.lin, self.head, self.after, self.calls = nn.Linear(8, 8), nn.Linear(8, 4), after, 0
+        self.lin, self.head, self.after, self.calls, self.twice = nn.Linear(8, 8), nn.Linear(8, 4), after, 0, twice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.lin(x)
-        if self.training and self.calls == self.after:
+        if self.training and (self.calls >= self.after if self.twice else self.calls == self.after):
             h.mul_(2)  # allowed by autograd: Linear's backward does not need its output
+        if self.twice:
+            h = h + self.lin(x * 3)
         self.calls += 1
         return self.head(torch.relu(h))
 
@@ -138,29 +142,12 @@ def test_a_held_output_changed_later_is_dropped_not_recorded_wrong(tmp_path, mon
     assert [layer.name for layer in rec.layers if layer.row in rec._batcher.immediate] == ["lin"]
 
 
-class ClobberedBetweenCalls(nn.Module):
-    """A layer called twice per forward; from step ``after`` on, its first output is overwritten
-    in place before the second call."""
-
-    def __init__(self, after: int) -> None:
-        super().__init__()
-        self.lin, self.head, self.after, self.calls = nn.Linear(8, 8), nn.Linear(8, 4), after, 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.lin(x)
-        if self.training and self.calls >= self.after:
-            a.mul_(2)
-        b = self.lin(x * 3)
-        self.calls += 1
-        return self.head(torch.relu(a + b))
-
-
 def test_a_dropped_first_call_leaves_the_second_recorded_alone(tmp_path, monkeypatch):
     """The second call of a layer whose held first call was changed in place is recorded as the
     step's only call: its own moments and count, not merged with a call that was dropped."""
     monkeypatch.setattr(kernels, "MODE", "torch")
     torch.manual_seed(0)
-    model = ClobberedBetweenCalls(after=1)
+    model = Clobbered(after=1, twice=True)
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g)) for _ in range(2)]
     outputs = []
