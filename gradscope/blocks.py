@@ -12,8 +12,6 @@ non-leaf module with a sibling of the same class in an ``nn.Sequential`` or ``nn
 
 from __future__ import annotations
 
-import contextlib
-
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -148,19 +146,9 @@ def token_direction_norms(y: Tensor) -> Tensor:
     yf = y if y.dtype == torch.float32 else y.float()
     inverse = torch.linalg.vector_norm(yf, dim=-1).clamp_min_(1e-12).reciprocal_()  # [batch, tokens]
     # under autocast bmm would round to bfloat16/float16 (and hand the buffer a narrower dtype)
-    with torch.autocast(y.device.type, enabled=False) if _autocast_enabled(y.device.type) else _NO_CONTEXT:
+    with torch.autocast(y.device.type, enabled=False):
         z = torch.bmm(inverse.unsqueeze(1), yf)
     return torch.linalg.vector_norm(z, dim=(1, 2))
-
-
-_NO_CONTEXT = contextlib.nullcontext()
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 has one query per device type
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def token_cosines(norms: Tensor, tokens: float | Tensor) -> Tensor:

@@ -98,8 +98,6 @@ class LayerProbe:
         self.rec, self.row, self.bounds, self.count_zeros = rec, row, bounds, count_zeros
 
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        # Runs for every watched module on recorded steps, hundreds of times per step: on a GPU
-        # its Python is the cost, so the common case is kept to few calls.
         rec = self.rec  # skipped AMP steps are detected by the recorder's model pre-hook, before this
         grad_on = torch.is_grad_enabled()
         if grad_on:  # lets step(loss=) tell this step from the previous one
@@ -108,20 +106,14 @@ class LayerProbe:
             return
         if _in_backward():  # activation checkpointing recomputes forwards during backward
             return
-        y = output if type(output) is Tensor and output.is_floating_point() else first_float_tensor(output)
-        if y is None:
+        y = first_float_tensor(output)
+        if y is None or y.numel() == 0:
             return
-        n = y.numel()
-        if n == 0:
-            return
-        row = self.row
+        row, n = self.row, y.numel()
         train = module.training and grad_on
         phase = TRAIN if train else EVAL
-        slot = rec._slots.get(rec.step_index)
-        if slot is None:
-            slot = rec._open_slot()
-        if not rec._executed[row]:
-            rec._note_execution(row)
+        slot = rec._open_slot()
+        rec._note_execution(row)
         counts = rec._counts
         seen = counts.act_n[slot, phase, row]
         batcher = rec._batcher
@@ -145,10 +137,8 @@ class LayerProbe:
         counts.act_calls[slot, phase, row] += 1
         # Only non-leaf outputs: a hook on a leaf (a module returning a parameter) would outlive
         # the step and the recorder; a non-leaf's hook goes with its graph.
-        if train:
-            node = y.grad_fn
-            if node is not None:
-                node.register_prehook(GradientProbe(rec, row, rec.step_index, y.output_nr))  # on_gradient, inlined
+        if train and y.grad_fn is not None:
+            on_gradient(y, GradientProbe(rec, row, rec.step_index, y.output_nr))
 
 
 class GradientProbe:
@@ -160,8 +150,7 @@ class GradientProbe:
         self.rec, self.row, self.step, self.index = rec, row, step, index
 
     def __call__(self, grad_outputs: tuple[Tensor | None, ...]) -> None:
-        index = self.index
-        grad = grad_outputs[index] if index < len(grad_outputs) else None  # output_gradient, inlined
+        grad = output_gradient(grad_outputs, self.index)
         if grad is None:
             return
         rec = self.rec
@@ -169,10 +158,9 @@ class GradientProbe:
         if slot is None or rec._closed:  # backward after the step was flushed or the recorder closed
             return
         counts = rec._counts
-        if rec.scaler is not None:
-            rec._capture_loss_scale(slot)  # the scale this backward ran with
-        a, _, c = rec._layer_strides  # (phase TRAIN is 0)
-        rec._add_square(slot * a + self.row * c + GRAD_OUT_SS, grad, first=counts.grad_calls[slot, self.row] == 0)
+        rec._capture_loss_scale(slot)  # the scale this backward ran with
+        rec._add_square(rec._layer_offset(slot, TRAIN, self.row) + GRAD_OUT_SS, grad,
+                        first=counts.grad_calls[slot, self.row] == 0)
         counts.grad_n[slot, self.row] += grad.numel()
         counts.grad_calls[slot, self.row] += 1
 
