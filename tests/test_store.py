@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -67,6 +68,30 @@ def test_temporary_files_of_an_interrupted_write_are_ignored(run_dir):
     train(TinyMLP(), batches("mlp", steps=3), run=run_dir)
     (run_dir / "layers" / ".part-000001.parquet.tmp").write_bytes(b"PAR1 half a file")
     assert len(gradscope.load_run(run_dir).layers) == 12
+
+
+def test_rows_come_in_network_order_with_names_missing_from_meta_last(run_dir):
+    import pyarrow.parquet as pq
+
+    train(TinyMLP(), batches("mlp", steps=3), run=run_dir, flush_every=1)  # parts: step 0, steps 1-2
+    meta_path = run_dir / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    for layer in meta["layers"]:  # network order reversed against the parts' row order
+        layer["depth"] = 3 - layer["depth"]
+    meta["layers"] = [layer for layer in meta["layers"] if layer["name"] != "2"]
+    meta_path.write_text(json.dumps(meta))
+    # a part written before a column existed: the column reads as missing, the rest as written
+    part = run_dir / "layers" / "part-000000.parquet"
+    pq.write_table(pq.read_table(part).drop_columns(["grad_out_rms"]), part)
+    layers = gradscope.load_run(run_dir).layers
+    for _, group in layers.groupby(["step", "phase"], sort=False):
+        assert group.layer.tolist() == ["6", "4", "0", "2"]  # by depth, the unknown one last
+        assert group.depth.tolist()[:3] == [0.0, 1.0, 3.0] and pd.isna(group.depth.iloc[3])
+        assert pd.isna(group.type.iloc[3]) and group.type.iloc[0] == "Linear"
+    assert layers.step.is_monotonic_increasing
+    first = layers.step == layers.step.min()
+    assert layers.grad_out_rms[first].isna().all() and layers.grad_out_rms[~first].notna().all()
+    assert layers.layer.map(type).eq(str).all() and layers.phase.map(type).eq(str).all()
 
 
 def test_missing_run_names_the_path(tmp_path):
