@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from gradscope import kernels
-from gradscope.blocks import sample_squares
+from gradscope.blocks import sample_squares, token_direction_sums
 from gradscope.stats import PHASES, SATURATION_MARGIN
 
 if TYPE_CHECKING:
@@ -194,6 +194,15 @@ class Batcher:
         out = self._zeroed(3 * samples).view(3, samples)
         self._run(lambda: kernels.sample_squares(x, y, out),
                   lambda: out.copy_(sample_squares(x, y)))
+        return out
+
+    def token_sums(self, y: Tensor) -> Tensor | None:
+        """``blocks.token_direction_sums`` of ``y`` [batch, tokens, dim] in one launch; None where it cannot."""
+        if not (kernels.supports_tokens(y) and y.get_device() == self.device_index
+                and threading.get_ident() == self.thread):
+            return None
+        out = self._zeroed(y.shape[0] * y.shape[2]).view(y.shape[0], y.shape[2])
+        self._run(lambda: kernels.token_sums(y, out), lambda: out.copy_(token_direction_sums(y)))
         return out
 
     def _zeroed(self, n: int) -> Tensor:

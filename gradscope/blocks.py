@@ -135,20 +135,28 @@ def identity_terms(squares: Tensor) -> Tensor:
     return torch.stack([sq[0], sq[1], cos.clamp(-1, 1)], dim=1)
 
 
-def token_direction_norms(y: Tensor) -> Tensor:
-    """[batch] ||sum_i u_i|| for ``y`` [batch, tokens, dim], with u_i the tokens' unit vectors:
-    the part of ``token_cosines`` that needs ``y``.
+def token_direction_sums(y: Tensor) -> Tensor:
+    """[batch, dim] float32 sum_i u_i for ``y`` [batch, tokens, dim], with u_i the tokens' unit
+    vectors: the part of ``token_cosines`` that needs ``y``.
 
     sum_i u_i is a weighted sum of the rows of ``y`` (weights 1/||y_i||), one batched matmul,
-    so no normalised copy of ``y`` is made. Five kernels per call; the rest of the formula runs
-    once per step for every block (``token_cosines``), launches being what a GPU step pays for.
+    so no normalised copy of ``y`` is made. Four kernels per call (one with Triton on a GPU:
+    ``kernels.token_sums``); the norms and the rest of the formula run once per step for every
+    block (``token_direction_norms``, ``token_cosines``), launches being what a GPU step pays for.
     """
     yf = y if y.dtype == torch.float32 else y.float()
     inverse = torch.linalg.vector_norm(yf, dim=-1).clamp_min_(1e-12).reciprocal_()  # [batch, tokens]
     # under autocast bmm would round to bfloat16/float16 (and hand the buffer a narrower dtype)
     with torch.autocast(y.device.type, enabled=False):
-        z = torch.bmm(inverse.unsqueeze(1), yf)
-    return torch.linalg.vector_norm(z, dim=(1, 2))
+        return torch.bmm(inverse.unsqueeze(1), yf).squeeze(1)
+
+
+def token_direction_norms(sums: list[Tensor]) -> Tensor:
+    """||sum_i u_i|| of every sample of several ``token_direction_sums`` results, concatenated
+    (one kernel for all when they share a width)."""
+    if len({z.shape[-1] for z in sums}) == 1:
+        return torch.linalg.vector_norm(torch.cat(sums) if len(sums) > 1 else sums[0], dim=-1)
+    return torch.cat([torch.linalg.vector_norm(z, dim=-1) for z in sums])
 
 
 def token_cosines(norms: Tensor, tokens: float | Tensor) -> Tensor:

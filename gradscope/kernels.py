@@ -35,6 +35,10 @@ _ITERS = 8
 _CHUNK = _BLOCK * _ITERS  # elements per program
 _SHIFT_SAMPLES = 64
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Widest token vector ``token_sums`` reads (one tile row); wider ones take the torch path.
+MAX_TOKEN_DIM = 8192
+_TOKEN_TILE = 4096  # elements of y per tile of token_sums
+_TOKEN_PROGRAMS = 32  # programs per sample along the tokens: few atomic adds into each output
 
 
 def supports(t: Tensor) -> bool:
@@ -139,6 +143,31 @@ def sample_squares(x: Tensor, y: Tensor, out: Tensor) -> None:
     per_sample = x.numel() // samples
     chunks = -(-per_sample // _CHUNK)
     kernels.sample_squares[(chunks, samples)](x, y, out, samples, per_sample, BLOCK=_BLOCK, ITERS=_ITERS)
+
+
+def supports_tokens(y: Tensor) -> bool:
+    """Whether ``token_sums`` can read ``y`` [batch, tokens, dim]: rows of a supported dtype,
+    each contiguous (a transposed sequence-first view is fine), at most MAX_TOKEN_DIM wide."""
+    return (y.dim() == 3 and y.dtype in _DTYPES and y.numel() > 0 and (y.stride(2) == 1 or y.shape[2] == 1)
+            and y.shape[2] <= MAX_TOKEN_DIM)
+
+
+def token_sums(y: Tensor, out: Tensor) -> None:
+    """Add sum_t y[b, t] / ||y[b, t]|| of each sample b of ``y`` [batch, tokens, dim] (``supports_tokens``)
+    to ``out`` [batch, dim] (zeroed, float32): ``blocks.token_direction_sums`` in one launch."""
+    kernels = _kernels_for(out.device)
+    batch, tokens, dim = y.shape
+    block_d = _next_power_of_two(dim)
+    rows = max(1, _TOKEN_TILE // block_d)  # tokens per tile
+    # tiles per program, a power of two (few compiled variants), so that a sample has at most
+    # _TOKEN_PROGRAMS programs adding into its output
+    tiles = _next_power_of_two(-(-tokens // (rows * _TOKEN_PROGRAMS)))
+    grid = (batch, -(-tokens // (rows * tiles)))
+    kernels.token_sums[grid](y, out, tokens, dim, y.stride(0), y.stride(1), BLOCK_D=block_d, ROWS=rows, TILES=tiles)
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def reduce_squares_by_torch(tensors: Sequence[Tensor], cells: Sequence[int], acc: Tensor) -> None:

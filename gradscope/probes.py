@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from gradscope.blocks import token_direction_norms
 from gradscope.stats import (
     B_BRANCH_SS,
     B_GRAD_IN_SS,
@@ -220,7 +219,7 @@ class BlockProbe:
             counts.block_samples[slot, row] += xs.shape[0] if xs.dim() else 1
         if y.dim() == 3 and y.shape[1 - self.seq_first] > 1:  # [batch, tokens, dim]
             yb = y.detach().transpose(0, 1) if self.seq_first else y.detach()
-            rec._pending_tokens.append((slot, row, (token_direction_norms(yb), yb.shape[1])))
+            rec._pending_tokens.append((slot, row, (rec._token_sums(yb), yb.shape[1])))
             counts.block_tokens[slot, row] += yb.shape[0]
         if x.grad_fn is not None:
             on_gradient(x, BlockGradientProbe(rec, row, rec.step_index, B_GRAD_IN_SS, x.output_nr))

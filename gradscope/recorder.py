@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from gradscope.attribution import Attribution, AttributionProbe
 from gradscope.batching import Batcher
 from gradscope.batching import enabled as batching_enabled
-from gradscope.blocks import Block, identity_terms, sample_squares, select_blocks, token_cosines
+from gradscope.blocks import (Block, identity_terms, sample_squares, select_blocks, token_cosines,
+                              token_direction_norms, token_direction_sums)
 from gradscope.layers import Layer, ModuleFilter, assign_depths, own_parameters, select_layers
 from gradscope.probes import BlockProbe, BranchProbe, LayerProbe
 from gradscope.stats import (
@@ -166,7 +167,7 @@ class Recorder:
         # likewise written for all layers at once (_commit_moments): two kernels, not one a layer.
         self._pending_moments: list[tuple[int, int, list[Tensor]]] = []
         self._pending_identity: list[tuple[int, int, Tensor]] = []
-        self._pending_tokens: list[tuple[int, int, tuple[Tensor, int]]] = []  # (norms, tokens)
+        self._pending_tokens: list[tuple[int, int, tuple[Tensor, int]]] = []  # (token sums, tokens)
         self._index_cache: dict[tuple[str, tuple[tuple[int, int], ...]], Tensor] = {}  # _pattern_index
         self._views: dict[tuple[bool, int, int], Tensor] = {}
         self._scratch = Scratch()  # CPU work vector of the probes, held during a forward only
@@ -367,6 +368,14 @@ class Recorder:
                 return squares
         return sample_squares(x, y, self._scratch)
 
+    def _token_sums(self, y: Tensor) -> Tensor:
+        """``blocks.token_direction_sums`` of a block's output [batch, tokens, dim]."""
+        if self._batcher is not None:
+            sums = self._batcher.token_sums(y)
+            if sums is not None:
+                return sums
+        return token_direction_sums(y)
+
     def _layer_offset(self, slot: int, phase: int, row: int) -> int:
         a, b, c = self._layer_strides
         return slot * a + phase * b + row * c
@@ -393,12 +402,12 @@ class Recorder:
             self._add_samples(slot, slice(B_DIFF_SS, B_COS_SUM + 1), identity_terms(squares),
                               [(row, v.shape[-1]) for row, v in items])
         for slot, items in _take_by_slot(self._pending_tokens).items():
-            norms = torch.cat([v for _, (v, _) in items]) if len(items) > 1 else items[0][1][0]
+            norms = token_direction_norms([z for _, (z, _) in items])
             lengths = {t for _, (_, t) in items}
             tokens: Any = lengths.pop() if len(lengths) == 1 else torch.cat(  # sequences of several lengths
-                [torch.full_like(v, t) for _, (v, t) in items])
+                [torch.full((z.shape[0],), float(t), dtype=norms.dtype, device=norms.device) for _, (z, t) in items])
             self._add_samples(slot, B_TOKEN_COS_SUM, token_cosines(norms, tokens),
-                              [(row, v.shape[-1]) for row, (v, _) in items])
+                              [(row, z.shape[0]) for row, (z, _) in items])
         if self._batcher is not None:
             self._batcher.recycle()
 

@@ -154,3 +154,21 @@ def sample_squares(x, y, out, samples, per_sample, BLOCK: tl.constexpr, ITERS: t
         tl.atomic_add(out + s, tl.sum(diff, axis=0))
         tl.atomic_add(out + samples + s, tl.sum(xx, axis=0))
         tl.atomic_add(out + 2 * samples + s, tl.sum(yy, axis=0))
+
+
+@triton.jit(do_not_specialize=["tokens", "dim", "stride_b", "stride_t"])
+def token_sums(y, out, tokens, dim, stride_b, stride_t, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
+               TILES: tl.constexpr):
+    """out[b, :] += sum of y[b, t, :] / ||y[b, t, :]|| over tokens t: program (b, chunk) reads
+    TILES tiles of ROWS tokens of sample b (the last dimension contiguous)."""
+    b = tl.program_id(0).to(tl.int64)
+    first = tl.program_id(1).to(tl.int64) * (ROWS * TILES)
+    cols = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for i in range(TILES):
+        t = first + i * ROWS + tl.arange(0, ROWS).to(tl.int64)
+        inside = (t[:, None] < tokens) & (cols[None, :] < dim)
+        v = tl.load(y + b * stride_b + t[:, None] * stride_t + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+        norms = tl.sqrt(tl.sum(v * v, axis=1))
+        acc += tl.sum(v / tl.maximum(norms, 1e-12)[:, None], axis=0)
+    tl.atomic_add(out + b * dim + cols, acc, mask=cols < dim)
