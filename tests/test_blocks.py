@@ -160,20 +160,21 @@ class EveryOtherToken(nn.Module):
         return x[:, ::2]
 
 
-def test_token_cos_of_blocks_with_different_sequence_lengths_in_one_step(run_dir):
-    """Token cosines are finished for all blocks of a step at once, with each block's own T."""
+def test_token_cos_of_blocks_with_different_sequence_lengths_and_widths_in_one_step(run_dir):
+    """Token cosines are finished for all blocks of a step at once, with each block's own T and width."""
     torch.manual_seed(0)
-    model = nn.Sequential(Tokens(6), EveryOtherToken(), Tokens(6))
+    model = nn.Sequential(Tokens(6), EveryOtherToken(), Tokens(6), nn.Linear(6, 10), Tokens(10))
     x = torch.randn(3, 8, 6, requires_grad=True)
     outs = {}
-    for name in ("0", "2"):
+    names = ("0", "2", "4")
+    for name in names:
         model.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: outs.update({name: o.detach()}))
-    with gradscope.watch(model, run_dir) as rec:
+    with gradscope.watch(model, run_dir, blocks=list(names)) as rec:
         model(x).sum().backward()
         rec.step()
-    assert (outs["0"].shape[1], outs["2"].shape[1]) == (8, 4)
+    assert [tuple(outs[name].shape[1:]) for name in names] == [(8, 6), (4, 6), (4, 10)]
     got = gradscope.load_run(run_dir).blocks.set_index("block").token_cos
-    for name in ("0", "2"):
+    for name in names:
         assert got[name] == pytest.approx(_mean_pairwise_token_cosine(outs[name]), rel=1e-5), name
 
 
