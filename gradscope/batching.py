@@ -75,6 +75,9 @@ class Batcher:
         self.immediate: set[int] = set()  # layers whose outputs were changed in place
         self.watched: list[tuple[Tensor, int, int]] = []  # (output, version, row) being learned
         self.outputs: list[tuple[Tensor, int, int, int]] = []  # held (output, version, phase, row)
+        # held residual-branch outputs F(x) (output, version, buffer cell, slot, block row); a
+        # branch is learned like a layer, under the key layers + its block row
+        self.branches: list[tuple[Tensor, int, int, int, int]] = []
         self.output_bytes = 0
         # Moments of the current forward's first calls, [phase * layers + row, 6], summed by the
         # kernels and turned into buffer columns once per forward (finish): acc_cells lists the
@@ -118,6 +121,23 @@ class Batcher:
         self.acc_cells.append(cell)
         return True
 
+    def branch_square(self, row: int, cell: int, slot: int, f: Tensor) -> bool:
+        """Add ||f||^2 of block ``row``'s branch output to buffer element ``cell``: held until the
+        forward ends where its branch's outputs survive the forward (as layer outputs are), else at
+        once; False where the kernels cannot read ``f``."""
+        if not self._readable(f):
+            return False
+        key = self.layers + row
+        if key in self.holdable:
+            self.branches.append((f.detach(), f._version, cell, slot, row))
+            self.output_bytes += f.nbytes
+            if self.output_bytes >= HOLD_BYTES:
+                self.reduce_outputs()
+            return True
+        self.reduce_square_now(cell, f)
+        self.learn(key, f)
+        return True
+
     def learn(self, row: int, y: Tensor) -> None:
         """Watch a layer's first output (reduced at once) to see whether it survives the forward."""
         if row in self.holdable or row in self.immediate or not self._readable(y):
@@ -135,7 +155,10 @@ class Batcher:
         self.finish()
 
     def reduce_outputs(self) -> None:
-        """Reduce every held output into the accumulator, up to eight per launch."""
+        """Reduce every held output into the accumulator, up to eight per launch (and the held
+        branch outputs' squares into the buffer)."""
+        if self.branches:
+            self._reduce_branches()
         if not self.outputs:
             return
         entries, self.outputs, self.output_bytes = self.outputs, [], 0
@@ -155,6 +178,24 @@ class Batcher:
         if tensors:
             self._run(lambda: kernels.reduce_moments(tensors, cells, rows, self.row_params, self.acc),
                       lambda: kernels.reduce_moments_by_torch(tensors, cells, rows, self.host_params, self.acc))
+
+    def _reduce_branches(self) -> None:
+        entries, self.branches = self.branches, []
+        counts, tensors, cells = self.rec._counts, [], []
+        for f, version, cell, slot, row in entries:
+            if f._version != version:  # changed in place after all: the block's ratio is lost for
+                counts.block_branch_dropped[slot, row] = True  # this step; reduce at once from now on
+                self.holdable.discard(self.layers + row)
+                self.immediate.add(self.layers + row)
+                continue
+            tensors.append(f)
+            cells.append(cell)
+        if tensors:
+            flat = self.rec._stats_flat
+            self._run(lambda: kernels.reduce_squares(tensors, cells, flat),
+                      lambda: kernels.reduce_squares_by_torch(tensors, cells, flat))
+        if not self.outputs:
+            self.output_bytes = 0
 
     def finish(self) -> None:
         """Write the accumulated moments into the layer buffer and clear the accumulator."""

@@ -244,11 +244,12 @@ class BranchProbe:
             return
         slot = rec._open_slot()
         counts = rec._counts
-        # F(x) is often modified in place next (out += x), so it is reduced now, never deferred
-        # (on a GPU with one launch; the block's buffer row starts at zero, so both paths add)
+        # F(x) is often modified in place next (out += x), so on the CPU it is reduced now; on a
+        # GPU the batcher holds it only where that was seen not to happen (the block's buffer
+        # row starts at zero, so both paths add)
         offset = rec._block_offset(slot, self.row) + B_BRANCH_SS
         batcher = rec._batcher
-        if batcher is None or not batcher.reduce_square_now(rec._block_base + offset, f.detach()):
+        if batcher is None or not batcher.branch_square(self.row, rec._block_base + offset, slot, f.detach()):
             accumulate_square(rec._buffer_view(True, offset), f.detach(), first=counts.block_branch[slot, self.row] == 0)
         counts.block_branch[slot, self.row] += 1
 

@@ -237,7 +237,7 @@ def squared_norms(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
 _COUNT_FIELDS = ("act_n", "act_calls", "grad_n", "grad_calls", "param_rows", "grad_rows",
                  "grads_scaled", "step_set", "lr", "step_lr",
                  "block_calls", "block_samples", "block_grad_in", "block_grad_out", "block_branch",
-                 "block_tokens")
+                 "block_branch_dropped", "block_tokens")
 
 
 class HostCounts:
@@ -266,6 +266,7 @@ class HostCounts:
         self.block_grad_in = np.zeros((slots, blocks), np.int64)
         self.block_grad_out = np.zeros((slots, blocks), np.int64)
         self.block_branch = np.zeros((slots, blocks), np.int64)
+        self.block_branch_dropped = np.zeros((slots, blocks), bool)  # a held F(x) changed in place
         self.block_tokens = np.zeros((slots, blocks), np.int64)
 
     def clear(self, slot: int) -> None:
@@ -395,7 +396,7 @@ def finalize_blocks(buf: np.ndarray, steps: np.ndarray, counts: HostCounts) -> d
         "id_rel_residual": np.sqrt(_div(b[..., B_DIFF_SS], np.where(samples > 0, b[..., B_INPUT_SS], 0))),
         "id_cos": _div(b[..., B_COS_SUM], samples),
         "id_grad_ratio": where(counts.block_samples, grad_in / grad_out),
-        "branch_ratio": where(counts.block_branch * counts.block_samples,
+        "branch_ratio": where(counts.block_branch * counts.block_samples * ~counts.block_branch_dropped,
                               np.sqrt(_div(b[..., B_BRANCH_SS], b[..., B_INPUT_SS]))),
         "token_cos": _div(b[..., B_TOKEN_COS_SUM], counts.block_tokens.astype(np.float64)),
         "grad_in_norm": grad_in,

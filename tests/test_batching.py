@@ -163,6 +163,74 @@ def test_a_dropped_first_call_leaves_the_second_recorded_alone(tmp_path, monkeyp
     assert lin.loc[1, "act_absmax"] == pytest.approx(float(second.abs().max()), rel=1e-5)
 
 
+class BranchAddedInPlace(nn.Module):
+    """A residual block y = F(x) + x. From step ``after`` on (only at that step, unless ``always``)
+    it adds x to F(x) in place, as torchvision's BasicBlock does (``out += identity``): the
+    branch's output no longer holds F(x) at the forward's end."""
+
+    def __init__(self, after: int, always: bool = False) -> None:
+        super().__init__()
+        self.branch, self.after, self.always, self.calls = nn.Linear(8, 8), after, always, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.branch(x)
+        in_place = self.training and (self.calls >= self.after if self.always else self.calls == self.after)
+        self.calls += 1
+        return f.add_(x) if in_place else f + x
+
+
+class WithBranch(nn.Module):
+    """``BranchAddedInPlace`` declared as a block with its branch, then a head."""
+
+    def __init__(self, after: int, always: bool = False) -> None:
+        super().__init__()
+        self.block, self.head = BranchAddedInPlace(after, always), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.block(x)))
+
+    def gradscope_blocks(self):
+        return [gradscope.blocks.BlockSpec("block", branch="block.branch")]
+
+
+def _branch_model(after: int, always: bool = False) -> tuple[nn.Module, list[float]]:
+    """A ``WithBranch`` and the list its block's true ||F(x)|| / ||x|| go to at each forward."""
+    torch.manual_seed(0)
+    model = WithBranch(after, always)
+    ratios: list[float] = []
+    model.block.branch.register_forward_hook(
+        lambda m, i, o: ratios.append(float(o.detach().double().norm() / i[0].double().norm())))
+    return model, ratios
+
+
+@pytest.mark.parametrize("always", [True, False])
+def test_a_branch_output_changed_in_place_is_never_recorded_wrong(always, tmp_path, monkeypatch):
+    """A branch whose F(x) survives the forward is held (one launch for many blocks); one that the
+    block overwrites is reduced at once, and a held one overwritten later is dropped for that step."""
+    monkeypatch.setattr(kernels, "MODE", "torch")
+    model, ratios = _branch_model(after=0 if always else 1, always=always)
+    data = [(torch.randn(6, 8), torch.randint(0, 4, (6,))) for _ in range(3)]
+    rec = _train(model, data, tmp_path / "r")
+    got = gradscope.load_run(tmp_path / "r").blocks.set_index("step").branch_ratio
+    key = len(rec.layers)  # the block's branch, as the batcher learns it
+    if always:  # learned at step 0: reduced at once every step, never lost
+        assert got.tolist() == pytest.approx(ratios, rel=1e-5)
+        assert key in rec._batcher.immediate
+    else:  # held from step 1, overwritten there: that step's ratio is missing, not wrong
+        assert np.isnan(got[1]) and got[[0, 2]].tolist() == pytest.approx([ratios[0], ratios[2]], rel=1e-5)
+        assert key in rec._batcher.immediate
+
+
+def test_a_branch_output_left_alone_is_held(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "MODE", "torch")
+    model, ratios = _branch_model(after=99)
+    data = [(torch.randn(6, 8), torch.randint(0, 4, (6,))) for _ in range(3)]
+    rec = _train(model, data, tmp_path / "r")
+    assert len(rec.layers) in rec._batcher.holdable
+    got = gradscope.load_run(tmp_path / "r").blocks.set_index("step").branch_ratio
+    assert got.tolist() == pytest.approx(ratios, rel=1e-5)
+
+
 def test_holding_little_memory_reduces_early_with_the_same_results(tmp_path, monkeypatch):
     model, data = _model("resnet20")
     monkeypatch.setattr(kernels, "MODE", "torch")
