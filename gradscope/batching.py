@@ -14,7 +14,9 @@ outputs are held only once its first recorded forward showed them untouched at t
 (its version counter unchanged); until then, and for good where they were touched, they are
 reduced at once, one launch each. Should a held output be changed after all, that call is dropped
 from the step (as if not seen) and the layer goes back to immediate reduction: a missing row,
-never a wrong one.
+never a wrong one. A residual branch's output F(x) (its squared norm gives ``branch_ratio``) is
+held the same way: at once where the block adds to it in place (``out += x``), else with the
+layer outputs.
 
 Only tensors on the recorder's device, dense and of a float dtype the kernels read, from the
 thread that made the recorder (``DataParallel`` replicas run in others) are held; anything else
@@ -124,12 +126,12 @@ class Batcher:
     def branch_square(self, row: int, cell: int, slot: int, f: Tensor) -> bool:
         """Add ||f||^2 of block ``row``'s branch output to buffer element ``cell``: held until the
         forward ends where its branch's outputs survive the forward (as layer outputs are), else at
-        once; False where the kernels cannot read ``f``."""
+        once; False where the kernels cannot read ``f`` (detached by the caller)."""
         if not self._readable(f):
             return False
         key = self.layers + row
         if key in self.holdable:
-            self.branches.append((f.detach(), f._version, cell, slot, row))
+            self.branches.append((f, f._version, cell, slot, row))
             self.output_bytes += f.nbytes
             if self.output_bytes >= HOLD_BYTES:
                 self.reduce_outputs()
