@@ -64,7 +64,7 @@ def count_kernels(counts: collections.Counter) -> None:
     """Replace the Triton kernels by counters of the launches they would make."""
     groups = kernels._groups
     kernels.uses_triton = lambda device: True
-    for name in ("reduce_moments", "reduce_squares", "reduce_moment", "sample_squares", "token_sums"):
+    for name in ("reduce_moments", "reduce_squares", "reduce_moment", "sample_squares", "block_sums"):
         def stand_in(*args, _name=name, **kwargs):
             launches = len(groups(args[0], 8)) if _name in ("reduce_moments", "reduce_squares") else 1
             counts[f"Triton kernel {_name}"] += launches

@@ -239,14 +239,25 @@ class Batcher:
                   lambda: out.copy_(sample_squares(x, y)))
         return out
 
-    def token_sums(self, y: Tensor) -> Tensor | None:
-        """``blocks.token_direction_sums`` of ``y`` [batch, tokens, dim] in one launch; None where it cannot."""
+    def block_sums(self, x: Tensor | None, y: Tensor) -> tuple[Tensor | None, Tensor] | None:
+        """``blocks.token_direction_sums`` of a block's output ``y`` [batch, tokens, dim] and, given
+        its input ``x`` (same shape), ``blocks.sample_squares``, in one launch: (squares or None
+        where x is None or cannot be read, sums); None where the kernel cannot read ``y``."""
         if not (kernels.supports_tokens(y) and y.get_device() == self.device_index
                 and threading.get_ident() == self.thread):
             return None
-        out = self._zeroed(y.shape[0] * y.shape[2]).view(y.shape[0], y.shape[2])
-        self._run(lambda: kernels.token_sums(y, out), lambda: out.copy_(token_direction_sums(y)))
-        return out
+        if x is not None and not (kernels.supports_tokens(x) and x.get_device() == self.device_index):
+            x = None
+        batch, dim = y.shape[0], y.shape[2]
+        sums = self._zeroed(batch * dim).view(batch, dim)
+        squares = self._zeroed(3 * batch).view(3, batch) if x is not None else None
+
+        def by_torch() -> None:
+            sums.copy_(token_direction_sums(y))
+            if squares is not None:
+                squares.copy_(sample_squares(x, y))
+        self._run(lambda: kernels.block_sums(x, y, squares, sums), by_torch)
+        return squares, sums
 
     def _zeroed(self, n: int) -> Tensor:
         """``n`` zeroed float32 elements for a kernel to add into: the next part of a buffer that

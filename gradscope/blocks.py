@@ -140,9 +140,10 @@ def token_direction_sums(y: Tensor) -> Tensor:
     vectors: the part of ``token_cosines`` that needs ``y``.
 
     sum_i u_i is a weighted sum of the rows of ``y`` (weights 1/||y_i||), one batched matmul,
-    so no normalised copy of ``y`` is made. Four kernels per call (one with Triton on a GPU:
-    ``kernels.token_sums``); the norms and the rest of the formula run once per step for every
-    block (``token_direction_norms``, ``token_cosines``), launches being what a GPU step pays for.
+    so no normalised copy of ``y`` is made. Four kernels per call (on a GPU with Triton one, which
+    gives ``sample_squares`` too: ``kernels.block_sums``); the norms and the rest of the formula
+    run once per step for every block (``token_direction_norms``, ``token_cosines``), launches
+    being what a GPU step pays for.
     """
     yf = y if y.dtype == torch.float32 else y.float()
     inverse = torch.linalg.vector_norm(yf, dim=-1).clamp_min_(1e-12).reciprocal_()  # [batch, tokens]

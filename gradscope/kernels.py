@@ -35,9 +35,9 @@ _ITERS = 8
 _CHUNK = _BLOCK * _ITERS  # elements per program
 _SHIFT_SAMPLES = 64
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-#: Widest token vector ``token_sums`` reads (one tile row); wider ones take the torch path.
+#: Widest token vector ``block_sums`` reads (one tile row); wider ones take the torch path.
 MAX_TOKEN_DIM = 8192
-_TOKEN_TILE = 4096  # elements of y per tile of token_sums
+_TOKEN_TILE = 4096  # elements of y per tile of block_sums
 _TOKEN_PROGRAMS = 32  # programs per sample along the tokens: few atomic adds into each output
 
 
@@ -146,24 +146,29 @@ def sample_squares(x: Tensor, y: Tensor, out: Tensor) -> None:
 
 
 def supports_tokens(y: Tensor) -> bool:
-    """Whether ``token_sums`` can read ``y`` [batch, tokens, dim]: rows of a supported dtype,
+    """Whether ``block_sums`` can read ``y`` [batch, tokens, dim]: rows of a supported dtype,
     each contiguous (a transposed sequence-first view is fine), at most MAX_TOKEN_DIM wide."""
     return (y.dim() == 3 and y.dtype in _DTYPES and y.numel() > 0 and (y.stride(2) == 1 or y.shape[2] == 1)
             and y.shape[2] <= MAX_TOKEN_DIM)
 
 
-def token_sums(y: Tensor, out: Tensor) -> None:
-    """Add sum_t y[b, t] / ||y[b, t]|| of each sample b of ``y`` [batch, tokens, dim] (``supports_tokens``)
-    to ``out`` [batch, dim] (zeroed, float32): ``blocks.token_direction_sums`` in one launch."""
-    kernels = _kernels_for(out.device)
+def block_sums(x: Tensor | None, y: Tensor, squares: Tensor | None, sums: Tensor) -> None:
+    """In one launch that reads each tensor once: add sum_t y[b, t] / ||y[b, t]|| of each sample b
+    of ``y`` [batch, tokens, dim] to ``sums`` [batch, dim] (``blocks.token_direction_sums``) and,
+    given ``x`` of y's shape, ||y_b - x_b||^2, ||x_b||^2, ||y_b||^2 to ``squares`` [3, batch]
+    (``blocks.sample_squares``). Both outputs zeroed float32; x and y pass ``supports_tokens``."""
+    kernels = _kernels_for(sums.device)
     batch, tokens, dim = y.shape
     block_d = _next_power_of_two(dim)
     rows = max(1, _TOKEN_TILE // block_d)  # tokens per tile
     # tiles per program, a power of two (few compiled variants), so that a sample has at most
-    # _TOKEN_PROGRAMS programs adding into its output
+    # _TOKEN_PROGRAMS programs adding into its outputs
     tiles = _next_power_of_two(-(-tokens // (rows * _TOKEN_PROGRAMS)))
     grid = (batch, -(-tokens // (rows * tiles)))
-    kernels.token_sums[grid](y, out, tokens, dim, y.stride(0), y.stride(1), BLOCK_D=block_d, ROWS=rows, TILES=tiles)
+    pair = x is not None
+    kernels.block_sums[grid](x if pair else y, y, squares if pair else sums, sums, tokens, dim,
+                             (x if pair else y).stride(0), (x if pair else y).stride(1), y.stride(0), y.stride(1),
+                             batch, BLOCK_D=block_d, ROWS=rows, TILES=tiles, PAIR=pair)
 
 
 def _next_power_of_two(n: int) -> int:

@@ -205,22 +205,28 @@ class BlockProbe:
         counts = rec._counts
         counts.block_calls[slot, row] += 1
         block = rec.blocks[row]
+        pair = False  # compared with the identity
         if x.shape != y.shape:
             if block.reason is None:
                 block.reason = f"changes shape: {tuple(x.shape[1:])} -> {tuple(y.shape[1:])} per sample"
         elif x._version != version:
             if block.reason is None:
                 block.reason = "modifies its input in place"
-        elif y.numel():
+        else:
+            pair = y.numel() > 0
+        tokens = y.dim() == 3 and y.shape[1 - self.seq_first] > 1  # [batch, tokens, dim]
+        if pair or tokens:
+            # sequence-first [tokens, batch, dim] read as [batch, tokens, dim], without a copy
             xs, ys = (t.detach().transpose(0, 1) if self.seq_first and t.dim() == 3 else t.detach()
                       for t in (x, y))
-            # per-sample norms now; the recorder sums them for all blocks at once at the step's end
-            rec._pending_identity.append((slot, row, rec._identity_squares(xs, ys)))
-            counts.block_samples[slot, row] += xs.shape[0] if xs.dim() else 1
-        if y.dim() == 3 and y.shape[1 - self.seq_first] > 1:  # [batch, tokens, dim]
-            yb = y.detach().transpose(0, 1) if self.seq_first else y.detach()
-            rec._pending_tokens.append((slot, row, (rec._token_sums(yb), yb.shape[1])))
-            counts.block_tokens[slot, row] += yb.shape[0]
+            # per-sample terms now; the recorder sums them for all blocks at once at the step's end
+            squares, sums = rec._block_terms(xs if pair else None, ys, tokens)
+            if squares is not None:
+                rec._pending_identity.append((slot, row, squares))
+                counts.block_samples[slot, row] += xs.shape[0] if xs.dim() else 1
+            if sums is not None:
+                rec._pending_tokens.append((slot, row, (sums, ys.shape[1])))
+                counts.block_tokens[slot, row] += ys.shape[0]
         if x.grad_fn is not None:
             on_gradient(x, BlockGradientProbe(rec, row, rec.step_index, B_GRAD_IN_SS, x.output_nr))
         if y.grad_fn is not None:

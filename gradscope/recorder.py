@@ -360,21 +360,25 @@ class Recorder:
             first = False  # the element was zeroed when the slot opened; the kernels add to it
         accumulate_square(self._buffer_view(False, offset), grad, first)
 
-    def _identity_squares(self, x: Tensor, y: Tensor) -> Tensor:
-        """Per-sample ||y - x||^2, ||x||^2, ||y||^2 of a block call ([3, samples])."""
-        if self._batcher is not None:
-            squares = self._batcher.sample_squares(x, y)
-            if squares is not None:
-                return squares
-        return sample_squares(x, y, self._scratch)
-
-    def _token_sums(self, y: Tensor) -> Tensor:
-        """``blocks.token_direction_sums`` of a block's output [batch, tokens, dim]."""
-        if self._batcher is not None:
-            sums = self._batcher.token_sums(y)
-            if sums is not None:
-                return sums
-        return token_direction_sums(y)
+    def _block_terms(self, x: Tensor | None, y: Tensor, tokens: bool) -> tuple[Tensor | None, Tensor | None]:
+        """What a block call needs of its input ``x`` (None: no identity terms) and output ``y``:
+        per-sample ||y - x||^2, ||x||^2, ||y||^2 ([3, samples], ``blocks.sample_squares``) and, with
+        ``tokens``, the token direction sums of y [batch, tokens, dim] (``blocks.token_direction_sums``).
+        On a GPU with Triton one launch reads both tensors for both."""
+        squares = sums = None
+        batcher = self._batcher
+        if tokens and batcher is not None:
+            fused = batcher.block_sums(x, y)
+            if fused is not None:
+                squares, sums = fused
+        if sums is None and tokens:
+            sums = token_direction_sums(y)
+        if squares is None and x is not None:
+            if batcher is not None:
+                squares = batcher.sample_squares(x, y)
+            if squares is None:
+                squares = sample_squares(x, y, self._scratch)
+        return squares, sums
 
     def _layer_offset(self, slot: int, phase: int, row: int) -> int:
         a, b, c = self._layer_strides

@@ -156,19 +156,35 @@ def sample_squares(x, y, out, samples, per_sample, BLOCK: tl.constexpr, ITERS: t
         tl.atomic_add(out + 2 * samples + s, tl.sum(yy, axis=0))
 
 
-@triton.jit(do_not_specialize=["tokens", "dim", "stride_b", "stride_t"])
-def token_sums(y, out, tokens, dim, stride_b, stride_t, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
-               TILES: tl.constexpr):
-    """out[b, :] += sum of y[b, t, :] / ||y[b, t, :]|| over tokens t: program (b, chunk) reads
-    TILES tiles of ROWS tokens of sample b (the last dimension contiguous)."""
+@triton.jit(do_not_specialize=["tokens", "dim", "x_b", "x_t", "y_b", "y_t", "samples"])
+def block_sums(x, y, squares, sums, tokens, dim, x_b, x_t, y_b, y_t, samples, BLOCK_D: tl.constexpr,
+               ROWS: tl.constexpr, TILES: tl.constexpr, PAIR: tl.constexpr):
+    """What a block's call needs of its output y [batch, tokens, dim] (and, with PAIR, its input
+    x of the same shape), reading each once: program (b, chunk) takes TILES tiles of ROWS tokens
+    of sample b and adds sum_t y_t / ||y_t|| to sums[b, :] and, with PAIR, sum((y - x)^2),
+    sum(x^2), sum(y^2) to squares[0, b], squares[1, b], squares[2, b]. Token vectors (the last
+    dimension) are contiguous; the other strides are arguments (a sequence-first view is fine)."""
     b = tl.program_id(0).to(tl.int64)
     first = tl.program_id(1).to(tl.int64) * (ROWS * TILES)
     cols = tl.arange(0, BLOCK_D)
     acc = tl.zeros([BLOCK_D], tl.float32)
+    diff = 0.0
+    xx = 0.0
+    yy = 0.0
     for i in range(TILES):
         t = first + i * ROWS + tl.arange(0, ROWS).to(tl.int64)
         inside = (t[:, None] < tokens) & (cols[None, :] < dim)
-        v = tl.load(y + b * stride_b + t[:, None] * stride_t + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-        norms = tl.sqrt(tl.sum(v * v, axis=1))
-        acc += tl.sum(v / tl.maximum(norms, 1e-12)[:, None], axis=0)
-    tl.atomic_add(out + b * dim + cols, acc, mask=cols < dim)
+        v = tl.load(y + b * y_b + t[:, None] * y_t + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+        row_squares = tl.sum(v * v, axis=1)
+        acc += tl.sum(v / tl.maximum(tl.sqrt(row_squares), 1e-12)[:, None], axis=0)
+        if PAIR:
+            u = tl.load(x + b * x_b + t[:, None] * x_t + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+            d = v - u
+            diff += tl.sum(tl.sum(d * d, axis=1), axis=0)
+            xx += tl.sum(tl.sum(u * u, axis=1), axis=0)
+            yy += tl.sum(row_squares, axis=0)
+    tl.atomic_add(sums + b * dim + cols, acc, mask=cols < dim)
+    if PAIR:
+        tl.atomic_add(squares + b, diff)
+        tl.atomic_add(squares + samples + b, xx)
+        tl.atomic_add(squares + 2 * samples + b, yy)

@@ -328,13 +328,22 @@ _KERNEL_CHECK = textwrap.dedent("""
     kernels.reduce_moment(ys[1], 6, 1, torch.tensor(params, device=DEVICE), acc)
     one = kernels.finish_moments(acc[1:2])[0].double().cpu()
     assert torch.allclose(one, got[1].cpu(), rtol=1e-5), (one, got[1])
-    for y in (r(5, 7, 16), r(7, 5, 100).transpose(0, 1), r(3, 9, 24).to(torch.bfloat16), r(2, 300, 2048),
-              r(2, 3, 5000), torch.cat([r(2, 3, 8), torch.zeros(2, 1, 8, device=DEVICE)], dim=1)):
-        out = torch.zeros(y.shape[0], y.shape[2], device=DEVICE)  # token directions summed per sample
-        kernels.token_sums(y, out)
-        y64 = y.double()
-        want = (y64 / y64.norm(dim=-1, keepdim=True).clamp_min(1e-12)).sum(dim=1)
-        assert torch.allclose(out.double().cpu(), want.cpu(), rtol=1e-5, atol=1e-5), (y.shape, out, want)
+    blocks = [(r(5, 7, 16), r(5, 7, 16)), (r(7, 5, 100).transpose(0, 1), r(7, 5, 100).transpose(0, 1)),
+              (r(3, 9, 24), r(3, 9, 24).to(torch.bfloat16)), (r(2, 300, 2048), r(2, 300, 2048)),
+              (r(2, 3, 5000), r(2, 3, 5000)), (r(2, 4, 8), torch.cat([r(2, 3, 8), torch.zeros(2, 1, 8, device=DEVICE)], 1))]
+    blocks.append((blocks[0][1], blocks[0][1].clone()))  # an exact identity
+    for x, y in blocks:  # a block's token directions summed per sample, with or without its input
+        for pair in (False, True):
+            sums = torch.zeros(y.shape[0], y.shape[2], device=DEVICE)
+            squares = torch.zeros(3, y.shape[0], device=DEVICE) if pair else None
+            kernels.block_sums(x if pair else None, y, squares, sums)
+            x64, y64 = x.double(), y.double()
+            want = (y64 / y64.norm(dim=-1, keepdim=True).clamp_min(1e-12)).sum(dim=1)
+            assert torch.allclose(sums.double().cpu(), want.cpu(), rtol=1e-5, atol=1e-5), (y.shape, sums, want)
+            if pair:
+                want = torch.stack([(y64 - x64).square().sum((1, 2)), x64.square().sum((1, 2)), y64.square().sum((1, 2))])
+                assert torch.allclose(squares.double().cpu(), want.cpu(), rtol=1e-5), (y.shape, squares, want)
+    assert (squares[0] == 0).all()  # the exact identity's ||y - x||^2 is exactly 0
     kernels.MODE = None
     print("ok")
 """)
