@@ -409,7 +409,8 @@ class Recorder:
             norms = token_direction_norms([z for _, (z, _) in items])
             lengths = {t for _, (_, t) in items}
             tokens: Any = lengths.pop() if len(lengths) == 1 else torch.cat(  # sequences of several lengths
-                [torch.full((z.shape[0],), float(t), dtype=norms.dtype, device=norms.device) for _, (z, t) in items])
+                [torch.full((z.shape[0],), float(t), dtype=norms.dtype, device=norms.device)
+                 for _, (z, t) in items])
             self._add_samples(slot, B_TOKEN_COS_SUM, token_cosines(norms, tokens),
                               [(row, z.shape[0]) for row, (z, _) in items])
         if self._batcher is not None:
