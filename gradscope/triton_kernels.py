@@ -168,9 +168,9 @@ def block_sums(x, y, squares, sums, tokens, dim, x_b, x_t, y_b, y_t, samples, BL
     first = tl.program_id(1).to(tl.int64) * (ROWS * TILES)
     cols = tl.arange(0, BLOCK_D)
     acc = tl.zeros([BLOCK_D], tl.float32)
-    diff = 0.0
-    xx = 0.0
-    yy = 0.0
+    diff = tl.zeros([ROWS], tl.float32)  # per token row, summed at the end
+    xx = tl.zeros([ROWS], tl.float32)
+    yy = tl.zeros([ROWS], tl.float32)
     for i in range(TILES):
         t = first + i * ROWS + tl.arange(0, ROWS).to(tl.int64)
         inside = (t[:, None] < tokens) & (cols[None, :] < dim)
@@ -180,11 +180,11 @@ def block_sums(x, y, squares, sums, tokens, dim, x_b, x_t, y_b, y_t, samples, BL
         if PAIR:
             u = tl.load(x + b * x_b + t[:, None] * x_t + cols[None, :], mask=inside, other=0.0).to(tl.float32)
             d = v - u
-            diff += tl.sum(tl.sum(d * d, axis=1), axis=0)
-            xx += tl.sum(tl.sum(u * u, axis=1), axis=0)
-            yy += tl.sum(row_squares, axis=0)
+            diff += tl.sum(d * d, axis=1)
+            xx += tl.sum(u * u, axis=1)
+            yy += row_squares
     tl.atomic_add(sums + b * dim + cols, acc, mask=cols < dim)
     if PAIR:
-        tl.atomic_add(squares + b, diff)
-        tl.atomic_add(squares + samples + b, xx)
-        tl.atomic_add(squares + 2 * samples + b, yy)
+        tl.atomic_add(squares + b, tl.sum(diff, axis=0))
+        tl.atomic_add(squares + samples + b, tl.sum(xx, axis=0))
+        tl.atomic_add(squares + 2 * samples + b, tl.sum(yy, axis=0))

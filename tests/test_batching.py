@@ -357,6 +357,50 @@ def test_triton_kernels_match_float64_in_the_interpreter():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
+_COMPILE_CHECK = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from gradscope import kernels, triton_kernels as tk
+
+    POINTERS = {"row_params", "acc", "out", "squares", "sums", "x", "y"} | {f"{p}{i}" for p in "yg" for i in range(8)}
+    CONSTANTS = {"BLOCK": kernels._BLOCK, "ITERS": kernels._ITERS, "SAMPLES": kernels._SHIFT_SAMPLES}
+
+    def check(kernel, dtype, **constants):
+        signature = {}
+        for param in kernel.params:
+            name = param.name
+            if param.is_constexpr:
+                signature[name] = "constexpr"
+            elif name in POINTERS:
+                signature[name] = "*fp32" if name in ("row_params", "acc", "out", "squares", "sums") else "*" + dtype
+            else:
+                signature[name] = "i64" if name.endswith(("_b", "_t")) else "i32"
+        constants = {k: v for k, v in {**CONSTANTS, **constants}.items() if k in signature}
+        for arch in (80, 90):
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                                      target=GPUTarget("cuda", arch, 32))
+            assert compiled.asm["cubin"], (kernel, dtype, arch)
+
+    for dtype in ("fp32", "bf16", "fp16"):
+        for kernel in (tk.moments, tk.moments_one, tk.squares, tk.sample_squares):
+            check(kernel, dtype)
+        for block_d, rows in ((1, 4096), (512, 8), (8192, 1)):
+            for pair in (True, False):
+                check(tk.block_sums, dtype, BLOCK_D=block_d, ROWS=rows, TILES=2, PAIR=pair)
+    print("ok")
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+def test_triton_kernels_compile_for_gpus():
+    """Every kernel compiles to machine code for sm_80 and sm_90, for each dtype it is launched
+    with: Triton's compiler needs no GPU, and the interpreter does not check what it refuses."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_triton_kernels_match_float64_on_cuda():
     if not kernels.triton_available(torch.device("cuda")):
