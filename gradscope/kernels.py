@@ -39,6 +39,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_TOKEN_DIM = 8192
 _TOKEN_TILE = 4096  # elements of y per tile of block_sums
 _TOKEN_PROGRAMS = 32  # programs per sample along the tokens: few atomic adds into each output
+TOKEN_WARPS = 8  # per block_sums program: half the registers per thread of 4 (ptxas, sm_90)
 
 
 def supports(t: Tensor) -> bool:
@@ -168,7 +169,7 @@ def block_sums(x: Tensor | None, y: Tensor, squares: Tensor | None, sums: Tensor
     pair = x is not None
     kernels.block_sums[grid](x if pair else y, y, squares if pair else sums, sums, tokens, dim,
                              (x if pair else y).stride(0), (x if pair else y).stride(1), y.stride(0), y.stride(1),
-                             batch, BLOCK_D=block_d, ROWS=rows, TILES=tiles, PAIR=pair)
+                             batch, BLOCK_D=block_d, ROWS=rows, TILES=tiles, PAIR=pair, num_warps=TOKEN_WARPS)
 
 
 def _next_power_of_two(n: int) -> int:

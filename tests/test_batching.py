@@ -366,7 +366,7 @@ _COMPILE_CHECK = textwrap.dedent("""
     POINTERS = {"row_params", "acc", "out", "squares", "sums", "x", "y"} | {f"{p}{i}" for p in "yg" for i in range(8)}
     CONSTANTS = {"BLOCK": kernels._BLOCK, "ITERS": kernels._ITERS, "SAMPLES": kernels._SHIFT_SAMPLES}
 
-    def check(kernel, dtype, **constants):
+    def check(kernel, dtype, num_warps=4, **constants):
         signature = {}
         for param in kernel.params:
             name = param.name
@@ -379,7 +379,7 @@ _COMPILE_CHECK = textwrap.dedent("""
         constants = {k: v for k, v in {**CONSTANTS, **constants}.items() if k in signature}
         for arch in (80, 90):
             compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
-                                      target=GPUTarget("cuda", arch, 32))
+                                      target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
             assert compiled.asm["cubin"], (kernel, dtype, arch)
 
     for dtype in ("fp32", "bf16", "fp16"):
@@ -387,7 +387,7 @@ _COMPILE_CHECK = textwrap.dedent("""
             check(kernel, dtype)
         for block_d, rows in ((1, 4096), (512, 8), (8192, 1)):
             for pair in (True, False):
-                check(tk.block_sums, dtype, BLOCK_D=block_d, ROWS=rows, TILES=2, PAIR=pair)
+                check(tk.block_sums, dtype, kernels.TOKEN_WARPS, BLOCK_D=block_d, ROWS=rows, TILES=2, PAIR=pair)
     print("ok")
 """)
 
