@@ -105,9 +105,7 @@ class Batcher:
             return False
         self._claim(slot)
         self.outputs.append((y.detach(), y._version, phase, row))
-        self.output_bytes += y.nbytes
-        if self.output_bytes >= HOLD_BYTES:
-            self.reduce_outputs()
+        self._count_held(y)
         return True
 
     def reduce_now(self, y: Tensor, slot: int, phase: int, row: int) -> bool:
@@ -132,13 +130,17 @@ class Batcher:
         key = self.layers + row
         if key in self.holdable:
             self.branches.append((f, f._version, cell, slot, row))
-            self.output_bytes += f.nbytes
-            if self.output_bytes >= HOLD_BYTES:
-                self.reduce_outputs()
+            self._count_held(f)
             return True
         self.reduce_square_now(cell, f)
         self.learn(key, f)
         return True
+
+    def _count_held(self, t: Tensor) -> None:
+        """``t`` was just held: reduce everything held once that passes ``HOLD_BYTES``."""
+        self.output_bytes += t.nbytes
+        if self.output_bytes >= HOLD_BYTES:
+            self.reduce_outputs()
 
     def learn(self, row: int, y: Tensor) -> None:
         """Watch a layer's first output (reduced at once) to see whether it survives the forward."""
@@ -159,11 +161,12 @@ class Batcher:
     def reduce_outputs(self) -> None:
         """Reduce every held output into the accumulator, up to eight per launch (and the held
         branch outputs' squares into the buffer)."""
+        self.output_bytes = 0
         if self.branches:
             self._reduce_branches()
         if not self.outputs:
             return
-        entries, self.outputs, self.output_bytes = self.outputs, [], 0
+        entries, self.outputs = self.outputs, []
         counts, slot = self.rec._counts, self.acc_slot
         tensors, cells, rows = [], [], []
         for y, version, phase, row in entries:
@@ -196,8 +199,6 @@ class Batcher:
             flat = self.rec._stats_flat
             self._run(lambda: kernels.reduce_squares(tensors, cells, flat),
                       lambda: kernels.reduce_squares_by_torch(tensors, cells, flat))
-        if not self.outputs:
-            self.output_bytes = 0
 
     def finish(self) -> None:
         """Write the accumulated moments into the layer buffer and clear the accumulator."""
@@ -223,9 +224,12 @@ class Batcher:
             self.acc_slot = slot
 
     def _readable(self, t: Tensor) -> bool:
+        return self._ours(t) and kernels.supports(t)
+
+    def _ours(self, t: Tensor) -> bool:
+        """On this recorder's device, from its thread (``DataParallel`` replicas run in others)."""
         # get_device() is an int (-1 on a CPU), cheaper to compare than a torch.device
-        return (t.get_device() == self.device_index and kernels.supports(t)
-                and threading.get_ident() == self.thread)
+        return t.get_device() == self.device_index and threading.get_ident() == self.thread
 
     # ------------------------------------------------------------------ blocks
 
@@ -243,10 +247,9 @@ class Batcher:
         """``blocks.token_direction_sums`` of a block's output ``y`` [batch, tokens, dim] and, given
         its input ``x`` (same shape), ``blocks.sample_squares``, in one launch: (squares or None
         where x is None or cannot be read, sums); None where the kernel cannot read ``y``."""
-        if not (kernels.supports_tokens(y) and y.get_device() == self.device_index
-                and threading.get_ident() == self.thread):
+        if not (kernels.supports_tokens(y) and self._ours(y)):
             return None
-        if x is not None and not (kernels.supports_tokens(x) and x.get_device() == self.device_index):
+        if x is not None and not (kernels.supports_tokens(x) and self._ours(x)):
             x = None
         batch, dim = y.shape[0], y.shape[2]
         sums = self._zeroed(batch * dim).view(batch, dim)

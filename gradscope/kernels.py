@@ -167,8 +167,9 @@ def block_sums(x: Tensor | None, y: Tensor, squares: Tensor | None, sums: Tensor
     tiles = _next_power_of_two(-(-tokens // (rows * _TOKEN_PROGRAMS)))
     grid = (batch, -(-tokens // (rows * tiles)))
     pair = x is not None
-    kernels.block_sums[grid](x if pair else y, y, squares if pair else sums, sums, tokens, dim,
-                             (x if pair else y).stride(0), (x if pair else y).stride(1), y.stride(0), y.stride(1),
+    if not pair:  # placeholders the kernel does not read
+        x, squares = y, sums
+    kernels.block_sums[grid](x, y, squares, sums, tokens, dim, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
                              batch, BLOCK_D=block_d, ROWS=rows, TILES=tiles, PAIR=pair, num_warps=TOKEN_WARPS)
 
 

@@ -254,9 +254,9 @@ class BranchProbe:
         # GPU the batcher holds it only where that was seen not to happen (the block's buffer
         # row starts at zero, so both paths add)
         offset = rec._block_offset(slot, self.row) + B_BRANCH_SS
-        batcher = rec._batcher
-        if batcher is None or not batcher.branch_square(self.row, rec._block_base + offset, slot, f.detach()):
-            accumulate_square(rec._buffer_view(True, offset), f.detach(), first=counts.block_branch[slot, self.row] == 0)
+        batcher, f = rec._batcher, f.detach()
+        if batcher is None or not batcher.branch_square(self.row, rec._block_base + offset, slot, f):
+            accumulate_square(rec._buffer_view(True, offset), f, first=counts.block_branch[slot, self.row] == 0)
         counts.block_branch[slot, self.row] += 1
 
 
