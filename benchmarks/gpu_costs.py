@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from gradscope import stats
+from gradscope.recording import moments as stats
 
 
 def cost(fn: Callable[[], object], device: torch.device, calls: int) -> tuple[float, float]:

@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gradscope  # noqa: E402
-from gradscope import kernels  # noqa: E402
+from gradscope.recording import kernels  # noqa: E402
 from overhead import CPU_WORKLOADS, CUDA_WORKLOADS, time_steps  # noqa: E402
 
 # Ops that make views or aliases: no kernel on a GPU.

@@ -57,7 +57,7 @@ from torch import nn
 
 import gradscope
 from gradscope import models
-from gradscope.batching import enabled as batching_enabled
+from gradscope.recording.batching import enabled as batching_enabled
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -123,7 +123,7 @@ class GradscopeUnbatched(Gradscope):
 
     @contextlib.contextmanager
     def attach(self, model, opt, tmp):
-        from gradscope import kernels
+        from gradscope.recording import kernels
 
         kernels.MODE = "off"  # read when the recorder is made
         try:
@@ -156,9 +156,9 @@ class EmptyHooks(Variant):
 
     @contextlib.contextmanager
     def attach(self, model, opt, tmp):
-        from gradscope.blocks import select_blocks
-        from gradscope.layers import select_layers
-        from gradscope.probes import on_gradient
+        from gradscope.recording.blocks import select_blocks
+        from gradscope.recording.layers import select_layers
+        from gradscope.recording.probes import on_gradient
 
         def grad_hook(grad_outputs: tuple[Any, ...]) -> None:
             return None

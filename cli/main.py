@@ -15,7 +15,7 @@ from typing import Any, Callable
 import click
 
 from gradscope import __version__
-from gradscope.presets import PRESETS
+from gradscope.lab.presets import PRESETS
 
 
 
@@ -30,9 +30,9 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from gradscope.models import UnknownModelError
+        from gradscope.lab.models import UnknownModelError
         from gradscope.store import RunError
-        from gradscope.tasks import CifarFormatError, UnknownTaskError
+        from gradscope.lab.tasks import CifarFormatError, UnknownTaskError
 
         try:
             return fn(*args, **kwargs)
@@ -95,7 +95,7 @@ def main() -> None:
 def models_command(pattern: str) -> None:
     """List reference models matching PATTERN (a glob, e.g. 'resnet*')."""
     from gradscope import models
-    from gradscope.blocks import declared_blocks
+    from gradscope.recording.blocks import declared_blocks
 
     names = models.names(pattern)
     if not names:
@@ -157,7 +157,7 @@ def run_command(model_names: tuple[str, ...], task: str | None, steps: int, ever
     Example: gradscope run plain20 resnet20 --steps 300 --every 5 --out runs/cmp
     """
     from gradscope import models
-    from gradscope.train import train
+    from gradscope.lab.train import train
 
     for name in model_names:
         models.entry(name)  # fail on a typo before training anything
@@ -219,7 +219,7 @@ def demo_command(preset: str, quick: bool, out: Path | None, steps: int | None, 
     import gradscope
     from gradscope import reports
     from gradscope.cli.summary import findings_text, run_summary
-    from gradscope.presets import run_preset
+    from gradscope.lab.presets import run_preset
 
     p = PRESETS[preset]
     out = out or Path(f"runs/demo-{preset}")

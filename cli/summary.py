@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from gradscope import Finding, Run
-from gradscope.diagnose import training_steps
+from gradscope.analysis.findings import training_steps
 
 
 def _fmt(x: float) -> str:

@@ -17,7 +17,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from gradscope.train import build, loss_and_accuracy
+from gradscope.lab.train import build, loss_and_accuracy
 
 MODELS = ("transformer_lm_post", "transformer_lm_pre")
 POSITIONS = (5, 15, 25)  # scored tokens whose single-token gradients are averaged

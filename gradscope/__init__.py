@@ -1,15 +1,19 @@
 """gradscope: see how gradients flow through a PyTorch model while it trains.
 
 ``gradscope.watch(model)`` records per-layer activation and gradient statistics on the model's
-device; ``gradscope.load_run(path)`` reads a recorded run back as pandas DataFrames.
+device; ``gradscope.load_run(path)`` reads a recorded run back as pandas DataFrames;
+``gradscope.diagnose(runs)`` states what the data shows. The package is in layers
+(docs/design.md): ``recording`` (the hot path), ``store`` (the run format), ``analysis``,
+and ``lab`` (reference models, tasks and the trainer).
 """
 
-from gradscope import models
-from gradscope.attribution import Attribution
-from gradscope.diagnose import Finding, diagnose
-from gradscope.recorder import Recorder, watch
+from gradscope.analysis.findings import Finding, diagnose
+from gradscope.lab import models
+from gradscope.recording import Attribution, Recorder, watch
+from gradscope.recording.blocks import BlockSpec
 from gradscope.store import Run, RunError, RunNotFoundError, load_run
 
 __version__ = "0.1.0"
 
-__all__ = ["Attribution", "Finding", "diagnose", "models", "Recorder", "Run", "RunError", "RunNotFoundError", "__version__", "load_run", "watch"]
+__all__ = ["Attribution", "BlockSpec", "Finding", "diagnose", "models", "Recorder", "Run", "RunError", "RunNotFoundError",
+           "__version__", "load_run", "watch"]

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from gradscope import Run, load_run
-from gradscope.diagnose import training_steps
+from gradscope.analysis.findings import training_steps
 
 RunLike = Run | str | os.PathLike[str]
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscope
-from gradscope import kernels
+from gradscope.recording import kernels
 
 # GRADSCOPE_TEST_BATCHING=torch (or =triton, with TRITON_INTERPRET=1) runs the whole suite with
 # the GPU's batched reductions forced on, on any device.

@@ -10,7 +10,7 @@ from torch import nn
 
 import gradscope
 from gradscope import Attribution
-from gradscope.blocks import BlockSpec
+from gradscope.recording.blocks import BlockSpec
 from gradscope.cli.main import main
 from gradscope.testing import assert_no_hooks, hook_counts
 

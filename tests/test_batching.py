@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscope
-from gradscope import batching, kernels, models
+from gradscope import models
+from gradscope.recording import batching, kernels
 from gradscope.testing import TinyCNN, TinyMLP, TwiceCalled
 
 
@@ -190,7 +191,7 @@ class WithBranch(nn.Module):
         return self.head(torch.relu(self.block(x)))
 
     def gradscope_blocks(self):
-        return [gradscope.blocks.BlockSpec("block", branch="block.branch")]
+        return [gradscope.BlockSpec("block", branch="block.branch")]
 
 
 def _branch_model(after: int, always: bool = False) -> tuple[nn.Module, list[float]]:
@@ -278,7 +279,7 @@ def test_batching_is_on_for_cuda_with_triton_unless_the_environment_says_no(monk
 
 _KERNEL_CHECK = textwrap.dedent("""
     import torch
-    from gradscope import kernels
+    from gradscope.recording import kernels
     kernels.MODE = "triton"
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)
@@ -361,7 +362,7 @@ _COMPILE_CHECK = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from gradscope import kernels, triton_kernels as tk
+    from gradscope.recording import kernels, triton_kernels as tk
 
     POINTERS = {"row_params", "acc", "out", "squares", "sums", "x", "y"} | {f"{p}{i}" for p in "yg" for i in range(8)}
     CONSTANTS = {"BLOCK": kernels._BLOCK, "ITERS": kernels._ITERS, "SAMPLES": kernels._SHIFT_SAMPLES}

@@ -11,7 +11,7 @@ from torch import nn
 
 import gradscope
 from gradscope import models
-from gradscope.blocks import discover_blocks
+from gradscope.recording.blocks import discover_blocks
 
 
 class Scale(nn.Module):
@@ -40,7 +40,7 @@ class Residual(nn.Module):
         return x + self.branch(x)
 
     def gradscope_blocks(self):  # declared, so branch_ratio is measured
-        return [gradscope.blocks.BlockSpec("", branch="branch")]
+        return [gradscope.BlockSpec("", branch="branch")]
 
 
 def net(*blocks: nn.Module, d: int = 8) -> nn.Sequential:

@@ -120,7 +120,7 @@ def test_values_match_float64_on_cuda(tmp_path):
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
 def test_batched_statistics_match_float64_on_cuda(amp, tmp_path):
     """From the second recorded step on, outputs and gradients are reduced by the batched kernels."""
-    from gradscope import kernels
+    from gradscope.recording import kernels
 
     if not kernels.triton_available(torch.device("cuda")):
         pytest.skip("needs Triton")

@@ -12,9 +12,9 @@ from torch import nn
 
 import gradscope
 from gradscope import diagnose
-from gradscope.diagnose import gradient_fit
+from gradscope.analysis.findings import gradient_fit
 from gradscope.store import BLOCK_SCHEMA, LAYER_SCHEMA, Run
-from gradscope.train import train
+from gradscope.lab.train import train
 
 
 def codes(findings, run=None):
@@ -165,7 +165,7 @@ def test_findings_head_the_report_and_inspect(sigmoid_runs, tmp_path):
 
 @pytest.mark.parametrize("preset", ["pair", "degradation", "sigmoid", "transformer"])
 def test_every_preset_runs_in_a_small_version(preset, tmp_path):
-    from gradscope.presets import PRESETS, run_preset
+    from gradscope.lab.presets import PRESETS, run_preset
 
     results = run_preset(preset, tmp_path, quick=True, steps=2, progress=False)
     assert [r.run.name for r in results] == [r.run_name for r in PRESETS[preset].runs]

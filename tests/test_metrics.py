@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscope
-from gradscope import kernels
-from gradscope.layers import with_activations
+from gradscope.recording import kernels
+from gradscope.recording.layers import with_activations
 from gradscope.testing import TinyCNN, TinyMLP, TwiceCalled
 from conftest import batches
 
@@ -266,7 +266,8 @@ def _large_inputs():
 @pytest.mark.parametrize("kind", list(_large_inputs()))
 def test_fast_cpu_moments_of_large_tensors_match_float64(kind):
     """Large CPU tensors take the shifted one-pass formula and the dot-product norm."""
-    from gradscope.stats import _SHIFTED_MIN, ACT_ABSMAX, ACT_MEAN, ACT_VAR, Scratch, activation_moments, norm32
+    from gradscope.recording.moments import _SHIFTED_MIN, Scratch, activation_moments, norm32
+    from gradscope.store.schema import ACT_ABSMAX, ACT_MEAN, ACT_VAR
 
     y = _large_inputs()[kind]
     assert y.numel() >= _SHIFTED_MIN  # the fast path is the one under test
@@ -294,10 +295,10 @@ def test_work_vector_lives_during_forwards_only(run_dir, monkeypatch):
     model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 4))
     x, y = torch.randn(64, 64), torch.randint(0, 4, (64,))
     seen = []
-    model[2].register_forward_hook(lambda m, a, o: seen.append(rec._scratch._buf is not None))
+    model[2].register_forward_hook(lambda m, a, o: seen.append(rec._sink.scratch._buf is not None))
     with gradscope.watch(model, run_dir, modules=with_activations) as rec:
         loss = F.cross_entropy(model(x), y)
-        assert rec._scratch._buf is None
+        assert rec._sink.scratch._buf is None
         loss.backward()
         rec.step(loss=loss)
     assert seen == [True]  # in use by the first layers' probes (64 x 512 outputs take the fast path)

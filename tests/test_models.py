@@ -9,7 +9,7 @@ from torch import nn
 
 import gradscope
 from gradscope import models
-from gradscope.blocks import declared_blocks
+from gradscope.recording.blocks import declared_blocks
 
 # Small inputs keep 110-layer nets fast on 2 CPU cores; every model pools or attends globally.
 SMALL = {"image": {"input_size": 8}, "tokens": {"seq_len": 8}, "lm": {"seq_len": 8}, "seq2seq": {"seq_len": 8}}
@@ -187,7 +187,7 @@ def test_register_model_decorator_and_duplicates():
         with pytest.raises(ValueError, match="already registered"):
             models.register_model("test_tiny_linear", family="mlp", input_kind="image")(tiny)
     finally:
-        from gradscope.models.registry import _REGISTRY
+        from gradscope.lab.models.registry import _REGISTRY
         _REGISTRY.pop("test_tiny_linear", None)
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import gradscope
-from gradscope.probes import first_float_tensor
+from gradscope.recording.probes import first_float_tensor
 
 
 @dataclasses.dataclass

@@ -19,7 +19,7 @@ import gradscope
 from gradscope import reports
 from gradscope.reports import figures
 from gradscope.store import RunError
-from gradscope.train import train
+from gradscope.lab.train import train
 
 
 def layers_frame(runs=("a", "b"), steps=(0, 5, 10), depth=4):

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradscope
-from gradscope import kernels, models
+from gradscope import models
+from gradscope.recording import kernels
 from gradscope.testing import TinyCNN, TinyMLP
 from conftest import batches, train
 

@@ -162,4 +162,4 @@ def test_no_pickle_in_the_package():
             assert needle not in text, f"{path} uses {needle}"
         if path.name != "cifar.py":
             assert "import pickle" not in text, f"{path} imports pickle"
-    assert "def find_class" in (root / "tasks" / "cifar.py").read_text()
+    assert "def find_class" in (root / "lab" / "tasks" / "cifar.py").read_text()

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from gradscope.tasks import DEFAULT_TASK, TASKS, CifarFormatError, UnknownTaskError, get_task
-from gradscope.tasks.cifar import cifar10, read_batch
-from gradscope.tasks.images import synthetic_images
-from gradscope.tasks.sequences import IGNORE, copy_task, dyck_sequences, majority_task
+from gradscope.lab.tasks import DEFAULT_TASK, TASKS, CifarFormatError, UnknownTaskError, get_task
+from gradscope.lab.tasks.cifar import cifar10, read_batch
+from gradscope.lab.tasks.images import synthetic_images
+from gradscope.lab.tasks.sequences import IGNORE, copy_task, dyck_sequences, majority_task
 
 
 def test_synthetic_images_are_cifar_shaped_and_deterministic():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gradscope
-from gradscope.train import build, lr_factor, recipe_for, resolve_device, train
+from gradscope.lab.train import build, lr_factor, recipe_for, resolve_device, train
 
 
 def test_recipes_follow_each_family():

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gradscope.train import TrainResult, resolve_device, train
+from gradscope.lab.train import TrainResult, resolve_device, train
 
 
 @dataclass(frozen=True)

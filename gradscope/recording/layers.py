@@ -14,8 +14,6 @@ from typing import Any, Callable, Iterable, Union
 
 from torch import nn
 
-from gradscope.stats import counts_zeros, saturation_range
-
 #: What ``watch(modules=...)`` accepts: a glob on qualified names, a module type, a predicate
 #: ``(name, module) -> bool``, or a list of those (a module matching any of them is watched).
 ModuleFilter = Union[str, type, Callable[[str, nn.Module], bool], Iterable[Any]]
@@ -41,6 +39,26 @@ class Layer:
         d = dict(vars(self))
         d["saturation_bounds"] = list(self.saturation_bounds) if self.saturation_bounds else None
         return d
+
+
+def saturation_range(module: nn.Module) -> tuple[float, float] | None:
+    """(low, high) bounds of a bounded activation's output, or None for any other module."""
+    if isinstance(module, nn.Sigmoid):
+        return (0.0, 1.0)
+    if isinstance(module, nn.Tanh):
+        return (-1.0, 1.0)
+    if isinstance(module, nn.Hardtanh):  # includes ReLU6
+        return (float(module.min_val), float(module.max_val))
+    return None
+
+
+#: Modules whose outputs are exactly zero where a unit is off, so the zero fraction means dead units.
+ZERO_MEANINGFUL = (nn.ReLU, nn.ReLU6, nn.Threshold, nn.Hardshrink, nn.Softshrink)
+
+
+def counts_zeros(module: nn.Module) -> bool:
+    """Whether ``act_zero_frac`` is measured for ``module`` (a pre-activation's is noise, and costs a pass)."""
+    return isinstance(module, ZERO_MEANINGFUL) or (isinstance(module, nn.Hardtanh) and module.min_val == 0)
 
 
 def own_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -103,9 +121,24 @@ def select_layers(model: nn.Module, modules: ModuleFilter | None = None) -> list
     ]
 
 
-def assign_depths(rows: list[Any], execution_order: list[int]) -> None:
-    """Set ``depth``/``rel_depth`` of layers (or blocks) from their rows in order of first execution."""
-    n = len(execution_order)
-    for depth, row in enumerate(execution_order):
-        rows[row].depth = depth
-        rows[row].rel_depth = depth / (n - 1) if n > 1 else 0.0
+class ExecutionOrder:
+    """Rows of a table (layers or blocks) in order of first execution; gives them their depth."""
+
+    __slots__ = ("rows", "_seen")
+
+    def __init__(self, n: int) -> None:
+        self.rows: list[int] = []
+        self._seen = [False] * n
+
+    def note(self, row: int) -> None:
+        """Row ``row`` ran (called from every recorded forward hook: a list lookup when seen)."""
+        if not self._seen[row]:
+            self._seen[row] = True
+            self.rows.append(row)
+
+    def assign_depths(self, entries: list[Any]) -> None:
+        """Set ``depth``/``rel_depth`` of the table's entries (layers or blocks) from this order."""
+        n = len(self.rows)
+        for depth, row in enumerate(self.rows):
+            entries[row].depth = depth
+            entries[row].rel_depth = depth / (n - 1) if n > 1 else 0.0

@@ -3,7 +3,7 @@
 On a GPU a small training step is bound by the host launching kernels, and reducing each layer's
 output and each gradient with its own ops costs the host a dozen launches per layer. The
 ``Batcher`` instead keeps a reference to each tensor and reduces them eight to a launch of
-``gradscope.kernels``: layer outputs when the model's forward ends (into one accumulator, turned
+``recording.kernels``: layer outputs when the model's forward ends (into one accumulator, turned
 into buffer columns once per forward), gradients when the step ends (added straight into the
 buffer's squared-norm columns), and either earlier once the tensors held pass ``HOLD_BYTES`` (so
 holding them never costs more memory than that).
@@ -20,7 +20,7 @@ layer outputs.
 
 Only tensors on the recorder's device, dense and of a float dtype the kernels read, from the
 thread that made the recorder (``DataParallel`` replicas run in others) are held; anything else
-takes the CPU's path of torch ops. Gradients are reduced on the stream they were made on.
+takes the CPU's path of torch ops (``recording.sink``). Gradients are reduced on the stream they were made on.
 """
 
 from __future__ import annotations
@@ -29,17 +29,16 @@ import contextlib
 import os
 import threading
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from gradscope import kernels
-from gradscope.blocks import sample_squares, token_direction_sums
-from gradscope.stats import PHASES, SATURATION_MARGIN
-
-if TYPE_CHECKING:
-    from gradscope.recorder import Recorder
+from gradscope.recording import kernels
+from gradscope.recording.buffer import StatsBuffer
+from gradscope.recording.identity import sample_squares, token_direction_sums
+from gradscope.recording.layers import Layer
+from gradscope.store.schema import ACTIVATION, PHASES, SATURATION_MARGIN
 
 #: Bytes of outputs (and, separately, of gradients) held before they are reduced early.
 HOLD_BYTES = 64 << 20
@@ -54,11 +53,13 @@ def enabled(device: torch.device) -> bool:
 
 
 class Batcher:
-    """The held layer outputs and gradients of one recorder, and what it learned of its layers."""
+    """The held layer outputs and gradients of one recorder, and what it learned of its layers.
 
-    def __init__(self, rec: "Recorder") -> None:
-        self.rec = rec
-        device = rec.device
+    It writes into the recorder's ``StatsBuffer`` (and its host counts) and nothing else.
+    """
+
+    def __init__(self, buffer: StatsBuffer, layers: list[Layer], device: torch.device) -> None:
+        self.buffer = buffer
         if device.type == "cuda" and device.index is None:  # tensors name their device's index
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
@@ -66,7 +67,7 @@ class Batcher:
         self.thread = threading.get_ident()
         self.stream_of = _stream_getter(self.device)
         params = []
-        for layer in rec.layers:
+        for layer in layers:
             bounds = layer.saturation_bounds
             middle, half = ((bounds[0] + bounds[1]) / 2, (bounds[1] - bounds[0]) / 2) if bounds else (0.0, 0.0)
             params.append([float(layer.zero_counted), float(bounds is not None), middle,
@@ -84,7 +85,7 @@ class Batcher:
         # Moments of the current forward's first calls, [phase * layers + row, 6], summed by the
         # kernels and turned into buffer columns once per forward (finish): acc_cells lists the
         # rows written, acc_slot the step's buffer slot.
-        self.layers = len(rec.layers)
+        self.layers = len(layers)
         self.acc = torch.zeros(len(PHASES) * self.layers, kernels.N_MOMENT_COLS, device=self.device)
         self.acc_cells: list[int] = []
         self.acc_slot: int | None = None
@@ -167,7 +168,7 @@ class Batcher:
         if not self.outputs:
             return
         entries, self.outputs = self.outputs, []
-        counts, slot = self.rec._counts, self.acc_slot
+        counts, slot = self.buffer.counts, self.acc_slot
         tensors, cells, rows = [], [], []
         for y, version, phase, row in entries:
             if y._version != version:  # changed in place after all: drop the call, stop holding
@@ -186,7 +187,7 @@ class Batcher:
 
     def _reduce_branches(self) -> None:
         entries, self.branches = self.branches, []
-        counts, tensors, cells = self.rec._counts, [], []
+        counts, tensors, cells = self.buffer.counts, [], []
         for f, version, cell, slot, row in entries:
             if f._version != version:  # changed in place after all: the block's ratio is lost for
                 counts.block_branch_dropped[slot, row] = True  # this step; reduce at once from now on
@@ -196,7 +197,7 @@ class Batcher:
             tensors.append(f)
             cells.append(cell)
         if tensors:
-            flat = self.rec._stats_flat
+            flat = self.buffer.flat
             self._run(lambda: kernels.reduce_squares(tensors, cells, flat),
                       lambda: kernels.reduce_squares_by_torch(tensors, cells, flat))
 
@@ -206,13 +207,14 @@ class Batcher:
         if not self.acc_cells:
             self.acc_slot = None
             return
-        rec, cells = self.rec, tuple(self.acc_cells)
-        take = rec._pattern_index("elements", tuple((cell, 1) for cell in cells))
+        buffer, cells = self.buffer, tuple(self.acc_cells)
+        take = buffer.pattern_index("elements", tuple((cell, 1) for cell in cells))
         values = kernels.finish_moments(self.acc.index_select(0, take)).view(-1)
-        per_slot = rec._layer_strides[0]
-        index = rec._pattern_index("elements", tuple((rec._layer_offset(0, *divmod(cell, self.layers)), 5)
-                                                      for cell in cells))
-        rec._buffer_view(False, self.acc_slot * per_slot, per_slot).index_copy_(0, index, values)
+        per_slot = buffer.layer_strides[0]
+        width = len(ACTIVATION)
+        index = buffer.pattern_index("elements", tuple((buffer.layer_offset(0, *divmod(cell, self.layers)), width)
+                                                       for cell in cells))
+        buffer.view(False, self.acc_slot * per_slot, per_slot).index_copy_(0, index, values)
         self.acc.zero_()
         self.acc_cells, self.acc_slot = [], None
 
@@ -234,7 +236,7 @@ class Batcher:
     # ------------------------------------------------------------------ blocks
 
     def sample_squares(self, x: Tensor, y: Tensor) -> Tensor | None:
-        """``blocks.sample_squares`` in one launch that reads x and y once; None where it cannot."""
+        """``identity.sample_squares`` in one launch that reads x and y once; None where it cannot."""
         if not (x.is_contiguous() and y.is_contiguous() and self._readable(x) and self._readable(y)):
             return None
         samples = x.shape[0] if x.dim() else 1
@@ -244,8 +246,8 @@ class Batcher:
         return out
 
     def block_sums(self, x: Tensor | None, y: Tensor) -> tuple[Tensor | None, Tensor] | None:
-        """``blocks.token_direction_sums`` of a block's output ``y`` [batch, tokens, dim] and, given
-        its input ``x`` (same shape), ``blocks.sample_squares``, in one launch: (squares or None
+        """``identity.token_direction_sums`` of a block's output ``y`` [batch, tokens, dim] and, given
+        its input ``x`` (same shape), ``identity.sample_squares``, in one launch: (squares or None
         where x is None or cannot be read, sums); None where the kernel cannot read ``y``."""
         if not (kernels.supports_tokens(y) and self._ours(y)):
             return None
@@ -300,7 +302,7 @@ class Batcher:
         changed in place next, like a residual branch's output); False where the kernels cannot read it."""
         if not self._readable(t):
             return False
-        flat = self.rec._stats_flat
+        flat = self.buffer.flat
         self._run(lambda: kernels.reduce_squares([t], [cell], flat),
                   lambda: kernels.reduce_squares_by_torch([t], [cell], flat))
         return True
@@ -311,7 +313,7 @@ class Batcher:
             return
         grads, cells = self.grads, self.grad_cells
         self.grads, self.grad_cells, self.grad_bytes = [], [], 0
-        flat = self.rec._stats_flat
+        flat = self.buffer.flat
         with _on_stream(self.device, self.grad_stream, self.stream_of()):
             self._run(lambda: kernels.reduce_squares(grads, cells, flat),
                       lambda: kernels.reduce_squares_by_torch(grads, cells, flat))

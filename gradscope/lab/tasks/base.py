@@ -22,7 +22,7 @@ class Task:
     """
 
     name: str
-    input_kind: str  # "image", "tokens", "lm" or "seq2seq" (see gradscope.models.registry)
+    input_kind: str  # "image", "tokens", "lm" or "seq2seq" (see gradscope.lab.models.registry)
     train_inputs: Any
     train_targets: Tensor
     test_inputs: Any

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from gradscope.tasks.base import Batch, Task
-from gradscope.tasks.cifar import CifarFormatError, cifar10
-from gradscope.tasks.images import synthetic_images
-from gradscope.tasks.sequences import copy_task, dyck_task, majority_task
+from gradscope.lab.tasks.base import Batch, Task
+from gradscope.lab.tasks.cifar import CifarFormatError, cifar10
+from gradscope.lab.tasks.images import synthetic_images
+from gradscope.lab.tasks.sequences import copy_task, dyck_task, majority_task
 
 # name -> (input kinds it serves, one-line description)
 TASKS: dict[str, tuple[tuple[str, ...], str]] = {

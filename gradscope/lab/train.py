@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradscope import models
-from gradscope.attribution import Attribution
-from gradscope.layers import with_activations
-from gradscope.recorder import watch
-from gradscope.tasks import DEFAULT_TASK, Task, get_task
-from gradscope.tasks.sequences import IGNORE
+from gradscope.lab import models
+from gradscope.recording.attribution import Attribution
+from gradscope.recording.layers import with_activations
+from gradscope.recording.recorder import watch
+from gradscope.lab.tasks import DEFAULT_TASK, Task, get_task
+from gradscope.lab.tasks.sequences import IGNORE
 
 PROBE_SIZE = 64  # held-out samples in the attribution probe batch
 

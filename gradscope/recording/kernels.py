@@ -10,7 +10,7 @@ torch ops per tensor (``reduce_moments_by_torch``, ``reduce_squares_by_torch``),
 the tests of the batching logic use on machines without a GPU.
 
 Per tensor, ``reduce_moments`` accumulates, in float32, the mean of d = y - c and of d^2 (c is
-the mean of 64 evenly spaced elements, as in ``stats._shifted_moments``, so the variance
+the mean of SHIFT_SAMPLES evenly spaced elements, ``moments.shift_of``, so the variance
 E[d^2] - E[d]^2 keeps its digits when the mean is large against the spread), max |y|, the count
 of nonzero elements and the count of saturated ones; ``reduce_squares`` accumulates sum(g^2).
 Programs add their partial results atomically, so the low bits can differ from run to run.
@@ -24,6 +24,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from gradscope.recording.moments import SHIFT_SAMPLES, shift_of, shifted_variance
+
 #: Columns of the moments accumulator: E[d], E[d^2], max |y|, #nonzero, #saturated, shift c.
 M_D, M_D2, M_ABSMAX, M_NONZERO, M_SAT, M_SHIFT = range(6)
 N_MOMENT_COLS = 6
@@ -33,7 +35,6 @@ N_ROW_PARAMS = 4
 _BLOCK = 1024
 _ITERS = 8
 _CHUNK = _BLOCK * _ITERS  # elements per program
-_SHIFT_SAMPLES = 64
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: Widest token vector ``block_sums`` reads (one tile row); wider ones take the torch path.
 MAX_TOKEN_DIM = 8192
@@ -55,7 +56,7 @@ def supports(t: Tensor) -> bool:
 def _triton_kernels() -> Any:
     """The module of jitted kernels, or None without Triton."""
     try:
-        from gradscope import triton_kernels
+        from gradscope.recording import triton_kernels
     except ImportError:
         return None
     return triton_kernels
@@ -118,7 +119,7 @@ def reduce_moments(tensors: Sequence[Tensor], cells: Sequence[int], rows: Sequen
     """
     kernels = _kernels_for(acc.device)
     for grid, args in _launches(tensors, (cells, rows), kernels.ARGS):
-        kernels.moments[grid](*args, row_params, acc, BLOCK=_BLOCK, ITERS=_ITERS, SAMPLES=_SHIFT_SAMPLES)
+        kernels.moments[grid](*args, row_params, acc, BLOCK=_BLOCK, ITERS=_ITERS, SAMPLES=SHIFT_SAMPLES)
 
 
 def reduce_moment(y: Tensor, cell: int, row: int, row_params: Tensor, acc: Tensor) -> None:
@@ -126,7 +127,7 @@ def reduce_moment(y: Tensor, cell: int, row: int, row_params: Tensor, acc: Tenso
     kernels = _kernels_for(acc.device)
     chunks = -(-y.numel() // _CHUNK)
     kernels.moments_one[(chunks,)](y, y.numel(), cell, row, row_params, acc, BLOCK=_BLOCK, ITERS=_ITERS,
-                                   SAMPLES=_SHIFT_SAMPLES)
+                                   SAMPLES=SHIFT_SAMPLES)
 
 
 def reduce_squares(tensors: Sequence[Tensor], cells: Sequence[int], acc: Tensor) -> None:
@@ -155,9 +156,9 @@ def supports_tokens(y: Tensor) -> bool:
 
 def block_sums(x: Tensor | None, y: Tensor, squares: Tensor | None, sums: Tensor) -> None:
     """In one launch that reads each tensor once: add sum_t y[b, t] / ||y[b, t]|| of each sample b
-    of ``y`` [batch, tokens, dim] to ``sums`` [batch, dim] (``blocks.token_direction_sums``) and,
+    of ``y`` [batch, tokens, dim] to ``sums`` [batch, dim] (``identity.token_direction_sums``) and,
     given ``x`` of y's shape, ||y_b - x_b||^2, ||x_b||^2, ||y_b||^2 to ``squares`` [3, batch]
-    (``blocks.sample_squares``). Both outputs zeroed float32; x and y pass ``supports_tokens``."""
+    (``identity.sample_squares``). Both outputs zeroed float32; x and y pass ``supports_tokens``."""
     kernels = _kernels_for(sums.device)
     batch, tokens, dim = y.shape
     block_d = _next_power_of_two(dim)
@@ -192,7 +193,7 @@ def reduce_moments_by_torch(tensors: Sequence[Tensor], cells: Sequence[int], row
     for t, cell, row in zip(tensors, cells, rows):
         y = t.detach().reshape(-1).float()
         n = y.numel()
-        c = y[:: max(n // _SHIFT_SAMPLES, 1)][:_SHIFT_SAMPLES].mean()
+        c = shift_of(y)
         d = y - c
         zeros_on, bounds_on, middle, threshold = params[row]
         values = torch.stack([
@@ -210,5 +211,5 @@ def finish_moments(acc: Tensor) -> Tensor:
     """[N, 5] float32 (mean, variance, max |y|, #nonzero, #saturated) from an accumulator [N, 6]."""
     m1, m2 = acc[:, M_D], acc[:, M_D2]
     mean = acc[:, M_SHIFT] + m1
-    var = torch.addcmul(m2, m1, m1, value=-1).clamp_min_(0)
+    var = shifted_variance(m1, m2)
     return torch.cat([mean[:, None], var[:, None], acc[:, M_ABSMAX:M_SAT + 1]], dim=1)

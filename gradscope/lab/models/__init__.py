@@ -1,6 +1,6 @@
 """Reference models and their registry (in the spirit of timm).
 
-    >>> from gradscope import models
+    >>> from gradscope.lab import models
     >>> models.names("resnet*")
     ['resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110']
     >>> net = models.create("plain56", num_classes=100)
@@ -8,8 +8,8 @@
 Plain twins share block names with their residual twins, so runs compare block by block.
 """
 
-from gradscope.models import mlp, resnet, transformer  # noqa: F401  (registers the models)
-from gradscope.models.registry import (
+from gradscope.lab.models import mlp, resnet, transformer  # noqa: F401  (registers the models)
+from gradscope.lab.models.registry import (
     ModelEntry,
     UnknownModelError,
     create,

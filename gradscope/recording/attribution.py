@@ -42,10 +42,11 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from gradscope.blocks import Block, declared_blocks
+from gradscope.recording.blocks import Block, declared_blocks
+from gradscope.store.schema import columns
 
 METHODS = ("grad_x_act", "integrated_gradients", "conductance")
-COLUMNS = ("attr_sum", "attr_abs", "branch_attr", "skip_attr", "branch_share", "skip_share")
+COLUMNS = tuple(c.name for c in columns("attribution"))  # declared in store.schema
 IGNORE = -100  # targets that are not scored (F.cross_entropy's ignore_index)
 
 

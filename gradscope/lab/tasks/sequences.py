@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gradscope.tasks.base import Task
+from gradscope.lab.tasks.base import Task
 
 IGNORE = -100
 

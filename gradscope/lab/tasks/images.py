@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from gradscope.tasks.base import Task
+from gradscope.lab.tasks.base import Task
 
 
 def _class_textures(classes: int, size: int, g: torch.Generator, gratings: int = 4) -> Tensor:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradscope.tasks.base import Task
+from gradscope.lab.tasks.base import Task
 
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"

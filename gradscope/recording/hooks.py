@@ -1,0 +1,53 @@
+"""Which probe hooks go on which module, attached only for the steps that are recorded.
+
+With ``every > 1`` the module probes are registered when a recorded step begins and removed when
+it ends, so the other steps run no gradscope code but the recorder's one pre-hook on the model.
+A probe pre-hook on the model itself cannot be attached from the model's pre-hook, so such
+probes (and every probe with ``every=1``) stay attached throughout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from gradscope.recording.blocks import Block
+from gradscope.recording.clock import StepClock
+from gradscope.recording.layers import ExecutionOrder, Layer
+from gradscope.recording.probes import BlockProbe, BranchProbe, LayerProbe
+from gradscope.recording.sink import Sink
+
+
+class ProbeHooks:
+    """The probes of one recorder and their hook handles."""
+
+    def __init__(self, model: nn.Module, clock: StepClock, sink: Sink,
+                 layers: list[tuple[Layer, nn.Module]], layer_order: ExecutionOrder,
+                 blocks: list[tuple[Block, nn.Module, nn.Module | None]], block_order: ExecutionOrder) -> None:
+        self.planned: list[tuple[nn.Module, str, Any]] = []  # (module, "pre" or "forward", probe)
+        for layer, module in layers:
+            self.planned.append((module, "forward", LayerProbe(clock, sink, layer_order, layer.row,
+                                                               layer.saturation_bounds, layer.zero_counted)))
+        for block, module, branch in blocks:
+            block_probe = BlockProbe(clock, sink, block_order, block, module)
+            self.planned += [(module, "pre", block_probe.before), (module, "forward", block_probe)]
+            if branch is not None:
+                self.planned.append((branch, "forward", BranchProbe(clock, sink, block.row)))
+        self.always = clock.every == 1 or any(m is model and kind == "pre" for m, kind, _ in self.planned)
+        self.handles: list[Any] = []
+
+    def sync(self, recording: bool) -> None:
+        """Attach the probes for a recorded step, detach them for the others."""
+        want = recording or self.always
+        if want and not self.handles:
+            for module, kind, probe in self.planned:
+                register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
+                self.handles.append(register(probe))
+        elif not want and self.handles:
+            self.remove()
+
+    def remove(self) -> None:
+        handles, self.handles = self.handles, []
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,228 @@
+"""What is measured where: forward hooks on watched modules and gradient hooks on their outputs.
+
+Probes are observers. They run their statistics under ``no_grad`` so nothing joins the user's
+graph, never return a value (so outputs and gradients pass through untouched), and hold no
+tensor past the call. The gradient flowing back through a layer, dL/dy, is taken with a pre-hook
+on the autograd node that produced the output (``on_gradient``) rather than
+``register_full_backward_hook``: a module backward hook wraps the output in a view that
+``ReLU(inplace=True)`` then fails to modify, while the producing node receives exactly the
+gradient of the tensor as the layer produced it, whatever in-place op follows. (A tensor hook
+has the same meaning but costs three times as much to register, hundreds of times per step.)
+
+Probes read the step clock and write through the ``Sink``; how a measurement accumulates into
+the statistics buffer is the sink's business.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradscope.recording.blocks import Block
+from gradscope.recording.clock import StepClock
+from gradscope.recording.layers import ExecutionOrder
+from gradscope.recording.sink import Sink
+from gradscope.store.schema import B_GRAD_IN_SS, B_GRAD_OUT_SS, EVAL, TRAIN
+
+_MAX_NESTING = 4
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
+def _in_backward() -> bool:
+    return _graph_task_id() != -1
+
+
+def first_float_tensor(output: Any, _depth: int = 0) -> Tensor | None:
+    """The first floating-point tensor in a module's output, searching containers in order.
+
+    Handles tensors, tuples/lists/namedtuples, dicts (and Hugging Face ``ModelOutput``, a dict),
+    and dataclasses. Integer and boolean tensors (indices, masks) are skipped.
+    """
+    if isinstance(output, Tensor):
+        return output if output.is_floating_point() else None
+    if _depth >= _MAX_NESTING or output is None:
+        return None
+    if isinstance(output, dict):
+        items: Any = output.values()
+    elif isinstance(output, (tuple, list)):
+        items = output
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
+        items = (getattr(output, f.name) for f in dataclasses.fields(output))
+    else:
+        return None
+    for item in items:
+        found = first_float_tensor(item, _depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def on_gradient(t: Tensor, probe: Any) -> None:
+    """Call ``probe(grad_outputs)`` when backward reaches the node that produced ``t``.
+
+    The node's pre-hook sees the gradients of all its outputs, summed over their consumers;
+    ``t``'s is at ``t.output_nr`` (None where no gradient reached it), which the probe was made
+    with (``output_gradient`` reads it). The hook goes with the graph, like a tensor hook, and
+    leaves the gradients untouched (it returns None).
+    """
+    t.grad_fn.register_prehook(probe)
+
+
+def output_gradient(grad_outputs: tuple[Tensor | None, ...], index: int) -> Tensor | None:
+    """dL/dt from a node pre-hook's gradients, for ``t`` its output number ``index``."""
+    return grad_outputs[index] if index < len(grad_outputs) else None
+
+
+class LayerProbe:
+    """Forward hook of one watched module.
+
+    On recorded steps it hands the output to the sink (its moments; on a GPU the ``Batcher`` may
+    hold it and reduce it with others) and, in training, hooks the output for dL/dy. On other
+    steps it returns after one attribute test, doing no tensor work.
+    """
+
+    __slots__ = ("clock", "sink", "order", "row", "bounds", "count_zeros")
+
+    def __init__(self, clock: StepClock, sink: Sink, order: ExecutionOrder, row: int,
+                 bounds: tuple[float, float] | None, count_zeros: bool) -> None:
+        self.clock, self.sink, self.order = clock, sink, order
+        self.row, self.bounds, self.count_zeros = row, bounds, count_zeros
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        clock = self.clock  # skipped AMP steps are detected by the recorder's model pre-hook, before this
+        grad_on = torch.is_grad_enabled()
+        if grad_on:  # lets step(loss=) tell this step from the previous one
+            clock.grad_forward_seen = True
+        if not clock.recording:
+            return
+        if _in_backward():  # activation checkpointing recomputes forwards during backward
+            return
+        y = first_float_tensor(output)
+        if y is None or y.numel() == 0:
+            return
+        train = module.training and grad_on
+        sink, row = self.sink, self.row
+        slot = sink.slot()
+        self.order.note(row)
+        sink.activation(slot, TRAIN if train else EVAL, row, y, self.bounds, self.count_zeros)
+        # Only non-leaf outputs: a hook on a leaf (a module returning a parameter) would outlive
+        # the step and the recorder; a non-leaf's hook goes with its graph.
+        if train and y.grad_fn is not None:
+            on_gradient(y, GradientProbe(sink, row, clock.step, y.output_nr))
+
+
+class GradientProbe:
+    """Gradient pre-hook of a layer's output node: ||dL/dy||^2 for the step it was made in."""
+
+    __slots__ = ("sink", "row", "step", "index")
+
+    def __init__(self, sink: Sink, row: int, step: int, index: int) -> None:
+        self.sink, self.row, self.step, self.index = sink, row, step, index
+
+    def __call__(self, grad_outputs: tuple[Tensor | None, ...]) -> None:
+        grad = output_gradient(grad_outputs, self.index)
+        if grad is None:
+            return
+        slot = self.sink.slot_of(self.step)
+        if slot is None:  # backward after the step was flushed or the recorder closed
+            return
+        self.sink.layer_gradient(slot, self.row, grad)
+
+
+class BlockProbe:
+    """Forward pre-hook and hook of one block: compares its output with its input.
+
+    The pre-hook notes the input tensor and its version counter; the hook measures identity
+    closeness against it, unless the block modified its input in place (then the input it
+    saw is gone and the call is skipped). Gradient hooks (``on_gradient``) on the input and output give
+    ||dL/dx|| and ||dL/dy||. Nothing is kept once the call returns.
+    """
+
+    __slots__ = ("clock", "sink", "order", "block", "seq_first", "_inputs")
+
+    def __init__(self, clock: StepClock, sink: Sink, order: ExecutionOrder, block: Block, module: nn.Module) -> None:
+        self.clock, self.sink, self.order, self.block = clock, sink, order, block
+        # nn.TransformerEncoderLayer and friends default to [tokens, batch, dim]
+        self.seq_first = getattr(getattr(module, "self_attn", None), "batch_first", True) is False
+        # A stack (blocks may nest or recurse) with one entry per call, pushed even when not
+        # recording, so a pre-hook and its hook always pair up; None where nothing was kept.
+        self._inputs: list[tuple[Tensor, int] | None] = []
+
+    def _active(self, module: nn.Module) -> bool:
+        return self.clock.recording and module.training and torch.is_grad_enabled() and not _in_backward()
+
+    def before(self, module: nn.Module, args: Any) -> None:
+        x = first_float_tensor(args) if self._active(module) else None
+        self._inputs.append((x, x._version) if x is not None else None)
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        entry = self._inputs.pop() if self._inputs else None
+        if entry is None or not self._active(module):
+            return
+        x, version = entry
+        y = first_float_tensor(output)
+        if y is None:
+            return
+        sink, block, row = self.sink, self.block, self.block.row
+        slot = sink.slot()
+        self.order.note(row)
+        pair = False  # compared with the identity
+        if x.shape != y.shape:
+            if block.reason is None:
+                block.reason = f"changes shape: {tuple(x.shape[1:])} -> {tuple(y.shape[1:])} per sample"
+        elif x._version != version:
+            if block.reason is None:
+                block.reason = "modifies its input in place"
+        else:
+            pair = y.numel() > 0
+        sink.block_call(slot, row)
+        tokens = y.dim() == 3 and y.shape[1 - self.seq_first] > 1  # [batch, tokens, dim]
+        if pair or tokens:
+            # sequence-first [tokens, batch, dim] read as [batch, tokens, dim], without a copy
+            xs, ys = (t.detach().transpose(0, 1) if self.seq_first and t.dim() == 3 else t.detach()
+                      for t in (x, y))
+            sink.block_terms(slot, row, xs if pair else None, ys, tokens)
+        step = self.clock.step
+        if x.grad_fn is not None:
+            on_gradient(x, BlockGradientProbe(sink, row, step, B_GRAD_IN_SS, x.output_nr))
+        if y.grad_fn is not None:
+            on_gradient(y, BlockGradientProbe(sink, row, step, B_GRAD_OUT_SS, y.output_nr))
+
+
+class BranchProbe:
+    """Forward hook on a block's residual branch F: ||F(x)||^2 for branch_ratio."""
+
+    __slots__ = ("clock", "sink", "row")
+
+    def __init__(self, clock: StepClock, sink: Sink, row: int) -> None:
+        self.clock, self.sink, self.row = clock, sink, row
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not (self.clock.recording and module.training and torch.is_grad_enabled()) or _in_backward():
+            return
+        f = first_float_tensor(output)
+        if f is None:
+            return
+        sink = self.sink
+        sink.branch(sink.slot(), self.row, f.detach())
+
+
+class BlockGradientProbe:
+    """Gradient pre-hook of a block's input or output node: the squared gradient norm."""
+
+    __slots__ = ("sink", "row", "step", "column", "index")
+
+    def __init__(self, sink: Sink, row: int, step: int, column: int, index: int) -> None:
+        self.sink, self.row, self.step, self.column, self.index = sink, row, step, column, index
+
+    def __call__(self, grad_outputs: tuple[Tensor | None, ...]) -> None:
+        grad = output_gradient(grad_outputs, self.index)
+        if grad is None:
+            return
+        slot = self.sink.slot_of(self.step)
+        if slot is None:
+            return
+        self.sink.block_gradient(slot, self.row, self.column, grad)

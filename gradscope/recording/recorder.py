@@ -1,0 +1,430 @@
+"""Recorder: attach to a model, follow its training steps, flush statistics to a run directory.
+
+The recorder wires the parts of the recording core (docs/design.md, "Recording core"): the
+``StepClock`` says which step is running and whether it is recorded; the ``ProbeHooks`` measure
+outputs and gradients and write through the ``Sink`` into the ``StatsBuffer`` (with the
+``Batcher`` on a GPU); ``ParameterNorms`` adds the parameters at each step's end. Every
+``flush_every`` recorded steps, and at close, the filled slots are copied to host memory
+without blocking and the store's writer thread turns them into Parquet. Between flushes
+nothing waits for the device.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime as _dt
+import itertools
+import os
+import platform
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from gradscope.recording.amp import LossScale
+from gradscope.recording.attribution import Attribution, AttributionProbe
+from gradscope.recording.batching import Batcher
+from gradscope.recording.batching import enabled as batching_enabled
+from gradscope.recording.blocks import Block, select_blocks
+from gradscope.recording.buffer import StatsBuffer, copies_done, to_host
+from gradscope.recording.clock import StepClock
+from gradscope.recording.hooks import ProbeHooks
+from gradscope.recording.layers import ExecutionOrder, Layer, ModuleFilter, select_layers
+from gradscope.recording.parameters import ParameterNorms
+from gradscope.recording.sink import Sink
+from gradscope.store.meta import SCHEMA_VERSION, describe_optimizer, now
+from gradscope.store.parts import AttributionJob, FlushJob
+from gradscope.store.schema import ACCURACY, EVAL_ACCURACY, EVAL_LOSS, LOSS
+from gradscope.store.writer import RunWriter
+
+# Open recorders, held strongly so that one a user forgets to close still writes its data at exit
+# (and so that a second watch() on the same modules can be refused).
+_OPEN: "set[Recorder]" = set()
+
+
+def watch(
+    model: nn.Module,
+    run: str | os.PathLike[str] | None = None,
+    *,
+    every: int = 1,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: Any = None,
+    modules: ModuleFilter | None = None,
+    blocks: ModuleFilter | None = None,
+    flush_every: int = 50,
+    overwrite: bool = False,
+    device: torch.device | str | None = None,
+    meta: dict[str, Any] | None = None,
+    attribution: Attribution | None = None,
+) -> "Recorder":
+    """Start recording ``model``'s gradient flow into the run directory ``run``.
+
+    Args:
+        model: any ``nn.Module``; its forward, backward and the optimizer are left untouched.
+        run: directory to write (default ``runs/<ModelClass>-<timestamp>``).
+        every: record steps 0, every, 2*every, ...; other steps cost one Python test per hook.
+        optimizer: mark a step at each ``optimizer.step()`` and read learning rates from it.
+            Without it, call ``rec.step()`` after each ``backward()``.
+        scaler: a ``torch.amp.GradScaler`` in use; gradient statistics are unscaled.
+        modules: which modules to watch: glob(s) on qualified names, module types, or a
+            predicate ``(name, module) -> bool``. Default: every leaf module owning parameters.
+        blocks: which modules to compare with the identity (same forms as ``modules``).
+            Default: the blocks a reference model declares, else repeated sibling modules
+            in ``nn.Sequential``/``nn.ModuleList`` containers; ``[]`` for none.
+        flush_every: recorded steps written to disk at a time (the device holds one more).
+        overwrite: replace an existing run at ``run`` instead of refusing.
+        device: where statistics live (default: the device of the model's first parameter).
+        meta: extra JSON-serialisable facts for ``meta.json`` (e.g. ``{"task": {...}}``).
+        attribution: an ``Attribution`` to compute Captum attribution flow over the watched
+            blocks on a probe batch at checkpoints (see ``gradscope.attribution``).
+
+    Returns:
+        The ``Recorder``; use it as a context manager or call ``close()``.
+    """
+    return Recorder(model, run, every=every, optimizer=optimizer, scaler=scaler, modules=modules,
+                    blocks=blocks, flush_every=flush_every, overwrite=overwrite, device=device, meta=meta,
+                    attribution=attribution)
+
+
+class Recorder:
+    """Records one model's statistics; a handle that is also a context manager."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        run: str | os.PathLike[str] | None = None,
+        *,
+        every: int = 1,
+        optimizer: torch.optim.Optimizer | None = None,
+        scaler: Any = None,
+        modules: ModuleFilter | None = None,
+        blocks: ModuleFilter | None = None,
+        flush_every: int = 50,
+        overwrite: bool = False,
+        device: torch.device | str | None = None,
+        meta: dict[str, Any] | None = None,
+        attribution: Attribution | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"gradscope.watch expects an nn.Module, got {type(model).__name__}")
+        for name, value in (("every", every), ("flush_every", flush_every)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"gradscope.watch: {name} must be a positive integer, got {value!r}")
+        if attribution is not None and not isinstance(attribution, Attribution):
+            raise TypeError(f"gradscope.watch: attribution must be a gradscope.Attribution, got {type(attribution).__name__}")
+        _refuse_if_watched(model)
+        self.model, self.every, self.flush_every = model, every, flush_every
+        self.optimizer, self.scaler = optimizer, scaler
+        self._extra_meta = dict(meta or {})
+        self.device = torch.device(device) if device is not None else _model_device(model)
+        self._closed = True  # until fully set up, so a failed __init__ leaves nothing to close
+
+        chosen = select_layers(model, modules)
+        self.layers: list[Layer] = [layer for layer, _ in chosen]
+        chosen_blocks = select_blocks(model, blocks)
+        self.blocks: list[Block] = [block for block, _, _ in chosen_blocks]
+        self._layer_order, self._block_order = ExecutionOrder(len(self.layers)), ExecutionOrder(len(self.blocks))
+        self._calls = np.zeros(len(self.layers), np.int64)  # most calls in one recorded step
+        self._block_calls = np.zeros(len(self.blocks), np.int64)
+        self._bounded = np.array([layer.saturation_bounds is not None for layer in self.layers], bool)
+        self._zero_counted = np.array([layer.zero_counted for layer in self.layers], bool)
+
+        # One slot more than a flush writes: the latest step stays on the device after a flush,
+        # so step(loss=) called after optimizer.step() still finds it.
+        self._clock = StepClock(every, scaler, optimizer)
+        self._buffer = StatsBuffer(flush_every + 1, len(self.layers), len(self.blocks), self.device)
+        # On a GPU with Triton: outputs and gradients reduced many per launch (recording.batching)
+        self._batcher = Batcher(self._buffer, self.layers, self.device) if batching_enabled(self.device) else None
+        self._loss_scale = LossScale(scaler, optimizer, self._buffer.step, self._buffer.counts)
+        self._sink = Sink(self._clock, self._buffer, self._batcher, self._loss_scale,
+                          on_full=lambda: self._flush(len(self._buffer.slot_steps) - 1))
+        self._parameters = ParameterNorms(model, chosen, optimizer, self.device)
+        self._attribution = AttributionProbe(attribution, model, chosen_blocks, self.device) if attribution else None
+        self._attribution_done: list[tuple[int, Tensor]] = []  # (step, [blocks, columns]) awaiting a flush
+        self._next_attribution = 0
+        self._late_scalars_dropped = False
+
+        self.path = Path(run) if run is not None else _default_run_path(model)
+        self._started_at = now()
+        self._writer = RunWriter(self.path, overwrite=overwrite)
+        self._writer.write_meta_now(self._meta("running"))
+
+        self._probes = ProbeHooks(model, self._clock, self._sink, chosen, self._layer_order, chosen_blocks,
+                                  self._block_order)
+        self._handles: list[Any] = []  # the model's and the optimizer's hooks, attached throughout
+        try:
+            self._probes.sync(self._clock.recording)
+            self._handles.append(model.register_forward_pre_hook(self._model_pre_hook))
+            self._handles.append(model.register_forward_hook(self._model_forward_end))
+            if optimizer is not None:
+                self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
+                self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+            self._attribute_if_due()  # step 0: the model as training begins
+        except BaseException:
+            self._remove_hooks()
+            self._writer.submit_meta(self._meta("failed"))
+            self._writer.close()
+            raise
+        self._closed = False
+        _OPEN.add(self)
+
+    # ---------------------------------------------------------------- public API
+
+    @property
+    def step_index(self) -> int:
+        """The step training is in (0 for the first)."""
+        return self._clock.step
+
+    def step(self, loss: Tensor | float | None = None, accuracy: Tensor | float | None = None) -> None:
+        """Mark the end of a training step (without ``optimizer=``) and record its scalars.
+
+        With ``optimizer=`` the optimizer marks steps and this only records ``loss`` and
+        ``accuracy``, for the step whose training forward ran last, so it may be called before
+        or after ``optimizer.step()``.
+        """
+        self._check_open()
+        clock = self._clock
+        if self.optimizer is None:
+            if clock.recording:
+                slot = self._sink.slot()
+                self._end_step(slot)
+                self._record_scalars(slot, loss, accuracy)
+            self._advance()
+            self._attribute_if_due()
+            return
+        step = clock.scalar_step()
+        if step % self.every:
+            return  # not a recorded step
+        slot = self._sink.slot() if step == clock.step else self._buffer.slots.get(step)
+        if slot is not None:
+            self._record_scalars(slot, loss, accuracy)
+        elif step >= 0 and not self._late_scalars_dropped:
+            self._late_scalars_dropped = True
+            warnings.warn(f"gradscope: step(loss=...) for step {step} came after that step was flushed; "
+                          "it was dropped (call step() before optimizer.step() to avoid this)",
+                          RuntimeWarning, stacklevel=2)
+
+    def log_eval(self, loss: Tensor | float | None = None, accuracy: Tensor | float | None = None) -> None:
+        """Record held-out loss/accuracy against the most recent recorded training step."""
+        self._check_open()
+        buffer = self._buffer
+        slot = buffer.slots.get(self._clock.step)
+        if slot is None and buffer.slot_steps:
+            slot = len(buffer.slot_steps) - 1
+        if slot is None:
+            slot = self._sink.slot() if self._clock.recording else None
+        if slot is None:
+            return
+        for column, value in ((EVAL_LOSS, loss), (EVAL_ACCURACY, accuracy)):
+            self._put_scalar(slot, column, value)
+
+    def flush(self, wait: bool = False) -> None:
+        """Write every completed recorded step to disk (``wait=True`` blocks until written)."""
+        self._check_open()
+        buffer = self._buffer
+        current = buffer.slots.get(self._clock.step)
+        self._flush(len(buffer.slot_steps) - (1 if current is not None else 0))
+        if wait:
+            self._writer.wait()
+
+    def close(self, *, failed: bool = False) -> None:
+        """Remove every hook, write what is left, and mark the run finished (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._remove_hooks()
+            self._sink.scratch.release()
+        finally:
+            try:
+                self._flush(len(self._buffer.slot_steps))
+                self._buffer.closed = True  # gradients of a backward still to come find no slot
+                self._writer.submit_meta(self._meta("failed" if failed else "finished"))
+            finally:
+                self._writer.close()
+                _OPEN.discard(self)
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(failed=exc_type is not None)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"step {self.step_index}"
+        return f"Recorder({type(self.model).__name__}, run={str(self.path)!r}, {len(self.layers)} layers, {state})"
+
+    # ---------------------------------------------------------------- hooks on the model and optimizer
+
+    def _model_pre_hook(self, module: nn.Module, args: Any) -> None:
+        """Before each forward of the whole model: step bookkeeping that must not wait for a probe."""
+        clock = self._clock
+        clock.scaler_skipped()  # ends a step the GradScaler skipped
+        if torch.is_grad_enabled():
+            clock.grad_forward_seen = True
+        self._probes.sync(clock.recording)  # a step the GradScaler skipped may have begun a recorded one
+
+    def _model_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._sink.end_forward()
+
+    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._clock.recording:
+            self._end_step(self._sink.slot())
+
+    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._advance()
+        self._attribute_if_due()
+
+    # ---------------------------------------------------------------- internals
+
+    def _advance(self) -> None:
+        self._clock.advance()
+        self._probes.sync(self._clock.recording)
+
+    def _end_step(self, slot: int) -> None:
+        """A recorded step's end: what the probes measured written, then the parameters."""
+        self._sink.commit()
+        self._sink.scratch.release()  # in case the forward ended somewhere the model's hook did not see
+        self._parameters.record(self._buffer, slot)
+        self._loss_scale.note_parameter_gradients(slot)
+
+    def _attribute_if_due(self) -> None:
+        """Run the attribution checkpoint for the step about to begin, if one is due.
+
+        Called only between steps (never from a forward hook), with gradscope's own probes
+        paused so the probe batch leaves no trace in the step statistics.
+        """
+        probe = self._attribution
+        if probe is None or self._clock.step < self._next_attribution:
+            return
+        with self._clock.paused():
+            values = probe()
+        self._attribution_done.append((self._clock.step, values))
+        every = probe.config.every
+        self._next_attribution = (self._clock.step // every + 1) * every
+
+    def _record_scalars(self, slot: int, loss: Any, accuracy: Any) -> None:
+        for column, value in ((LOSS, loss), (ACCURACY, accuracy)):
+            self._put_scalar(slot, column, value)
+
+    def _put_scalar(self, slot: int, column: int, value: Any) -> None:
+        """Write a Python number or a one-element tensor into the step buffer (no sync)."""
+        if value is None:
+            return
+        dst = self._buffer.step[slot, column]
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"gradscope: expected a scalar, got a tensor of shape {tuple(value.shape)}")
+            dst.copy_(value.detach().reshape(()))
+        else:
+            dst.fill_(float(value))
+        self._buffer.counts.step_set[slot, column] = True
+
+    def _flush(self, upto: int) -> None:
+        """Hand slots [0, upto) and finished attribution checkpoints to the writer; keep the rest."""
+        if self._attribution_done:
+            done, self._attribution_done = self._attribution_done, []
+            values = [to_host(v) for _, v in done]
+            self._writer.submit(AttributionJob(steps=[s for s, _ in done], values=values,
+                                               block_names=self._attribution.names,  # type: ignore[union-attr]
+                                               method=self._attribution.config.method,  # type: ignore[union-attr]
+                                               ready=copies_done(self.device)))
+        if upto <= 0:
+            return
+        self._sink.commit()
+        steps, layer_host, step_host, block_host, counts, ready = self._buffer.take(upto)
+        self._calls = np.maximum(self._calls, counts.act_calls.max(axis=(0, 1)))
+        if self.blocks:
+            self._block_calls = np.maximum(self._block_calls, counts.block_calls.max(axis=0))
+        self._writer.submit(FlushJob(
+            steps=steps, layer_buf=layer_host, step_buf=step_host, block_buf=block_host,
+            counts=counts, layer_names=[layer.name for layer in self.layers],
+            block_names=[block.name for block in self.blocks], bounded=self._bounded,
+            zero_counted=self._zero_counted, ready=ready))
+        self._writer.submit_meta(self._meta("running"))
+
+    def _meta(self, status: str) -> dict[str, Any]:
+        self._layer_order.assign_depths(self.layers)
+        self._block_order.assign_depths(self.blocks)
+        for layer in self.layers:
+            layer.calls = int(self._calls[layer.row])
+        for block in self.blocks:
+            block.calls = int(self._block_calls[block.row])
+        depth = getattr(self.model, "depth", None)
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "gradscope_version": _version(),
+            "run": self.path.name,
+            "status": status,
+            "started_at": self._started_at,
+            "updated_at": now(),
+            "model": {"class": type(self.model).__name__,
+                      "depth": depth if isinstance(depth, int) else None,
+                      "registry_name": getattr(self.model, "gradscope_name", None),
+                      "config": getattr(self.model, "gradscope_config", None),
+                      "parameters": sum(p.numel() for p in self.model.parameters())},
+            "layers": [layer.to_json() for layer in self.layers],
+            "blocks": [block.to_json() for block in self.blocks],
+            "attribution": self._attribution.config.describe() if self._attribution else None,
+            "task": None,
+            "optimizer": describe_optimizer(self.optimizer),
+            "schedule": {"every": self.every, "flush_every": self.flush_every,
+                         "last_step": self._clock.step},
+            "env": {"torch": torch.__version__, "python": platform.python_version(),
+                    "device": str(self.device), "world_size": 1,
+                    "amp_scaler": self.scaler is not None},
+            **self._extra_meta,
+        }
+
+    def _remove_hooks(self) -> None:
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+        self._probes.remove()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("gradscope: this Recorder is closed")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _refuse_if_watched(model: nn.Module) -> None:
+    mine = {id(m) for m in model.modules()}
+    for rec in list(_OPEN):
+        if not rec._closed and mine & {id(m) for m in rec.model.modules()}:
+            raise RuntimeError(
+                f"gradscope.watch: {type(model).__name__} (or a module inside it) is already watched "
+                f"by {rec!r}; close that recorder first")
+
+
+def _default_run_path(model: nn.Module) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{type(model).__name__.lower()}-{stamp}"
+
+
+def _version() -> str:
+    from gradscope import __version__
+
+    return __version__
+
+
+@atexit.register
+def _close_open_recorders() -> None:
+    """Write what open recorders still hold when the interpreter exits (no lost data)."""
+    for rec in list(_OPEN):
+        try:
+            rec.close()
+        except Exception:  # exiting anyway; nothing better to do with the error
+            pass

@@ -1,0 +1,150 @@
+"""The run directory's reader: ``load_run`` gives a run's tables as pandas DataFrames.
+
+Parts are decoded in a thread pool; layer and block names from meta.json are joined in and rows
+sorted in network order in Arrow, because a run of 10,000 steps has millions of rows.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from gradscope.store.meta import META_FILE, RunError, read_meta
+from gradscope.store.schema import TABLES, frame_dtypes
+
+_READERS = 4  # threads decoding Parquet parts in load_run
+
+# pandas dtypes of each table as load_run returns it, also when a run has no rows yet
+LAYER_SCHEMA = frame_dtypes("layers")
+STEP_SCHEMA = frame_dtypes("scalars")
+BLOCK_SCHEMA = frame_dtypes("blocks")
+ATTRIBUTION_SCHEMA = frame_dtypes("attribution")
+
+
+@dataclass
+class Run:
+    """A recorded run: ``meta`` as written, and its tables as pandas DataFrames."""
+
+    path: Path
+    meta: dict[str, Any]
+    layers: pd.DataFrame
+    blocks: pd.DataFrame
+    scalars: pd.DataFrame
+    layer_table: pd.DataFrame = field(repr=False)
+    block_table: pd.DataFrame = field(repr=False)
+    attribution: pd.DataFrame = field(default_factory=lambda: _empty(ATTRIBUTION_SCHEMA), repr=False)
+
+    @property
+    def name(self) -> str:
+        return str(self.meta.get("run", self.path.name))
+
+    @property
+    def status(self) -> str:
+        return str(self.meta.get("status", "unknown"))
+
+
+def _read_table(folder: Path, pool: ThreadPoolExecutor) -> pa.Table | None:
+    """All parts of one table as one Arrow table (None when there are none)."""
+    parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+    if not parts:
+        return None
+    tables = list(pool.map(_read_part, parts))
+    try:
+        return pa.concat_tables(tables, promote_options="default")
+    except pa.ArrowException as exc:
+        raise RunError(f"parts in {folder} do not share a schema: {exc}") from None
+
+
+def _read_part(part: Path) -> pa.Table:
+    # ParquetFile.read skips the dataset discovery that pq.read_table does for each file (3x
+    # faster on a run's many small parts); the pool reads several parts at once instead
+    try:
+        with pq.ParquetFile(part) as parquet:
+            return parquet.read(use_threads=False)
+    except (OSError, pa.ArrowException) as exc:
+        raise RunError(f"{part} is damaged or truncated: {exc}") from None
+
+
+def _frame(table: pa.Table | None, schema: dict[str, str]) -> pd.DataFrame:
+    """``table`` as pandas, with the columns of ``schema`` that it lacks (added since the run was
+    written) read as missing; an empty frame with those columns and dtypes for no table."""
+    if table is None:
+        return _empty(schema)
+    frame = table.to_pandas()
+    for column, dtype in schema.items():
+        if column not in frame:
+            frame[column] = pd.Series(np.nan if dtype.startswith("float") else None, index=frame.index, dtype=dtype)
+    return frame
+
+
+def _empty(schema: dict[str, str]) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in schema.items()})
+
+
+def _join_names(table: pa.Table | None, schema: dict[str, str], names: pd.DataFrame, key: str,
+                order: list[str], extra: list[str] | None = None) -> pd.DataFrame:
+    """Rows keyed by name, as pandas with type and depth joined from the meta.json table, sorted
+    in network order.
+
+    The join and the sort run in Arrow: a run of 10,000 steps has millions of rows, and doing
+    the same in pandas (names turned into Python strings, a merge, a sort) takes several times
+    as long.
+    """
+    info = names.rename(columns={"name": key})[[key, "type", *(extra or []), "depth", "rel_depth"]]
+    info = info.astype({key: str, "depth": "float64", "rel_depth": "float64"})
+    if table is None:
+        frame = _empty(schema)
+        for column in (key, "phase"):
+            if column in frame:
+                frame[column] = frame[column].astype(str)
+        return frame.merge(info.iloc[:0], on=key, how="left")
+    for column in (key, "phase"):  # strings, not pandas categoricals
+        if column in table.column_names and pa.types.is_dictionary(table.schema.field(column).type):
+            table = table.set_column(table.schema.get_field_index(column), column,
+                                     table[column].cast(pa.string()))
+    where = pc.index_in(table[key], value_set=pa.array(info[key], pa.string()))
+    for column in info.columns[1:]:
+        table = table.append_column(column, pc.take(pa.array(info[column], from_pandas=True), where))
+    # a stable sort; nulls (a name missing from meta.json) go last, as in pandas. Parts are
+    # written in step and row order, so often nothing moves and the copy is skipped.
+    indices = pc.sort_indices(table, sort_keys=[(c, "ascending") for c in order])
+    if not np.array_equal(indices.to_numpy(), np.arange(len(indices))):
+        table = table.take(indices)
+    return _frame(table, schema)
+
+
+def load_run(path: str | os.PathLike[str]) -> Run:
+    """Read a run directory written by ``gradscope.watch``.
+
+    Raises:
+        RunNotFoundError: nothing at ``path`` or no ``meta.json`` in it.
+        RunError: a damaged file or an unknown schema version; the message names the file.
+    """
+    path = Path(path)
+    meta = read_meta(path)
+    layer_table = pd.DataFrame(meta.get("layers", []),
+                               columns=["name", "type", "params", "row", "depth", "rel_depth", "calls"])
+    block_table = pd.DataFrame(meta.get("blocks", []), columns=[
+        "name", "type", "row", "source", "branch", "residual", "depth", "rel_depth", "calls", "reason"])
+    with ThreadPoolExecutor(max_workers=_READERS) as pool:  # parts decode in parallel, off the GIL
+        tables = {name: _read_table(path / name, pool) for name in TABLES}
+    try:
+        layers = _join_names(tables["layers"], LAYER_SCHEMA, layer_table, "layer", ["step", "phase", "depth"])
+        blocks = _join_names(tables["blocks"], BLOCK_SCHEMA, block_table, "block", ["step", "depth"],
+                             extra=["residual"])
+        attribution = _join_names(tables["attribution"], ATTRIBUTION_SCHEMA, block_table, "block",
+                                  ["step", "depth"], extra=["residual"])
+    except (ValueError, TypeError, KeyError, pa.ArrowException) as exc:
+        raise RunError(f"{path / META_FILE} is damaged: its layer or block table does not fit the data ({exc})") from None
+    scalars = _frame(tables["scalars"], STEP_SCHEMA).sort_values("step", kind="stable", ignore_index=True)
+    return Run(path=path, meta=meta, layers=layers, blocks=blocks, scalars=scalars,
+               layer_table=layer_table, block_table=block_table, attribution=attribution)
