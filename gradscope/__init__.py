@@ -12,8 +12,7 @@ from gradscope.lab import models
 from gradscope.recording import Attribution, Recorder, watch
 from gradscope.recording.blocks import BlockSpec
 from gradscope.store import Run, RunError, RunNotFoundError, load_run
+from gradscope.version import __version__
 
-__version__ = "0.1.0"
-
-__all__ = ["Attribution", "BlockSpec", "Finding", "diagnose", "models", "Recorder", "Run", "RunError", "RunNotFoundError",
-           "__version__", "load_run", "watch"]
+__all__ = ["Attribution", "BlockSpec", "Finding", "diagnose", "models", "Recorder", "Run", "RunError",
+           "RunNotFoundError", "__version__", "load_run", "watch"]

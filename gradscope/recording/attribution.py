@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn

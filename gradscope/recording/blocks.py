@@ -1,5 +1,5 @@
 """Blocks: units that could carry a residual connection, H(x) = F(x) + x, and how close to the
-identity they are (DESIGN.md Blocks and the per-block Metrics).
+identity they are (docs/design.md, "Blocks" and "Metrics").
 
 A block's input and output have the same shape, so it can be compared with the identity in the
 forward direction (``||y - x|| / ||x||``, per-sample cosine) and in the backward direction
@@ -16,10 +16,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from gradscope.recording.layers import ModuleFilter, as_predicate
+
 
 @dataclass(frozen=True)
 class BlockSpec:

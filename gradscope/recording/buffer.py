@@ -21,8 +21,7 @@ import torch
 from torch import Tensor
 
 from gradscope.recording.identity import identity_terms, token_cosines, token_direction_norms
-from gradscope.store.schema import (B_COS_SUM, B_DIFF_SS, B_TOKEN_COS_SUM, BLOCK, LAYER, PHASES, STEP,
-                                    HostCounts)
+from gradscope.store.schema import B_COS_SUM, B_DIFF_SS, B_TOKEN_COS_SUM, BLOCK, LAYER, PHASES, STEP, HostCounts
 
 _MAX_CACHED_VIEWS = 50_000  # buffer views kept (a few MB of Python objects at most)
 _MAX_CACHED_INDICES = 128

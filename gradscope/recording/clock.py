@@ -12,7 +12,8 @@ replacing its per-optimizer state dict still does, and the next forward notices
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 
 class StepClock:

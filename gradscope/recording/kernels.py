@@ -19,7 +19,8 @@ Programs add their partial results atomically, so the low bits can differ from r
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -52,7 +53,7 @@ def supports(t: Tensor) -> bool:
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_kernels() -> Any:
     """The module of jitted kernels, or None without Triton."""
     try:

@@ -9,14 +9,15 @@ nothing about where a module sits in the computation (shared or reused modules, 
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Union
+from typing import Any
 
 from torch import nn
 
 #: What ``watch(modules=...)`` accepts: a glob on qualified names, a module type, a predicate
 #: ``(name, module) -> bool``, or a list of those (a module matching any of them is watched).
-ModuleFilter = Union[str, type, Callable[[str, nn.Module], bool], Iterable[Any]]
+ModuleFilter = str | type | Callable[[str, nn.Module], bool] | Iterable[Any]
 
 
 @dataclass

@@ -17,12 +17,12 @@ either way.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from gradscope.store.schema import ACT_MEAN, ACT_NONZERO, ACTIVATION, SATURATION_MARGIN, merge_partial
+from gradscope.store.schema import ACT_MEAN, ACTIVATION, SATURATION_MARGIN, merge_partial
 
 #: Elements averaged for the shift c of the one-pass variance (here and in ``recording.kernels``).
 SHIFT_SAMPLES = 64

@@ -39,10 +39,11 @@ from gradscope.store.meta import SCHEMA_VERSION, describe_optimizer, now
 from gradscope.store.parts import AttributionJob, FlushJob
 from gradscope.store.schema import ACCURACY, EVAL_ACCURACY, EVAL_LOSS, LOSS
 from gradscope.store.writer import RunWriter
+from gradscope.version import __version__
 
 # Open recorders, held strongly so that one a user forgets to close still writes its data at exit
 # (and so that a second watch() on the same modules can be refused).
-_OPEN: "set[Recorder]" = set()
+_OPEN: set[Recorder] = set()
 
 
 def watch(
@@ -59,7 +60,7 @@ def watch(
     device: torch.device | str | None = None,
     meta: dict[str, Any] | None = None,
     attribution: Attribution | None = None,
-) -> "Recorder":
+) -> Recorder:
     """Start recording ``model``'s gradient flow into the run directory ``run``.
 
     Args:
@@ -114,7 +115,8 @@ class Recorder:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"gradscope.watch: {name} must be a positive integer, got {value!r}")
         if attribution is not None and not isinstance(attribution, Attribution):
-            raise TypeError(f"gradscope.watch: attribution must be a gradscope.Attribution, got {type(attribution).__name__}")
+            raise TypeError("gradscope.watch: attribution must be a gradscope.Attribution, "
+                            f"got {type(attribution).__name__}")
         _refuse_if_watched(model)
         self.model, self.every, self.flush_every = model, every, flush_every
         self.optimizer, self.scaler = optimizer, scaler
@@ -219,7 +221,7 @@ class Recorder:
         if slot is None:
             return
         for column, value in ((EVAL_LOSS, loss), (EVAL_ACCURACY, accuracy)):
-            self._put_scalar(slot, column, value)
+            self._sink.scalar(slot, column, value)
 
     def flush(self, wait: bool = False) -> None:
         """Write every completed recorded step to disk (``wait=True`` blocks until written)."""
@@ -247,7 +249,7 @@ class Recorder:
                 self._writer.close()
                 _OPEN.discard(self)
 
-    def __enter__(self) -> "Recorder":
+    def __enter__(self) -> Recorder:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -312,20 +314,7 @@ class Recorder:
 
     def _record_scalars(self, slot: int, loss: Any, accuracy: Any) -> None:
         for column, value in ((LOSS, loss), (ACCURACY, accuracy)):
-            self._put_scalar(slot, column, value)
-
-    def _put_scalar(self, slot: int, column: int, value: Any) -> None:
-        """Write a Python number or a one-element tensor into the step buffer (no sync)."""
-        if value is None:
-            return
-        dst = self._buffer.step[slot, column]
-        if isinstance(value, Tensor):
-            if value.numel() != 1:
-                raise ValueError(f"gradscope: expected a scalar, got a tensor of shape {tuple(value.shape)}")
-            dst.copy_(value.detach().reshape(()))
-        else:
-            dst.fill_(float(value))
-        self._buffer.counts.step_set[slot, column] = True
+            self._sink.scalar(slot, column, value)
 
     def _flush(self, upto: int) -> None:
         """Hand slots [0, upto) and finished attribution checkpoints to the writer; keep the rest."""
@@ -360,7 +349,7 @@ class Recorder:
         depth = getattr(self.model, "depth", None)
         return {
             "schema_version": SCHEMA_VERSION,
-            "gradscope_version": _version(),
+            "gradscope_version": __version__,
             "run": self.path.name,
             "status": status,
             "started_at": self._started_at,
@@ -412,12 +401,6 @@ def _refuse_if_watched(model: nn.Module) -> None:
 def _default_run_path(model: nn.Module) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{type(model).__name__.lower()}-{stamp}"
-
-
-def _version() -> str:
-    from gradscope import __version__
-
-    return __version__
 
 
 @atexit.register

@@ -9,7 +9,8 @@ never touch the buffer, the counts or the recorder.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -126,6 +127,21 @@ class Sink:
         self._add_square(buffer.block_base + buffer.block_offset(slot, row) + column, grad,
                          first=seen[slot, row] == 0)
         seen[slot, row] += 1
+
+    # ------------------------------------------------------------------ steps
+
+    def scalar(self, slot: int, column: int, value: Any) -> None:
+        """A step scalar (loss, accuracy, ...): a Python number or a one-element tensor (no sync)."""
+        if value is None:
+            return
+        dst = self.buffer.step[slot, column]
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"gradscope: expected a scalar, got a tensor of shape {tuple(value.shape)}")
+            dst.copy_(value.detach().reshape(()))
+        else:
+            dst.fill_(float(value))
+        self.counts.step_set[slot, column] = True
 
     # ------------------------------------------------------------------ the forward's and the step's end
 

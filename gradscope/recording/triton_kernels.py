@@ -1,4 +1,4 @@
-"""The Triton kernels behind ``gradscope.kernels`` (imported only where Triton is installed).
+"""The Triton kernels behind ``recording.kernels`` (imported only where Triton is installed).
 
 One program reduces one chunk of one tensor. A launch takes up to ARGS tensors as arguments,
 with their element counts and destinations in the accumulator (and, for moments, their rows of
@@ -57,7 +57,7 @@ def _moments_of_chunk(base, n, chunk, cell, row, row_params, acc, BLOCK: tl.cons
             tl.store(acc + cell + 5, c)
 
 
-@triton.jit(do_not_specialize=['n0', 'n1', 'n2', 'n3', 'n4', 'n5', 'n6', 'n7', 'c0', 'c1', 'c2', 'c3', 'c4', 'c5', 'c6', 'c7', 'r0', 'r1', 'r2', 'r3', 'r4', 'r5', 'r6', 'r7'])
+@triton.jit(do_not_specialize=[f"{arg}{i}" for arg in "ncr" for i in range(ARGS)])
 def moments(
     y0, y1, y2, y3, y4, y5, y6, y7,
     n0, n1, n2, n3, n4, n5, n6, n7,
@@ -96,7 +96,7 @@ def moments_one(y, n, cell, row, row_params, acc, BLOCK: tl.constexpr, ITERS: tl
                       SAMPLES)
 
 
-@triton.jit(do_not_specialize=['n0', 'n1', 'n2', 'n3', 'n4', 'n5', 'n6', 'n7', 'c0', 'c1', 'c2', 'c3', 'c4', 'c5', 'c6', 'c7'])
+@triton.jit(do_not_specialize=[f"{arg}{i}" for arg in "nc" for i in range(ARGS)])
 def squares(
     g0, g1, g2, g3, g4, g5, g6, g7,
     n0, n1, n2, n3, n4, n5, n6, n7,

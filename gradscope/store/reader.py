@@ -144,7 +144,8 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         attribution = _join_names(tables["attribution"], ATTRIBUTION_SCHEMA, block_table, "block",
                                   ["step", "depth"], extra=["residual"])
     except (ValueError, TypeError, KeyError, pa.ArrowException) as exc:
-        raise RunError(f"{path / META_FILE} is damaged: its layer or block table does not fit the data ({exc})") from None
+        raise RunError(f"{path / META_FILE} is damaged: its layer or block table does not fit the data "
+                       f"({exc})") from None
     scalars = _frame(tables["scalars"], STEP_SCHEMA).sort_values("step", kind="stable", ignore_index=True)
     return Run(path=path, meta=meta, layers=layers, blocks=blocks, scalars=scalars,
                layer_table=layer_table, block_table=block_table, attribution=attribution)

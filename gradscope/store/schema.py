@@ -18,8 +18,9 @@ means declaring it here, measuring it in the probe that sees its tensor, and tes
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -45,7 +46,7 @@ class Merge(enum.Enum):
 
 
 class Ranks(enum.Enum):
-    """Which processes hold partial accumulators of one cell (DESIGN.md section 10)."""
+    """Which processes hold partial accumulators of one cell (docs/design.md, "Several processes")."""
 
     DATA = "data"  # each data-parallel rank saw part of the batch: merged over the data-parallel group
     SHARDS = "shards"  # each rank holds a shard of the parameters: merged over shards, equal on replicas
@@ -63,7 +64,6 @@ class Accumulator:
     meaning: str
     ranks: Ranks = Ranks.DATA
     mean: str | None = None  # WEIGHTED_VARIANCE: the accumulator holding the matching mean
-    train_only: bool = False  # layers: written in the train phase only (gradients, parameters)
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class Column:
     table: str
     dtype: str  # Parquet/pandas dtype
     meaning: str
-    finalize: Callable[["Finalizer"], np.ndarray] | None = None  # None: computed elsewhere (attribution)
+    finalize: Callable[[Finalizer], np.ndarray] | None = None  # None: computed elsewhere (attribution)
 
 
 # ----------------------------------------------------------------------------------- counts
@@ -125,12 +125,11 @@ ACCUMULATORS: tuple[Accumulator, ...] = (
                 "elements of y that are not 0"),
     Accumulator("act_saturated", "layers", Merge.SUM, "act_n", "added per call (bounded activations only)",
                 "elements of y within SATURATION_MARGIN of the range from a bound"),
-    Accumulator("grad_out_ss", "layers", Merge.SUM, "grad_n", "added per gradient hook", "||dL/dy||^2",
-                train_only=True),
+    Accumulator("grad_out_ss", "layers", Merge.SUM, "grad_n", "added per gradient hook", "||dL/dy||^2"),
     Accumulator("param_ss", "layers", Merge.SUM, "param_rows", "written at the step's end (_foreach_norm)",
-                "sum over the module's own parameters of ||p||^2", ranks=Ranks.SHARDS, train_only=True),
+                "sum over the module's own parameters of ||p||^2", ranks=Ranks.SHARDS),
     Accumulator("grad_ss", "layers", Merge.SUM, "grad_rows", "written at the step's end (_foreach_norm)",
-                "sum over the module's own parameters of ||p.grad||^2", ranks=Ranks.SHARDS, train_only=True),
+                "sum over the module's own parameters of ||p.grad||^2", ranks=Ranks.SHARDS),
     # blocks: [slots, blocks, columns]
     Accumulator("diff_ss", "blocks", Merge.SUM, "block_samples", "per-sample terms added at the step's end",
                 "sum over calls and samples of ||y - x||^2"),
@@ -205,7 +204,7 @@ class HostCounts:
             a = getattr(self, count.name)
             a[dst] = a[src]
 
-    def take(self, n_slots: int) -> "HostCounts":
+    def take(self, n_slots: int) -> HostCounts:
         """A copy of the first ``n_slots`` slots, handed to the writer thread."""
         out = HostCounts(0, self.layers, self.blocks)
         out.slots = n_slots
@@ -436,3 +435,26 @@ def finalize(table: str, buf: np.ndarray, steps: np.ndarray, counts: Any,
     out = {c.name: c.finalize(f)[where] for c in columns(table)}  # type: ignore[misc]
     out.update(zip(("slot", "phase", "row") if table == "layers" else ("slot", "row"), where))
     return out
+
+
+def markdown() -> str:
+    """The schema as the Markdown tables of docs/design.md ("Schema"), which a test keeps equal."""
+    def row(*cells: str) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    lines = ["Accumulators (device buffer columns, in buffer order per table):", "",
+             "| table | column | accumulates | merges | over ranks | count | meaning |",
+             "|---|---|---|---|---|---|---|"]
+    for table, layout in (("layers", LAYER), ("blocks", BLOCK), ("scalars", STEP)):
+        for i, a in enumerate(layout.accumulators):
+            merge = a.merge.value + (f" (mean: `{a.mean}`)" if a.mean else "")
+            lines.append(row(table, f"{i} `{a.name}`", a.accumulates, merge, a.ranks.value, f"`{a.count}`", a.meaning))
+    lines += ["", "Host counts (numpy, per slot):", "", "| count | per | dtype | merges | meaning |",
+              "|---|---|---|---|---|"]
+    lines += [row(f"`{c.name}`", c.per, c.dtype, c.merge.value, c.meaning) for c in COUNTS]
+    lines += ["", "Stored columns (Parquet, after the key columns):", "", "| table | column | dtype | meaning |",
+              "|---|---|---|---|"]
+    for table in TABLES:
+        lines.append(row(table, "keys: " + ", ".join(f"`{k}`" for k in KEYS[table]), "", ""))
+        lines += [row(table, f"`{c.name}`", c.dtype, c.meaning) for c in columns(table)]
+    return "\n".join(lines) + "\n"
