@@ -15,9 +15,9 @@ import time
 import torch
 
 from gradscope import Attribution
+from gradscope.lab.train import PROBE_SIZE, _forward, build, loss_and_accuracy, resolve_device
 from gradscope.recording.attribution import AttributionProbe
 from gradscope.recording.blocks import select_blocks
-from gradscope.lab.train import PROBE_SIZE, _forward, build, loss_and_accuracy, resolve_device
 
 WORKLOADS = {"resnet20": ("images", 128, {}), "transformer_lm_pre": ("dyck", 64, {"depth": 6})}
 METHODS = ("grad_x_act", "integrated_gradients", "conductance")

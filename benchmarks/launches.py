@@ -26,9 +26,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from overhead import CPU_WORKLOADS, CUDA_WORKLOADS, time_steps  # noqa: E402
+
 import gradscope  # noqa: E402
 from gradscope.recording import kernels  # noqa: E402
-from overhead import CPU_WORKLOADS, CUDA_WORKLOADS, time_steps  # noqa: E402
 
 # Ops that make views or aliases: no kernel on a GPU.
 _VIEWS = {"aten.view.default", "aten.select.int", "aten.slice.Tensor", "aten.detach.default",
@@ -36,11 +37,11 @@ _VIEWS = {"aten.view.default", "aten.select.int", "aten.slice.Tensor", "aten.det
           "aten.expand.default", "aten._unsafe_view.default", "aten.alias.default", "aten.reshape.default",
           "aten.split.Tensor", "aten.permute.default", "aten.squeeze.dim", "aten.unbind.int"}
 _PACKAGE = str(Path(gradscope.__file__).resolve().parent)
-_MODELS = str(Path(_PACKAGE) / "models")
+_MODELS = str(Path(_PACKAGE) / "lab")  # reference models and the trainer
 
 
 def _origin() -> str | None:
-    """file:line of the innermost gradscope frame (not a reference model's) that issued the op."""
+    """file:line of the innermost gradscope frame (not the lab's: reference models) that issued the op."""
     for frame in reversed(traceback.extract_stack(limit=16)):
         if frame.filename.startswith(_PACKAGE) and not frame.filename.startswith(_MODELS):
             return f"{Path(frame.filename).name}:{frame.lineno} {frame.name}"

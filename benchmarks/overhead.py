@@ -48,8 +48,9 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -480,7 +481,8 @@ def main() -> None:
                 rows = [(*r[:4], peaks[name, r[1]] / 2**20, peaks[name, r[1]] / base if base > 0 else float("nan"),
                          r[6]) for r in rows]
             for row in rows:
-                print(f"{row[0]:24} {row[1] + row[6]:48} {row[2]:9.2f} {row[3]:7.3f} {row[4]:9.1f} {row[5]:7.3f}", flush=True)
+                print(f"{row[0]:24} {row[1] + row[6]:48} {row[2]:9.2f} {row[3]:7.3f} {row[4]:9.1f} {row[5]:7.3f}",
+                      flush=True)
         if not args.skip_fixed:
             costs = fixed_cost_per_layer(device, Path(tmp), args.variants)
             print("fixed cost per watched layer, 100 x Linear(8, 8) batch 4 (tiny tensors: hooks, dispatch, "

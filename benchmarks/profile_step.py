@@ -18,8 +18,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import gradscope  # noqa: E402
 from overhead import CPU_WORKLOADS, CUDA_WORKLOADS, time_steps  # noqa: E402
+
+import gradscope  # noqa: E402
 
 
 def main() -> None:
@@ -60,7 +61,8 @@ def main() -> None:
             if rec:
                 rec.close()
             events = prof.key_averages()
-            launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+            launches = sum(e.count for e in events
+                           if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
             cpu_total = sum(e.self_cpu_time_total for e in events) / args.steps / 1e3
             print(f"\n== {name}, {variant}: {launches / args.steps:.0f} kernel launches per step, "
                   f"{cpu_total:.1f} ms self CPU per step")

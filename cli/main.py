@@ -9,14 +9,14 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 from gradscope import __version__
 from gradscope.lab.presets import PRESETS
-
 
 
 class InputError(click.ClickException):
@@ -31,8 +31,8 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from gradscope.lab.models import UnknownModelError
-        from gradscope.store import RunError
         from gradscope.lab.tasks import CifarFormatError, UnknownTaskError
+        from gradscope.store import RunError
 
         try:
             return fn(*args, **kwargs)
@@ -134,7 +134,8 @@ def _train_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--batch-size", default=None, type=click.IntRange(min=1), help="override the recipe's batch size")
 @click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True), help="override the recipe's lr")
 @click.option("--eval-every", default=None, type=click.IntRange(min=1), help="held-out evaluation interval")
-@click.option("--data-dir", default=None, type=click.Path(path_type=Path), help="local CIFAR-10 folder (--task cifar10)")
+@click.option("--data-dir", default=None, type=click.Path(path_type=Path),
+              help="local CIFAR-10 folder (--task cifar10)")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="model setting, e.g. --set depth=12")
 @click.option("--amp", is_flag=True, help="mixed precision (CUDA only)")
 @click.option("--watch-activations", is_flag=True, help="also record ReLU/sigmoid/... modules (dead, saturated units)")
@@ -179,8 +180,9 @@ def run_command(model_names: tuple[str, ...], task: str | None, steps: int, ever
 @friendly_errors
 def inspect_command(run_path: Path, show_all: bool) -> None:
     """Print a summary of a recorded RUN directory."""
-    import gradscope
     from gradscope.cli.summary import findings_text, run_summary
+
+    import gradscope
 
     run = gradscope.load_run(run_path)
     click.echo(run_summary(run, limit=None if show_all else 16), nl=False)
@@ -216,9 +218,10 @@ def demo_command(preset: str, quick: bool, out: Path | None, steps: int | None, 
 
     The default trains a plain and a residual network; --preset picks one of the seed's experiments.
     """
+    from gradscope.cli.summary import findings_text, run_summary
+
     import gradscope
     from gradscope import reports
-    from gradscope.cli.summary import findings_text, run_summary
     from gradscope.lab.presets import run_preset
 
     p = PRESETS[preset]

@@ -59,16 +59,21 @@ def run_summary(run: Run, limit: int | None = 16) -> str:
         lines.append(note.rstrip())
     g = at.grad_out_norm.dropna()
     if len(g) > 1 and g.iloc[-1] > 0:
-        lines.append(f"  gradient flowing back, ||dL/dy||, at the first layer is {g.iloc[0] / g.iloc[-1]:.3g} x the last layer's")
+        lines.append(f"  gradient flowing back, ||dL/dy||, at the first layer is {g.iloc[0] / g.iloc[-1]:.3g} "
+                     "x the last layer's")
     blocks = run.blocks[run.blocks.step == step]
     if len(blocks):
-        lines.append(f"\nblocks at step {step}: {len(blocks)}; mean id_rel_residual {_fmt(blocks.id_rel_residual.mean())}, "
-                     f"mean id_cos {_fmt(blocks.id_cos.mean())}, mean id_grad_ratio {_fmt(blocks.id_grad_ratio.mean())}")
+        lines.append(f"\nblocks at step {step}: {len(blocks)}; "
+                     f"mean id_rel_residual {_fmt(blocks.id_rel_residual.mean())}, "
+                     f"mean id_cos {_fmt(blocks.id_cos.mean())}, "
+                     f"mean id_grad_ratio {_fmt(blocks.id_grad_ratio.mean())}")
         go = blocks.grad_out_norm.dropna()
         if len(go) > 1 and go.iloc[-1] > 0:
-            lines.append(f"  gradient norm at the first block's output is {go.iloc[0] / go.iloc[-1]:.3g} x the last block's")
+            lines.append(f"  gradient norm at the first block's output is {go.iloc[0] / go.iloc[-1]:.3g} "
+                         "x the last block's")
         if blocks.token_cos.notna().any():
-            lines.append(f"  token_cos (rank collapse toward 1) at the last block: {_fmt(blocks.token_cos.dropna().iloc[-1])}")
+            lines.append("  token_cos (rank collapse toward 1) at the last block: "
+                         f"{_fmt(blocks.token_cos.dropna().iloc[-1])}")
     return "\n".join(lines) + "\n"
 
 

@@ -35,7 +35,8 @@ def measure(model_name: str, depth: int, seed: int, batch_size: int = 32) -> dic
         logits = model(ids)
     finally:
         handle.remove()
-    token_grads = [torch.autograd.grad(F.cross_entropy(logits[b, t], targets[b, t]), weight, retain_graph=True)[0].norm()
+    token_grads = [torch.autograd.grad(F.cross_entropy(logits[b, t], targets[b, t]), weight,
+                                       retain_graph=True)[0].norm()
                    for b in range(4) for t in POSITIONS if targets[b, t] >= 0]
     batch_grad = torch.autograd.grad(loss_and_accuracy(logits, targets)[0], weight)[0].norm()
     stream = captured["stream"]

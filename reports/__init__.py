@@ -11,14 +11,15 @@ from __future__ import annotations
 import datetime as dt
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
-from gradscope import __version__, diagnose
 from gradscope.reports import figures
 from gradscope.reports.data import ReportData, RunLike, collect
 from gradscope.reports.render import Embedded, embed, environment
+
+from gradscope import __version__, diagnose
 
 
 @dataclass
@@ -43,19 +44,25 @@ def sections(data: ReportData) -> list[Section]:
     out = [Section("curves", "Loss and accuracy", [embed(
         figures.training_curves(data.scalars), "",
         "Look for the deeper plain network's training loss staying above the shallower one's (degradation).",
-        "Line charts of training loss on a log scale and of training and held-out accuracy against step, one line per run.")])]
+        "Line charts of training loss on a log scale and of training and held-out accuracy against step, "
+        "one line per run.")])]
     out.append(Section("gradient-flow", "Gradient flow by depth", [
-        embed(figures.gradient_flow(layers, "grad_out_rms"), "RMS of dL/dy, the gradient flowing back through each layer",
-              "A line falling toward depth 0 means the gradient vanishes on its way to the input; rising means it explodes.",
-              "Three log-scale line charts of the RMS output gradient against relative depth at the first, middle and last recorded step."),
+        embed(figures.gradient_flow(layers, "grad_out_rms"),
+              "RMS of dL/dy, the gradient flowing back through each layer",
+              "A line falling toward depth 0 means the gradient vanishes on its way to the input; "
+              "rising means it explodes.",
+              "Three log-scale line charts of the RMS output gradient against relative depth "
+              "at the first, middle and last recorded step."),
         embed(figures.gradient_flow(layers, "grad_norm"), "norm of each layer's parameter gradient",
               "Compare how much gradient each layer's own parameters receive, early and late in the network.",
-              "Three log-scale line charts of parameter-gradient norm against relative depth at the first, middle and last recorded step."),
+              "Three log-scale line charts of parameter-gradient norm against relative depth "
+              "at the first, middle and last recorded step."),
     ]))
     out.append(Section("heatmaps", "Layers over training", [
         embed(figures.layer_step_heatmap(layers[layers.run == label]), label,
               "Each row is a layer in network order, each column a recorded step; dark rows receive little gradient.",
-              f"Heatmap of the RMS output gradient of every layer of run {label} across training steps, log colour scale.")
+              f"Heatmap of the RMS output gradient of every layer of run {label} across training steps, "
+              "log colour scale.")
         for label in data.labels if (layers.run == label).any()
     ], intro="" if len(layers) else "No training step recorded yet."))
     out.append(Section("activations", "Activation statistics by depth", [embed(
@@ -64,11 +71,15 @@ def sections(data: ReportData) -> list[Section]:
         "Two line charts of the standard deviation of layer responses, in network order and sorted by magnitude.")]))
     if len(blocks):
         identity = [embed(figures.identity_by_depth(blocks), "by depth, at the last recorded step",
-                          "Residual blocks sit near the identity (small ||y-x||/||x||, gradient ratio near 1); plain blocks do not.",
-                          "Three line charts against relative block depth: relative residual, gradient ratio on a log scale, and branch ratio."),
+                          "Residual blocks sit near the identity (small ||y-x||/||x||, gradient ratio near 1); "
+                          "plain blocks do not.",
+                          "Three line charts against relative block depth: relative residual, "
+                          "gradient ratio on a log scale, and branch ratio."),
                     embed(figures.identity_over_training(blocks), "over training",
-                          "Watch whether blocks drift toward or away from the identity as training goes on; token cosine near 1 means rank collapse.",
-                          "Line charts of the mean over blocks of identity-closeness measures against step, one line per run.")]
+                          "Watch whether blocks drift toward or away from the identity as training goes on; "
+                          "token cosine near 1 means rank collapse.",
+                          "Line charts of the mean over blocks of identity-closeness measures against step, "
+                          "one line per run.")]
         out.append(Section("identity", "Identity closeness", identity))
     else:
         out.append(Section("identity", "Identity closeness", intro="No blocks were measured in these runs."))

@@ -145,7 +145,8 @@ def layer_step_heatmap(layers: pd.DataFrame, column: str = "grad_out_rms") -> Fi
         _empty(ax)
         return fig
     masked = np.where(np.isfinite(values) & (values > 0), values, np.nan)
-    sns.heatmap(pd.DataFrame(masked, index=[_mathtext_safe(name) for _, name in grid.index], columns=grid.columns), ax=ax,
+    sns.heatmap(pd.DataFrame(masked, index=[_mathtext_safe(name) for _, name in grid.index], columns=grid.columns),
+                ax=ax,
                 norm=LogNorm(vmin=positive.min(), vmax=positive.max()), cmap="viridis",
                 cbar_kws={"label": column}, xticklabels=max(1, len(grid.columns) // 10),
                 yticklabels=max(1, len(grid) // 40))
@@ -194,7 +195,8 @@ def identity_by_depth(blocks: pd.DataFrame) -> Figure:
     """Identity closeness of every block against relative block depth, at each run's last step."""
     fig, axes = _figure(3)
     blocks, hue = _runs(blocks)
-    last = pd.concat([f[f.step == f.step.max()] for _, f in blocks.groupby("run", sort=False)]) if len(blocks) else blocks
+    last = (pd.concat([f[f.step == f.step.max()] for _, f in blocks.groupby("run", sort=False)])
+            if len(blocks) else blocks)
     for ax, (column, label, log) in zip(axes, IDENTITY_COLUMNS):
         data = last.dropna(subset=[column]) if len(last) else last
         data = data[np.isfinite(data[column])] if len(data) else data

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -132,7 +133,8 @@ def _gradient_flow(run: Run) -> Iterable[Finding]:
         return
     steps = sorted(train.step.unique())
     fits = [f for f in (gradient_fit(train, s) for s in {steps[0], steps[-1]}) if f is not None]
-    for kind, test in (("vanishing", lambda f: f.span < VANISHING_SPAN), ("exploding", lambda f: f.span > EXPLODING_SPAN)):
+    for kind, test in (("vanishing", lambda f: f.span < VANISHING_SPAN),
+                       ("exploding", lambda f: f.span > EXPLODING_SPAN)):
         hits = sorted((f for f in fits if test(f)), key=lambda f: f.step)
         if not hits:
             continue
@@ -149,8 +151,9 @@ def _gradient_flow(run: Run) -> Iterable[Finding]:
         else:
             yield Finding(
                 "exploding_gradient", "warning", "Gradient grows toward the input",
-                f"{where}, the gradient flowing back grows by a factor {_fmt(f.per_layer)} at each layer toward the input "
-                f"(fitted over {f.layers} hidden layers): the first hidden layer gets {_fmt(f.span)} times "
+                f"{where}, the gradient flowing back grows by a factor {_fmt(f.per_layer)} at each layer "
+                f"toward the input (fitted over {f.layers} hidden layers): "
+                f"the first hidden layer gets {_fmt(f.span)} times "
                 "the last hidden layer's gradient. With BatchNorm this is what deep plain networks do at "
                 "initialisation (Yang et al. 2019); it is not a vanishing gradient.",
                 _label(run), {"per_layer_factor": f.per_layer, "first_over_last": f.span, "layers": f.layers},
@@ -179,7 +182,8 @@ def _non_finite_rows(run: Run) -> list[tuple[str, pd.DataFrame, str | None]]:
         acts = layers[["act_mean", "act_std"]].to_numpy(dtype=float)
         measured = np.isfinite(layers.act_zero_frac.to_numpy(dtype=float))  # counts, finite if it ran
         out.append(("gradient", layers[np.isinf(grads).any(axis=1)], "layer"))
-        out.append(("activation", layers[np.isinf(acts).any(axis=1) | (np.isnan(acts).any(axis=1) & measured)], "layer"))
+        out.append(("activation", layers[np.isinf(acts).any(axis=1) | (np.isnan(acts).any(axis=1) & measured)],
+                    "layer"))
     return out
 
 
@@ -216,7 +220,8 @@ def _unit_fraction_rule(run: Run, column: str, threshold: float, code: str, titl
 def _dead_units(run: Run) -> Iterable[Finding]:
     return _unit_fraction_rule(
         run, "act_zero_frac", DEAD_FRACTION, "dead_units", "Dead units",
-        "layer(s) output exactly zero for", "these ReLU units no longer fire, so no gradient passes through them.", "max_zero_fraction")
+        "layer(s) output exactly zero for", "these ReLU units no longer fire, so no gradient passes through them.",
+        "max_zero_fraction")
 
 
 def _saturation(run: Run) -> Iterable[Finding]:
@@ -280,7 +285,8 @@ def _update_ratio(run: Run) -> Iterable[Finding]:
             yield Finding(
                 f"update_ratio_{kind}", "info", f"Update ratio far {'below' if kind == 'low' else 'above'} 1e-3",
                 f"{at}, {len(rows)} layer(s) have lr * ||g|| / ||w|| {'below' if kind == 'low' else 'above'} "
-                f"{_fmt(UPDATE_RATIO_LOW if kind == 'low' else UPDATE_RATIO_HIGH)} (median {_fmt(rows.update_ratio.median())}; "
+                f"{_fmt(UPDATE_RATIO_LOW if kind == 'low' else UPDATE_RATIO_HIGH)} "
+                f"(median {_fmt(rows.update_ratio.median())}; "
                 f"about 1e-3 is typical for SGD): their weights {words}.",
                 _label(run), {"median": float(rows.update_ratio.median())}, layers=_names(rows, "layer"), steps=[step])
 
@@ -336,9 +342,11 @@ def _degradation(runs: Sequence[Run], findings: list[Finding]) -> Iterable[Findi
             rs, rd = final_loss(residual[d_s]), final_loss(residual[d_d])
             evidence.update(shallow_residual_loss=rs, deep_residual_loss=rd)
             if _worse(rd, rs):
-                twin = f" The residual twins degrade too ({_fmt(rs)} -> {_fmt(rd)}), so this is not the plain-network effect alone."
+                twin = (f" The residual twins degrade too ({_fmt(rs)} -> {_fmt(rd)}), "
+                        "so this is not the plain-network effect alone.")
             else:
-                twin = f" Their residual twins do not ({_label(residual[d_s])} {_fmt(rs)}, {_label(residual[d_d])} {_fmt(rd)})."
+                twin = (f" Their residual twins do not ({_label(residual[d_s])} {_fmt(rs)}, "
+                        f"{_label(residual[d_d])} {_fmt(rd)}).")
         grad = (" The deeper plain network's gradients did vanish, which contributes."
                 if _label(deep) in vanishing else
                 " Its gradients did not vanish: this is degradation without vanishing gradient, as He et al. 2015 "

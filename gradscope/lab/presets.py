@@ -71,7 +71,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            "smaller than at 6 here.",
            "dyck", _runs(("transformer_lm_post", "post-6", {"depth": 6}), ("transformer_lm_pre", "pre-6", {"depth": 6}),
                          ("transformer_lm_none", "none-6", {"depth": 6}),
-                         ("transformer_lm_post", "post-24", {"depth": 24}), ("transformer_lm_pre", "pre-24", {"depth": 24})),
+                         ("transformer_lm_post", "post-24", {"depth": 24}),
+                         ("transformer_lm_pre", "pre-24", {"depth": 24})),
            steps=200, quick_steps=20, every=5, batch_size=32),
 )}
 

@@ -15,20 +15,21 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradscope.lab import models
+from gradscope.lab.tasks import DEFAULT_TASK, Task, get_task
+from gradscope.lab.tasks.sequences import IGNORE
 from gradscope.recording.attribution import Attribution
 from gradscope.recording.layers import with_activations
 from gradscope.recording.recorder import watch
-from gradscope.lab.tasks import DEFAULT_TASK, Task, get_task
-from gradscope.lab.tasks.sequences import IGNORE
 
 PROBE_SIZE = 64  # held-out samples in the attribution probe batch
 

@@ -331,6 +331,13 @@ def _update_ratio(f: Finalizer) -> np.ndarray:
         return f.count("lr") * _grad_norm(f) / _sqrt(f.acc("param_ss"))
 
 
+def _grad_ratio(f: Finalizer) -> np.ndarray:
+    """dL/dx over dL/dy where the call was compared with the identity (inf where dL/dy is 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = _block_grad(f, "grad_in_ss") / _block_grad(f, "grad_out_ss")
+    return np.where(f.count("block_samples") > 0, ratio, np.nan)
+
+
 def _branch_ratio(f: Finalizer) -> np.ndarray:
     seen = (f.count("block_branch") > 0) & (f.count("block_samples") > 0) & ~f.count("block_branch_dropped")
     return np.where(seen, _sqrt(_div(f.buf[..., B_BRANCH_SS], f.buf[..., B_INPUT_SS])), np.nan)
@@ -366,9 +373,7 @@ COLUMNS: tuple[Column, ...] = (
            lambda f: _sqrt(_div(f.acc("diff_ss"), np.where(f.count("block_samples") > 0, f.acc("input_ss"), 0)))),
     Column("id_cos", "blocks", "float32", "mean over samples of cos(x_i, y_i)",
            lambda f: _div(f.buf[..., B_COS_SUM], f.count("block_samples"))),
-    Column("id_grad_ratio", "blocks", "float32", "||dL/dx|| / ||dL/dy||",
-           lambda f: np.where(f.count("block_samples") > 0,
-                              _block_grad(f, "grad_in_ss") / _block_grad(f, "grad_out_ss"), np.nan)),
+    Column("id_grad_ratio", "blocks", "float32", "||dL/dx|| / ||dL/dy||", _grad_ratio),
     Column("branch_ratio", "blocks", "float32", "||F(x)|| / ||x|| for a known residual branch F", _branch_ratio),
     Column("token_cos", "blocks", "float32", "mean pairwise cosine between a sample's tokens",
            lambda f: _div(f.buf[..., B_TOKEN_COS_SUM], f.count("block_tokens"))),

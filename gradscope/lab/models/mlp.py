@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from gradscope.recording.blocks import BlockSpec
 from gradscope.lab.models.registry import register_model
+from gradscope.recording.blocks import BlockSpec
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
 

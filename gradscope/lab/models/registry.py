@@ -6,8 +6,9 @@ import difflib
 import fnmatch
 import inspect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,8 +40,10 @@ class UnknownModelError(KeyError):
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str | None = None, *, family: str, input_kind: str, description: str = "",
-                   defaults: dict[str, Any] | None = None) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+def register_model(
+    name: str | None = None, *, family: str, input_kind: str, description: str = "",
+    defaults: dict[str, Any] | None = None,
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator registering a factory ``(**config) -> nn.Module`` under ``name`` (default: its name).
 
     The configuration a user may override is the factory's keyword defaults, or ``defaults``.

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradscope.recording.blocks import BlockSpec
 from gradscope.lab.models.registry import register_model
+from gradscope.recording.blocks import BlockSpec
 
 STAGE_WIDTHS = (16, 32, 64)
 DEPTHS = {20: 3, 32: 5, 44: 7, 56: 9, 110: 18}  # 6n + 2 -> n

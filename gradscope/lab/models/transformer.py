@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradscope.recording.blocks import BlockSpec
 from gradscope.lab.models.registry import register_model
+from gradscope.recording.blocks import BlockSpec
 
 NORM_PLACEMENTS = ("post", "pre", "none")
 

@@ -6,7 +6,8 @@ which kinds of model each one fits.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from gradscope.lab.tasks.base import Batch, Task
 from gradscope.lab.tasks.cifar import CifarFormatError, cifar10
@@ -41,7 +42,8 @@ def get_task(name: str, input_kind: str, *, data_dir: str | None = None, seed: i
                                f"try {DEFAULT_TASK[input_kind]!r}")
     if name == "cifar10":
         if data_dir is None:
-            raise UnknownTaskError("task 'cifar10' reads a local copy: give --data-dir (the cifar-10-batches-py folder)")
+            raise UnknownTaskError("task 'cifar10' reads a local copy: "
+                                   "give --data-dir (the cifar-10-batches-py folder)")
         return cifar10(data_dir)
     makers: dict[str, Callable[..., Task]] = {
         "images": lambda: synthetic_images(seed=seed, **options),

@@ -55,7 +55,8 @@ def copy_task(reverse: bool = False, input_kind: str = "seq2seq", seq_len: int =
     x_tr, y_tr, x_te, y_te = _split(inputs, targets, test_size)
     return Task(name, input_kind, x_tr, y_tr, x_te, y_te,
                 model_overrides={"vocab_size": vocab_size, "seq_len": seq_len},
-                description=f"{name} a random string of {seq_len if input_kind == 'seq2seq' else (seq_len - 1) // 2} tokens")
+                description=f"{name} a random string of "
+                            f"{seq_len if input_kind == 'seq2seq' else (seq_len - 1) // 2} tokens")
 
 
 def dyck_sequences(n: int, seq_len: int, kinds: int, fillers: int, g: torch.Generator,
