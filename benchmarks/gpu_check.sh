@@ -5,5 +5,5 @@
 set -u
 export PYTHONPATH=$PWD:$PWD/.gpu_deps PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_batching.py tests/test_schedule.py tests/test_observer.py -rfs --tb=short 2>&1 | tail -40
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_kernels.py tests/test_batching.py tests/test_schedule.py tests/test_observer.py -rfs --tb=short 2>&1 | tail -40
 python3 benchmarks/overhead.py --device cuda --steps "${STEPS:-50}" "$@"

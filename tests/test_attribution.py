@@ -12,7 +12,7 @@ import gradscope
 from gradscope import Attribution
 from gradscope.recording.blocks import BlockSpec
 from gradscope.cli.main import main
-from gradscope.testing import assert_no_hooks, hook_counts
+from gradscope.testing import assert_no_hooks, assert_same_parameters, hook_counts, train
 
 WIDTH, CLASSES = 5, 3
 
@@ -49,16 +49,11 @@ def probe(n: int = 6, seed: int = 1):
 
 
 def record(model, tmp_path, attribution, steps: int = 0, **watch):
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    rec = gradscope.watch(model, tmp_path / "run", optimizer=opt, attribution=attribution, **watch)
-    with rec:
-        g = torch.Generator().manual_seed(0)
-        for _ in range(steps):
-            x, y = torch.randn(8, WIDTH, generator=g), torch.randint(0, CLASSES, (8,), generator=g)
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    return gradscope.load_run(tmp_path / "run"), opt
+    """Train ``steps`` SGD steps (none: the checkpoint at watch() only) and load the run."""
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, WIDTH, generator=g), torch.randint(0, CLASSES, (8,), generator=g)) for _ in range(steps)]
+    train(model, data, run=tmp_path / "run", lr=0.1, call_step=False, attribution=attribution, **watch)
+    return gradscope.load_run(tmp_path / "run")
 
 
 def closed_form(model: LinearResidualNet, x, y):
@@ -81,7 +76,7 @@ def test_grad_x_act_and_branch_split_match_the_closed_form(tmp_path):
     torch.manual_seed(0)
     model = LinearResidualNet()
     x, y = probe()
-    run, _ = record(model, tmp_path, Attribution((x, y), every=5))
+    run = record(model, tmp_path, Attribution((x, y), every=5))
     got = run.attribution.set_index("block")
     assert list(run.attribution.step.unique()) == [0]
     for i, ref in enumerate(closed_form(model, x, y)):
@@ -105,7 +100,7 @@ def test_path_methods_match_the_closed_form(method, tmp_path):
     torch.manual_seed(0)
     model = LinearResidualNet()
     x, y = probe()
-    run, _ = record(model, tmp_path, Attribution((x, y), every=5, method=method, n_steps=4))
+    run = record(model, tmp_path, Attribution((x, y), every=5, method=method, n_steps=4))
     baseline = closed_form(model, torch.zeros_like(x), y)
     for i, (ref, base) in enumerate(zip(closed_form(model, x, y), baseline)):
         attr = ref["g"] * (ref["h"] - base["h"])
@@ -120,19 +115,19 @@ def test_zero_branch_gives_skip_share_one_and_plain_block_branch_share_one(tmp_p
     with torch.no_grad():
         model.blocks[0].branch.weight.zero_()
         model.blocks[0].branch.bias.zero_()
-    run, _ = record(model, tmp_path, Attribution(probe(), every=5))
+    run = record(model, tmp_path, Attribution(probe(), every=5))
     rows = run.attribution.set_index("block")
     assert rows.loc["blocks.0", "skip_share"] == 1.0 and rows.loc["blocks.0", "branch_attr"] == 0.0
     assert 0 < rows.loc["blocks.1", "skip_share"] < 1
 
     plain = LinearResidualNet(skip=False)
-    run, _ = record(plain, tmp_path / "plain", Attribution(probe(), every=5))
+    run = record(plain, tmp_path / "plain", Attribution(probe(), every=5))
     assert (run.attribution.branch_share == 1.0).all() and (run.attribution.skip_attr == 0.0).all()
 
 
 def test_checkpoints_follow_the_schedule_and_land_in_the_table(tmp_path):
     torch.manual_seed(0)
-    run, _ = record(LinearResidualNet(), tmp_path, Attribution(probe(), every=3), steps=7, every=2, flush_every=2)
+    run = record(LinearResidualNet(), tmp_path, Attribution(probe(), every=3), steps=7, every=2, flush_every=2)
     assert sorted(run.attribution.step.unique()) == [0, 3, 6]
     assert run.attribution.groupby("step").size().tolist() == [2, 2, 2]
     assert run.attribution.depth.notna().all()  # joined with the block table
@@ -147,14 +142,10 @@ def _train_pair(model_fn, tmp_path, attribution_fn, steps=6):
         attribution = attribution_fn() if with_attr else None
         torch.manual_seed(0)
         model = model_fn()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        rec = gradscope.watch(model, tmp_path / f"r{with_attr}", optimizer=opt, attribution=attribution)
-        with rec:
-            for _ in range(steps):
-                x, y = model.example()
-                opt.zero_grad()
-                F.cross_entropy(model(x), y).backward()
-                opt.step()
+        # drawn lazily from the global generator, between the steps, as dropout draws its masks
+        data = (model.example() for _ in range(steps))
+        train(model, data, run=tmp_path / f"r{with_attr}", lr=0.05, momentum=0.9, call_step=False,
+              attribution=attribution)
         states.append(model.state_dict())
     return states
 
@@ -191,8 +182,7 @@ class SmallResNet(nn.Module):
 ])
 def test_parameters_and_buffers_bit_identical_with_attribution(model_fn, probe_fn, tmp_path):
     plain, attributed = _train_pair(model_fn, tmp_path, lambda: Attribution(probe_fn(), every=2))
-    for (key, a), b in zip(plain.items(), attributed.values(), strict=True):
-        assert torch.equal(a, b), f"{key} differs with attribution checkpoints"
+    assert_same_parameters(plain, attributed, "with attribution checkpoints")
     assert len(gradscope.load_run(tmp_path / "rTrue").attribution) > 0
 
 
@@ -262,6 +252,7 @@ def test_token_models_and_selected_blocks(tmp_path):
     assert ((table.branch_share > 0) & (table.branch_share < 1)).all()
 
 
+@pytest.mark.slow
 def test_cli_attribution_every(tmp_path):
     out = tmp_path / "runs"
     result = CliRunner().invoke(main, ["run", "resnet20", "--steps", "3", "--every", "1", "--batch-size", "8",

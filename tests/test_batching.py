@@ -1,30 +1,25 @@
 """Batched reductions (the GPU path): held outputs and gradients give the same statistics.
 
 On a CPU the batcher is forced on with ``kernels.MODE = "torch"`` (the kernels' arithmetic in
-torch ops); the Triton kernels themselves are checked against float64 in Triton's interpreter
-when Triton is installed, and on a GPU by tests/test_cuda.py.
+torch ops); the Triton kernels themselves are checked against float64 by tests/test_kernels.py
+(on a GPU, or in Triton's interpreter where Triton is installed), and in training by
+tests/test_cuda.py.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
-import os
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import gradscope
 from gradscope import models
 from gradscope.recording import batching, kernels
-from gradscope.testing import TinyCNN, TinyMLP, TwiceCalled
+from gradscope.testing import TinyCNN, TinyMLP, TwiceCalled, assert_same_parameters, batches, reference_batches, train
 
 
 class Bounded(nn.Module):
@@ -44,28 +39,16 @@ class Bounded(nn.Module):
 
 def _model(kind: str) -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
     if kind in ("resnet20", "transformer_lm_pre"):
         overrides = {"depth": 2} if kind == "transformer_lm_pre" else {}
-        model = models.create(kind, **overrides)
-        data = [models.example_input(kind, batch=4, seed=i, **overrides) for i in range(4)]
-        return model, data
+        return models.create(kind, **overrides), reference_batches(kind, 4, batch=4, **overrides)
     model = {"cnn": TinyCNN, "mlp": TinyMLP, "twice": TwiceCalled, "bounded": Bounded}[kind]()
-    shape = (6, 3, 8, 8) if kind in ("cnn", "bounded") else (6, 8)
-    return model, [(torch.randn(shape, generator=g), torch.randint(0, 4, (6,), generator=g)) for _ in range(4)]
+    return model, batches("cnn" if kind in ("cnn", "bounded") else "mlp", 4, seed=1, batch=6)
 
 
-def _train(model, data, run=None, **kwargs):
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    rec = gradscope.watch(model, run, optimizer=opt, **kwargs) if run is not None else None
-    for x, y in data:
-        opt.zero_grad()
-        out = model(x)
-        F.cross_entropy(out.flatten(0, -2), y.flatten()).backward()
-        opt.step()
-    if rec is not None:
-        rec.close()
-    return rec
+def _train(model, data, run=None):
+    """SGD with momentum; the recorder's steps end at the optimizer's, with no ``rec.step()``."""
+    return train(model, data, run=run, lr=0.05, momentum=0.9, call_step=False)
 
 
 def _assert_same_tables(a: gradscope.Run, b: gradscope.Run) -> None:
@@ -92,8 +75,7 @@ def test_batched_statistics_equal_immediate_ones_and_training_is_untouched(kind,
     rec = _train(batched, data, tmp_path / "batched")
     assert rec._batcher is not None and rec._batcher.holdable  # held and reduced together
     _assert_same_tables(gradscope.load_run(tmp_path / "immediate"), gradscope.load_run(tmp_path / "batched"))
-    for key, value in plain.state_dict().items():
-        assert torch.equal(value, batched.state_dict()[key]), key
+    assert_same_parameters(plain, batched)
 
 
 def test_outputs_changed_in_place_are_never_held(tmp_path, monkeypatch):
@@ -129,8 +111,7 @@ def test_a_held_output_changed_later_is_dropped_not_recorded_wrong(tmp_path, mon
     monkeypatch.setattr(kernels, "MODE", "torch")
     torch.manual_seed(0)
     model = Clobbered(after=1)
-    g = torch.Generator().manual_seed(0)
-    data = [(torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g)) for _ in range(3)]
+    data = batches("mlp", 3, seed=0, batch=6)
     outputs = []
     model.lin.register_forward_hook(lambda m, i, o: outputs.append(o.detach().double().clone()))
     rec = _train(model, data, tmp_path / "r")
@@ -149,8 +130,7 @@ def test_a_dropped_first_call_leaves_the_second_recorded_alone(tmp_path, monkeyp
     monkeypatch.setattr(kernels, "MODE", "torch")
     torch.manual_seed(0)
     model = Clobbered(after=1, twice=True)
-    g = torch.Generator().manual_seed(0)
-    data = [(torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g)) for _ in range(2)]
+    data = batches("mlp", 2, seed=0, batch=6)
     outputs = []
     model.lin.register_forward_hook(lambda m, i, o: outputs.append(o.detach().double().clone()))
     _train(model, data, tmp_path / "r")
@@ -275,135 +255,3 @@ def test_batching_is_on_for_cuda_with_triton_unless_the_environment_says_no(monk
     assert not batching.enabled(torch.device("cuda"))
     monkeypatch.setattr(kernels, "MODE", "torch")  # tests force it on anywhere
     assert batching.enabled(torch.device("cpu"))
-
-
-_KERNEL_CHECK = textwrap.dedent("""
-    import torch
-    from gradscope.recording import kernels
-    kernels.MODE = "triton"
-    g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)
-    ys = [r(3000) * 2 + 5, torch.relu(r(4, 16, 8, 8)), r(10000) * 1e-2 + 1e4, r(9000).tanh() * 1.02,
-          r(20000).to(torch.bfloat16), r(2, 3, 4, 5).contiguous(memory_format=torch.channels_last),
-          r(5).half(), torch.tensor([1.0, float("nan"), -3.0])]
-    rows = [0, 1, 0, 2, 0, 0, 0, 1]
-    params = [[0, 0, 0, float("inf")], [1, 0, 0, float("inf")], [0, 1, 0.0, 0.98]]
-    ys[-1] = ys[-1].to(DEVICE)
-    acc = torch.zeros(len(ys), 6, device=DEVICE)
-    kernels.reduce_moments(ys, [6 * i for i in range(len(ys))], rows, torch.tensor(params, device=DEVICE), acc)
-    got = kernels.finish_moments(acc).double()
-    for y, row, out in zip(ys, rows, got.cpu()):
-        y = y.double().flatten().cpu()
-        want = torch.stack([y.mean(), y.var(correction=0), y.abs().max(),
-                            (y != 0).sum().double() if params[row][0] else torch.tensor(0.0).double(),
-                            (y.abs() >= 0.98).sum().double() if params[row][1] else torch.tensor(0.0).double()])
-        if y.isnan().any():
-            assert out[:3].isnan().all() and out[3] == 3, out
-            continue
-        assert torch.allclose(out, want, rtol=1e-5, atol=1e-6 * float(y.abs().max())), (out, want)
-    sq = torch.zeros(2, device=DEVICE)
-    kernels.reduce_squares([ys[0], ys[1], ys[4]], [0, 1, 1], sq)
-    want = [ys[0].double().square().sum(), ys[1].double().square().sum() + ys[4].double().square().sum()]
-    assert torch.allclose(sq.double(), torch.stack(want), rtol=1e-5), (sq, want)
-    many = [r(int(n)) for n in torch.randint(1, 20000, (19,), generator=g)]  # three launches of up to 8
-    sq = torch.zeros(19, device=DEVICE)
-    kernels.reduce_squares(many, list(range(19)), sq)
-    want = torch.stack([t.double().square().sum() for t in many])
-    assert torch.allclose(sq.double(), want, rtol=1e-5), (sq, want)
-    acc = torch.zeros(19, 6, device=DEVICE)
-    kernels.reduce_moments(many, [6 * i for i in range(19)], [0] * 19, torch.tensor(params, device=DEVICE), acc)
-    got_many = kernels.finish_moments(acc).double()
-    want = torch.stack([torch.stack([t.double().mean(), t.double().var(correction=0)]) for t in many])
-    assert torch.allclose(got_many[:, :2], want, rtol=1e-4, atol=1e-6), (got_many, want)
-    x, y = r(5, 3, 7, 9), r(5, 3, 7, 9)  # per-sample squares of a block's input and output
-    for a, b in ((x, y), (x, x.clone()), (x.to(torch.bfloat16), y)):
-        out = torch.zeros(3, 5, device=DEVICE)
-        kernels.sample_squares(a, b, out)
-        a64, b64 = a.double().reshape(5, -1), b.double().reshape(5, -1)
-        want = torch.stack([(b64 - a64).square().sum(1), a64.square().sum(1), b64.square().sum(1)])
-        assert torch.allclose(out.double().cpu(), want.cpu(), rtol=1e-5), (out, want)
-    out = torch.zeros(3, 5, device=DEVICE)
-    kernels.sample_squares(x, x.clone(), out)
-    assert (out[0] == 0).all()  # an exact identity gives exactly 0
-    acc = torch.zeros(3, 6, device=DEVICE)  # one tensor, launched on its own
-    kernels.reduce_moment(ys[1], 6, 1, torch.tensor(params, device=DEVICE), acc)
-    one = kernels.finish_moments(acc[1:2])[0].double().cpu()
-    assert torch.allclose(one, got[1].cpu(), rtol=1e-5), (one, got[1])
-    blocks = [(r(5, 7, 16), r(5, 7, 16)), (r(7, 5, 100).transpose(0, 1), r(7, 5, 100).transpose(0, 1)),
-              (r(3, 9, 24), r(3, 9, 24).to(torch.bfloat16)), (r(2, 300, 2048), r(2, 300, 2048)),
-              (r(2, 3, 5000), r(2, 3, 5000)), (r(2, 4, 8), torch.cat([r(2, 3, 8), torch.zeros(2, 1, 8, device=DEVICE)], 1))]
-    blocks.append((blocks[0][1], blocks[0][1].clone()))  # an exact identity
-    for x, y in blocks:  # a block's token directions summed per sample, with or without its input
-        for pair in (False, True):
-            sums = torch.zeros(y.shape[0], y.shape[2], device=DEVICE)
-            squares = torch.zeros(3, y.shape[0], device=DEVICE) if pair else None
-            kernels.block_sums(x if pair else None, y, squares, sums)
-            x64, y64 = x.double(), y.double()
-            want = (y64 / y64.norm(dim=-1, keepdim=True).clamp_min(1e-12)).sum(dim=1)
-            assert torch.allclose(sums.double().cpu(), want.cpu(), rtol=1e-5, atol=1e-5), (y.shape, sums, want)
-            if pair:
-                want = torch.stack([(y64 - x64).square().sum((1, 2)), x64.square().sum((1, 2)), y64.square().sum((1, 2))])
-                assert torch.allclose(squares.double().cpu(), want.cpu(), rtol=1e-5), (y.shape, squares, want)
-    assert (squares[0] == 0).all()  # the exact identity's ||y - x||^2 is exactly 0
-    kernels.MODE = None
-    print("ok")
-""")
-
-
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its CPU interpreter)")
-def test_triton_kernels_match_float64_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", "DEVICE = 'cpu'\n" + _KERNEL_CHECK], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
-
-
-_COMPILE_CHECK = textwrap.dedent("""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from gradscope.recording import kernels, triton_kernels as tk
-
-    POINTERS = {"row_params", "acc", "out", "squares", "sums", "x", "y"} | {f"{p}{i}" for p in "yg" for i in range(8)}
-    CONSTANTS = {"BLOCK": kernels._BLOCK, "ITERS": kernels._ITERS, "SAMPLES": kernels._SHIFT_SAMPLES}
-
-    def check(kernel, dtype, num_warps=4, **constants):
-        signature = {}
-        for param in kernel.params:
-            name = param.name
-            if param.is_constexpr:
-                signature[name] = "constexpr"
-            elif name in POINTERS:
-                signature[name] = "*fp32" if name in ("row_params", "acc", "out", "squares", "sums") else "*" + dtype
-            else:
-                signature[name] = "i64" if name.endswith(("_b", "_t")) else "i32"
-        constants = {k: v for k, v in {**CONSTANTS, **constants}.items() if k in signature}
-        for arch in (80, 90):
-            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
-                                      target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-            assert compiled.asm["cubin"], (kernel, dtype, arch)
-
-    for dtype in ("fp32", "bf16", "fp16"):
-        for kernel in (tk.moments, tk.moments_one, tk.squares, tk.sample_squares):
-            check(kernel, dtype)
-        for block_d, rows in ((1, 4096), (512, 8), (8192, 1)):
-            for pair in (True, False):
-                check(tk.block_sums, dtype, kernels.TOKEN_WARPS, BLOCK_D=block_d, ROWS=rows, TILES=2, PAIR=pair)
-    print("ok")
-""")
-
-
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
-def test_triton_kernels_compile_for_gpus():
-    """Every kernel compiles to machine code for sm_80 and sm_90, for each dtype it is launched
-    with: Triton's compiler needs no GPU, and the interpreter does not check what it refuses."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_triton_kernels_match_float64_on_cuda():
-    if not kernels.triton_available(torch.device("cuda")):
-        pytest.skip("needs Triton")
-    exec(compile(_KERNEL_CHECK, "kernel_check", "exec"), {"DEVICE": "cuda"})

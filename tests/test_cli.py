@@ -92,6 +92,7 @@ def test_run_then_inspect_then_damaged_run(cli, tmp_path):
     assert broken.exit_code == 2 and part.name in broken.output and "damaged" in broken.output
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(cli, tmp_path):
     result = cli("demo", "--quick", "--steps", "2", "--out", tmp_path, "--no-progress")
     assert result.exit_code == 0, result.output
@@ -100,6 +101,7 @@ def test_demo_runs_end_to_end(cli, tmp_path):
         assert f"model {name}" in result.output
 
 
+@pytest.mark.slow
 def test_installed_console_script(tmp_path):
     script = shutil.which("gradscope", path=str(Path(sys.executable).parent))
     assert script, "the gradscope console script is not installed next to this Python"

@@ -13,16 +13,15 @@ import torch
 import torch.nn.functional as F
 
 import gradscope
-from gradscope.testing import TinyCNN, TinyMLP, TwiceCalled
+from gradscope.testing import TinyCNN, TinyMLP, TwiceCalled, assert_same_parameters, reference_batches
+from gradscope.testing import batches as tiny_batches
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 def data(kind, steps, device, batch=32):
-    g = torch.Generator().manual_seed(0)
-    shape = (batch, 3, 16, 16) if kind == "cnn" else (batch, 8)
-    return [(torch.randn(shape, generator=g).to(device), torch.randint(0, 4, (batch,), generator=g).to(device))
-            for _ in range(steps)]
+    """The tiny models' seeded batches, 16x16 images, on ``device``."""
+    return tiny_batches(kind, steps, seed=0, batch=batch, size=16, device=device)
 
 
 def loop(model, opt, batches, rec=None, amp=False):
@@ -87,8 +86,7 @@ def test_parameters_bit_identical_on_cuda(kind, tmp_path):
         results.append(model.state_dict())
     if any(not torch.equal(a, b) for a, b in zip(results[0].values(), results[1].values(), strict=True)):
         pytest.skip("training itself is not deterministic on this GPU")
-    for name, a in results[0].items():
-        assert torch.equal(a, results[2][name]), name
+    assert_same_parameters(results[0], results[2], f"{kind} with gradscope attached")
 
 
 def test_values_match_float64_on_cuda(tmp_path):
@@ -161,7 +159,7 @@ def test_reference_models_with_blocks_no_sync_and_bit_identical(name, overrides,
 
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
-    batches = [tuple(t.cuda() for t in models.example_input(name, batch=16, seed=i, **overrides)) for i in range(6)]
+    batches = [tuple(t.cuda() for t in batch) for batch in reference_batches(name, 6, batch=16, **overrides)]
 
     def run(watched: bool, sync_check: bool):
         torch.manual_seed(0)
@@ -206,7 +204,7 @@ def test_attribution_checkpoints_on_cuda_leave_training_bit_identical(tmp_path):
 
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
-    batches = [tuple(t.cuda() for t in models.example_input("resnet20", batch=16, seed=i)) for i in range(5)]
+    batches = [tuple(t.cuda() for t in batch) for batch in reference_batches("resnet20", 5, batch=16)]
     probe = tuple(t.cuda() for t in models.example_input("resnet20", batch=8, seed=99))
 
     def run(attribution):
@@ -223,8 +221,7 @@ def test_attribution_checkpoints_on_cuda_leave_training_bit_identical(tmp_path):
     if any(not torch.equal(a, again[k]) for k, a in plain.items()):
         pytest.skip("training itself is not deterministic on this GPU")
     attributed = run(Attribution(probe, every=2))
-    for key, a in plain.items():
-        assert torch.equal(a, attributed[key]), key
+    assert_same_parameters(plain, attributed, "with attribution checkpoints")
     table = gradscope.load_run(tmp_path / "rTrue").attribution
     assert sorted(table.step.unique()) == [0, 2, 4]
     assert table[["attr_abs", "branch_share"]].notna().all().all()

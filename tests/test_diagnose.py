@@ -61,6 +61,7 @@ def test_at_init_plain56_explodes_toward_the_input_and_resnet56_does_not(init_ru
     assert "vanishing_gradient" not in codes(found)
 
 
+@pytest.mark.slow
 def test_transformers_without_residuals_collapse_their_tokens(tmp_path):
     cos = {}
     for norm in ("none", "post", "pre"):
@@ -150,6 +151,7 @@ def test_degradation_needs_the_deeper_plain_net_to_train_worse():
     assert "residual twins degrade too" in next(f for f in diagnose(both) if f.code == "degradation").explanation
 
 
+@pytest.mark.slow
 def test_findings_head_the_report_and_inspect(sigmoid_runs, tmp_path):
     from click.testing import CliRunner
 
@@ -163,7 +165,9 @@ def test_findings_head_the_report_and_inspect(sigmoid_runs, tmp_path):
     assert shown.exit_code == 0 and "[warning] sigmoid-plain: Vanishing gradient toward the input" in shown.output
 
 
-@pytest.mark.parametrize("preset", ["pair", "degradation", "sigmoid", "transformer"])
+@pytest.mark.parametrize("preset", [pytest.param("pair", marks=pytest.mark.slow),
+                                    pytest.param("degradation", marks=pytest.mark.slow), "sigmoid",
+                                    pytest.param("transformer", marks=pytest.mark.slow)])
 def test_every_preset_runs_in_a_small_version(preset, tmp_path):
     from gradscope.lab.presets import PRESETS, run_preset
 

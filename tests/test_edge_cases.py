@@ -14,8 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import gradscope
-from gradscope.testing import TinyMLP, assert_no_hooks
-from conftest import batches
+from gradscope.testing import TinyMLP, assert_no_hooks, batches
 
 
 def test_float64_model_records_and_trains(run_dir):
@@ -187,6 +186,7 @@ def test_activation_checkpointing_recomputation_is_not_counted(run_dir, tmp_path
     assert (a - b).abs().max().max() < 1e-6
 
 
+@pytest.mark.slow
 def test_unclosed_recorder_writes_its_data_at_exit(tmp_path):
     script = textwrap.dedent("""
         import sys, torch, gradscope

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import gradscope
-from gradscope.testing import TinyCNN, TinyMLP, assert_no_hooks, hook_counts
-from conftest import batches
+from gradscope.testing import TinyCNN, TinyMLP, assert_no_hooks, batches, hook_counts
 
 
 def test_hooks_registered_while_watching_and_removed_on_close(run_dir):

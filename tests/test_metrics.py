@@ -1,4 +1,4 @@
-"""Recorded values agree with a direct float64 computation (DESIGN.md Metrics)."""
+"""Recorded values agree with a direct float64 computation (docs/design.md, "Metrics")."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from torch import nn
 import gradscope
 from gradscope.recording import kernels
 from gradscope.recording.layers import with_activations
-from gradscope.testing import TinyCNN, TinyMLP, TwiceCalled
-from conftest import batches
+from gradscope.testing import TinyCNN, TinyMLP, TwiceCalled, batches
 
 RTOL = 1e-4
 

@@ -124,6 +124,7 @@ def parse(path):
     return parser
 
 
+@pytest.mark.slow
 def test_report_is_one_self_contained_file(two_runs, tmp_path):
     out = reports.build([two_runs / "mlp_plain", two_runs / "mlp_residual"], tmp_path / "r.html", title="cmp")
     page = parse(out)
@@ -143,6 +144,7 @@ def test_report_is_one_self_contained_file(two_runs, tmp_path):
     assert text.count("Look for") + text.count("Compare") + text.count("Each row") >= 3  # captions
 
 
+@pytest.mark.slow
 def test_names_are_escaped(two_runs, tmp_path):
     evil = tmp_path / "<img src=x onerror=alert(1)>"
     shutil.copytree(two_runs / "mlp_plain", evil)
@@ -156,6 +158,7 @@ def test_names_are_escaped(two_runs, tmp_path):
     assert "&lt;img src=x onerror=alert(1)&gt;" in raw
 
 
+@pytest.mark.slow
 def test_running_and_non_finite_runs_render_with_a_note(two_runs, tmp_path):
     running = tmp_path / "running"
     shutil.copytree(two_runs / "mlp_plain", running)
@@ -179,6 +182,7 @@ def test_unreadable_run_is_named(tmp_path):
         reports.build([tmp_path / "nowhere"], tmp_path / "r.html")
 
 
+@pytest.mark.slow
 def test_report_and_demo_commands(two_runs, tmp_path):
     from click.testing import CliRunner
 

@@ -12,8 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import gradscope
 from gradscope import models
 from gradscope.recording import kernels
-from gradscope.testing import TinyCNN, TinyMLP
-from conftest import batches, train
+from gradscope.testing import TinyCNN, TinyMLP, batches, reference_batches, train, train_step
 
 
 class OpLog(TorchDispatchMode):
@@ -34,15 +33,6 @@ class OpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def one_step(model, opt, x, y, rec=None):
-    opt.zero_grad()
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    if rec is not None:
-        rec.step(loss=loss)
-    opt.step()
-
-
 @pytest.mark.parametrize("every", [1, 3])
 def test_every_n_records_steps_0_n_2n(every, run_dir):
     torch.manual_seed(0)
@@ -61,16 +51,16 @@ def test_unrecorded_steps_do_no_tensor_work_in_hooks(run_dir):
 
     baseline = OpLog()
     with baseline:
-        one_step(model, opt, x, y)
+        train_step(model, opt, x, y)
 
     with gradscope.watch(model, run_dir, optimizer=opt, every=2) as rec:
-        one_step(model, opt, x, y, rec)  # step 0: recorded
+        train_step(model, opt, x, y, rec)  # step 0: recorded
         off = OpLog()
         with off:
-            one_step(model, opt, x, y, rec)  # step 1: not recorded
+            train_step(model, opt, x, y, rec)  # step 1: not recorded
         on = OpLog()
         with on:
-            one_step(model, opt, x, y, rec)  # step 2: recorded
+            train_step(model, opt, x, y, rec)  # step 2: recorded
     assert off.ops == baseline.ops
     assert sum(on.ops.values()) > sum(baseline.ops.values())  # the check can see hook work
 
@@ -86,7 +76,7 @@ def test_module_probes_are_attached_only_for_recorded_steps(run_dir):
     with gradscope.watch(model, run_dir, optimizer=opt, every=3) as rec:
         for _ in range(7):
             seen.append(sum(n for key, n in hook_counts(model).items() if not key.startswith("<root>")))
-            one_step(model, opt, x, y, rec)
+            train_step(model, opt, x, y, rec)
     assert [n > 0 for n in seen] == [True, False, False, True, False, False, True]
     assert hook_counts(model) == {}
     assert sorted(gradscope.load_run(run_dir).scalars.step) == [0, 3, 6]
@@ -104,7 +94,7 @@ def test_recorded_steps_never_synchronise_with_host(kind, run_dir):
         log = OpLog(forbid_sync=True)
         with log:
             for x, y in data:
-                one_step(model, opt, x, y, rec)
+                train_step(model, opt, x, y, rec)
                 with torch.no_grad():
                     model.eval(); model(x); model.train()
     assert log.ops["aten._foreach_norm"] > 0
@@ -135,12 +125,10 @@ def test_block_metrics_never_synchronise_with_host(name, overrides, run_dir):
     torch.manual_seed(0)
     model = models.create(name, **overrides)
     opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
-    data = [models.example_input(name, batch=4, seed=i, **overrides) for i in range(3)]
+    data = reference_batches(name, 3, batch=4, **overrides)
     with gradscope.watch(model, run_dir, optimizer=opt, flush_every=10) as rec:
         assert rec.blocks
         with OpLog(forbid_sync=True):
             for x, y in data:
-                opt.zero_grad()
-                F.cross_entropy(model(x).flatten(0, -2), y.flatten()).backward()
-                opt.step()
+                train_step(model, opt, x, y)  # steps end at the optimizer's: no rec.step()
     assert len(gradscope.load_run(run_dir).blocks) == 3 * len(rec.blocks)

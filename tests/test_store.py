@@ -15,34 +15,27 @@ import torch
 
 import gradscope
 from gradscope.store import SCHEMA_VERSION, RunError, RunNotFoundError
-from gradscope.testing import TinyMLP
-from conftest import batches, train
+from gradscope.testing import TinyMLP, batches, train
 
 TRAIN_THEN_HANG = textwrap.dedent("""
-    import sys, time, torch, torch.nn.functional as F
+    import sys, time, torch
     import gradscope
-    from gradscope.testing import TinyMLP
+    from gradscope.testing import TinyMLP, train_step
     torch.manual_seed(0)
     model = TinyMLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rec = gradscope.watch(model, sys.argv[1], optimizer=opt, flush_every=4)
     for step in range(10):
-        x, y = torch.randn(8, 8), torch.randint(0, 4, (8,))
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        rec.step(loss=loss)
-        opt.step()
+        train_step(model, opt, torch.randn(8, 8), torch.randint(0, 4, (8,)), rec)
     rec.flush(wait=True)   # steps 0..9 are on disk now
     for step in range(3):  # more steps that stay in the device buffer
-        opt.zero_grad()
-        F.cross_entropy(model(torch.randn(8, 8)), torch.randint(0, 4, (8,))).backward()
-        opt.step()
+        train_step(model, opt, torch.randn(8, 8), torch.randint(0, 4, (8,)))
     print("FLUSHED", flush=True)
     time.sleep(600)
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_after_flush_leaves_a_loadable_run(tmp_path):
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-c", TRAIN_THEN_HANG, str(run_dir)],

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "xiong_depth.py"
+pytestmark = pytest.mark.slow  # the sweep behind every test here trains for about 20 s
 
 
 @pytest.fixture(scope="module")
