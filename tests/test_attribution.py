@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from gradscope.cli.main import main
 from torch import nn
 
 import gradscope
 from gradscope import Attribution
 from gradscope.recording.blocks import BlockSpec
-from gradscope.cli.main import main
 from gradscope.testing import assert_no_hooks, assert_same_parameters, hook_counts, train
 
 WIDTH, CLASSES = 5, 3

@@ -103,7 +103,8 @@ def test_block_metrics_match_a_direct_float64_computation(run_dir):
         got = blocks.loc[name]
         assert got["id_rel_residual"] == pytest.approx(float((by - bx).norm() / bx.norm()), rel=1e-4)
         assert got["id_cos"] == pytest.approx(float(F.cosine_similarity(bx, by, dim=1).mean()), rel=1e-4)
-        assert got["id_grad_ratio"] == pytest.approx(float(seen[name + ".gx"].norm() / seen[name + ".gy"].norm()), rel=1e-4)
+        ratio = float(seen[name + ".gx"].norm() / seen[name + ".gy"].norm())
+        assert got["id_grad_ratio"] == pytest.approx(ratio, rel=1e-4)
         assert got["grad_out_norm"] == pytest.approx(float(seen[name + ".gy"].norm()), rel=1e-4)
         # blocks=Residual selects modules; branches come only from declarations, so unknown here
         assert math.isnan(got["branch_ratio"])
@@ -274,7 +275,8 @@ def test_blocks_argument_overrides_discovery(run_dir, tmp_path):
             return [b.name for b in rec.blocks]
 
     assert watched(blocks="stage.1") == ["stage.1"]
-    assert watched(blocks=lambda name, m: name.endswith(("0", "3")) and isinstance(m, UserBlock)) == ["stage.0", "stage.3"]
+    ends = lambda name, m: name.endswith(("0", "3")) and isinstance(m, UserBlock)  # noqa: E731
+    assert watched(blocks=ends) == ["stage.0", "stage.3"]
     assert watched(blocks=UserBlock) == ["stage.0", "stage.1", "stage.2", "stage.3"]
     assert watched(blocks=[]) == []
 
@@ -323,7 +325,8 @@ def test_reference_models_use_declared_blocks_and_twins_align(tmp_path):
             rec.step()
         runs[name] = gradscope.load_run(tmp_path / name)
     plain, res = runs["plain20"], runs["resnet20"]
-    assert plain.blocks.block.tolist() == res.blocks.block.tolist() == [f"layer{i}.{j}" for i in (1, 2, 3) for j in range(3)]
+    names = [f"layer{i}.{j}" for i in (1, 2, 3) for j in range(3)]
+    assert plain.blocks.block.tolist() == res.blocks.block.tolist() == names
     assert (res.block_table.source == "declared").all()
     assert res.block_table.residual.all() and not plain.block_table.residual.any()
     assert res.blocks.branch_ratio.notna().sum() == 7  # every same-shape block

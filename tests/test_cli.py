@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from gradscope.cli.main import main
 
 import gradscope
-from gradscope.cli.main import main
 
 COMMANDS = ["models", "run", "inspect", "report", "demo"]
 
@@ -41,7 +41,7 @@ def test_version(cli):
 def test_models_lists_depth_parameters_and_blocks(cli):
     result = cli("models", "resnet*")
     assert result.exit_code == 0
-    line = next(l for l in result.output.splitlines() if l.startswith("resnet56 "))
+    line = next(text for text in result.output.splitlines() if text.startswith("resnet56 "))
     assert "56" in line and "0.85M" in line and " 27 " in line
     assert "plain20" not in result.output
     assert cli("models").output.count("\n") == len(gradscope.models.names()) + 1

@@ -56,7 +56,9 @@ def test_no_host_sync_between_flushes(kind, amp, tmp_path):
         try:
             loop(model, opt, batches[1:], rec, amp=amp)
             with torch.no_grad():
-                model.eval(); model(batches[0][0]); model.train()
+                model.eval()
+                model(batches[0][0])
+                model.train()
         finally:
             torch.cuda.set_sync_debug_mode(0)
     run = gradscope.load_run(tmp_path / "r")
@@ -101,9 +103,10 @@ def test_values_match_float64_on_cuda(tmp_path):
             outs[name] = o.detach().double().clone()
             o.register_hook(lambda g: grads.__setitem__(name, g.double().clone()))
         handles.append(model.get_submodule(name).register_forward_hook(hook))
-    with gradscope.watch(model, tmp_path / "r", optimizer=opt) as rec:
+    with gradscope.watch(model, tmp_path / "r", optimizer=opt):
         F.cross_entropy(model(x), y).backward()
-        pnorm = float(model.head.weight.detach().double().norm() ** 2 + model.head.bias.detach().double().norm() ** 2) ** 0.5
+        head = model.head
+        pnorm = float(head.weight.detach().double().norm() ** 2 + head.bias.detach().double().norm() ** 2) ** 0.5
         opt.step()
     for h in handles:
         h.remove()
@@ -173,7 +176,8 @@ def test_reference_models_with_blocks_no_sync_and_bit_identical(name, overrides,
             F.cross_entropy(out.float().flatten(0, -2), y.flatten()).backward()
             opt.step()
 
-        rec = gradscope.watch(model, tmp_path / f"r{watched}{sync_check}", optimizer=opt, flush_every=16) if watched else None
+        run = tmp_path / f"r{watched}{sync_check}"
+        rec = gradscope.watch(model, run, optimizer=opt, flush_every=16) if watched else None
         step(*batches[0], rec)
         torch.cuda.synchronize()
         if sync_check:

@@ -13,8 +13,8 @@ from torch import nn
 import gradscope
 from gradscope import diagnose
 from gradscope.analysis.findings import gradient_fit
-from gradscope.store import BLOCK_SCHEMA, LAYER_SCHEMA, Run
 from gradscope.lab.train import train
+from gradscope.store import BLOCK_SCHEMA, LAYER_SCHEMA, Run
 
 
 def codes(findings, run=None):
@@ -145,18 +145,20 @@ def test_degradation_needs_the_deeper_plain_net_to_train_worse():
     healthy = [fake_run("plain20", 20, False, [2.0, 1.0, 0.5]), fake_run("plain56", 56, False, [2.0, 1.0, 0.48])]
     assert not [f for f in diagnose(healthy) if f.code == "degradation"]
     # nearly fitted residual twins (as measured on a GPU: 0.0063 vs 0.0163) do not count as degrading
-    fitted = runs[:2] + [fake_run("resnet20", 20, True, [2.0, 0.1, 0.0063]), fake_run("resnet56", 56, True, [2.0, 0.2, 0.0163])]
+    fitted = runs[:2] + [fake_run("resnet20", 20, True, [2.0, 0.1, 0.0063]),
+                         fake_run("resnet56", 56, True, [2.0, 0.2, 0.0163])]
     assert "residual twins do not" in next(f for f in diagnose(fitted) if f.code == "degradation").explanation
-    both = runs[:2] + [fake_run("resnet20", 20, True, [2.0, 1.0, 0.05]), fake_run("resnet56", 56, True, [2.0, 1.8, 1.5])]
+    both = runs[:2] + [fake_run("resnet20", 20, True, [2.0, 1.0, 0.05]),
+                       fake_run("resnet56", 56, True, [2.0, 1.8, 1.5])]
     assert "residual twins degrade too" in next(f for f in diagnose(both) if f.code == "degradation").explanation
 
 
 @pytest.mark.slow
 def test_findings_head_the_report_and_inspect(sigmoid_runs, tmp_path):
     from click.testing import CliRunner
+    from gradscope.cli.main import main
 
     from gradscope import reports
-    from gradscope.cli.main import main
 
     page = reports.build(list(sigmoid_runs.values()), tmp_path / "r.html").read_text()
     assert page.index('id="findings"') < page.index('id="summary"')

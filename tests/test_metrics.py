@@ -147,7 +147,7 @@ class TwiceOffset(nn.Module):
     def forward(self, x):
         a = self.offset(x)
         b = self.offset(x)
-        return self.head((a + b - 2e4))
+        return self.head(a + b - 2e4)
 
 
 def test_variance_accurate_when_mean_dwarfs_spread(run_dir):
@@ -230,13 +230,14 @@ def test_loss_scale_recorded_and_gradients_unscaled(run_dir):
     grads = {}
     h = opt.register_step_pre_hook(lambda o, a, k: grads.update(
         g0=float(model[0].weight.grad.double().norm() ** 2 + model[0].bias.grad.double().norm() ** 2) ** 0.5))
-    with gradscope.watch(model, run_dir, optimizer=opt, scaler=scaler) as rec:
+    with gradscope.watch(model, run_dir, optimizer=opt, scaler=scaler):
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-    h.remove(); ref.close()
+    h.remove()
+    ref.close()
     run = gradscope.load_run(run_dir)
     s = run.scalars.set_index("step").loc[0]
     assert s["loss_scale"] == 1024.0

@@ -89,7 +89,8 @@ def test_option_b_projection_and_overrides():
     proj = model.layer3[0].shortcut
     assert isinstance(proj[0], nn.Conv2d) and proj[0].kernel_size == (1, 1)
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 100)
-    assert sum(p.numel() for p in model.parameters()) > sum(p.numel() for p in models.create("resnet20", num_classes=100, in_channels=1).parameters())
+    option_a = models.create("resnet20", num_classes=100, in_channels=1)
+    assert sum(p.numel() for p in model.parameters()) > sum(p.numel() for p in option_a.parameters())
     with pytest.raises(ValueError, match="shortcut"):
         models.create("resnet20", shortcut="C")
 
@@ -104,7 +105,8 @@ def test_preactivation_unit_adds_with_nothing_after():
     assert isinstance(model.final[0], nn.BatchNorm2d)
 
 
-@pytest.mark.parametrize("activation, unit", [("sigmoid", nn.Sigmoid), ("tanh", nn.Tanh), ("relu", nn.ReLU), ("gelu", nn.GELU)])
+@pytest.mark.parametrize("activation, unit",
+                         [("sigmoid", nn.Sigmoid), ("tanh", nn.Tanh), ("relu", nn.ReLU), ("gelu", nn.GELU)])
 def test_mlp_depth_width_activation(activation, unit):
     model = models.create("mlp_plain", depth=20, width=32, activation=activation)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -123,7 +125,8 @@ def test_transformer_norm_placement(norm):
     sub = model.layers[0].attn
     x = torch.randn(2, 8, 64)
     fx = sub.fn
-    want = {"post": lambda: sub.norm(x + fx(x)), "pre": lambda: x + fx(sub.norm(x)), "none": lambda: sub.norm(fx(x))}[norm]()
+    want = {"post": lambda: sub.norm(x + fx(x)), "pre": lambda: x + fx(sub.norm(x)),
+            "none": lambda: sub.norm(fx(x))}[norm]()
     assert torch.allclose(sub(x), want, atol=1e-6)
     assert isinstance(model.final_norm, nn.LayerNorm) == (norm == "pre")
 

@@ -12,14 +12,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch import nn
+from gradscope.reports import figures
 from matplotlib.figure import Figure
+from torch import nn
 
 import gradscope
 from gradscope import reports
-from gradscope.reports import figures
-from gradscope.store import RunError
 from gradscope.lab.train import train
+from gradscope.store import RunError
 
 
 def layers_frame(runs=("a", "b"), steps=(0, 5, 10), depth=4):
@@ -93,7 +93,8 @@ def test_identity_figures_and_empty_inputs():
     assert lines_of(figures.identity_over_training(blocks_frame())) >= 4
     empty = blocks_frame().iloc[0:0]
     assert isinstance(figures.identity_by_depth(empty), Figure)
-    assert isinstance(figures.training_curves(pd.DataFrame(columns=["run", "step", "loss", "accuracy", "eval_accuracy"])), Figure)
+    no_steps = pd.DataFrame(columns=["run", "step", "loss", "accuracy", "eval_accuracy"])
+    assert isinstance(figures.training_curves(no_steps), Figure)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +139,8 @@ def test_report_is_one_self_contained_file(two_runs, tmp_path):
     assert len(images) >= 9 and all(a["src"].startswith("data:image/png;base64,") and a["alt"] for a in images)
     text = " ".join(page.text)
     for section in ("Summary", "Loss and accuracy", "Gradient flow by depth", "Layers over training",
-                    "Activation statistics by depth", "Identity closeness", "Attribution flow", "carried by the residual branch"):
+                    "Activation statistics by depth", "Identity closeness", "Attribution flow",
+                    "carried by the residual branch"):
         assert section in text
     assert "mlp_plain" in text and "mlp_residual" in text
     assert text.count("Look for") + text.count("Compare") + text.count("Each row") >= 3  # captions
@@ -185,7 +187,6 @@ def test_unreadable_run_is_named(tmp_path):
 @pytest.mark.slow
 def test_report_and_demo_commands(two_runs, tmp_path):
     from click.testing import CliRunner
-
     from gradscope.cli.main import main
 
     runner = CliRunner()

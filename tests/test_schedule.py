@@ -96,7 +96,9 @@ def test_recorded_steps_never_synchronise_with_host(kind, run_dir):
             for x, y in data:
                 train_step(model, opt, x, y, rec)
                 with torch.no_grad():
-                    model.eval(); model(x); model.train()
+                    model.eval()
+                    model(x)
+                    model.train()
     assert log.ops["aten._foreach_norm"] > 0
 
 
@@ -107,7 +109,7 @@ def test_parameter_norms_come_from_batched_foreach_norm(run_dir, monkeypatch):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     (x, y), = batches("cnn", steps=1)
     n_params = len(list(model.parameters()))
-    with gradscope.watch(model, run_dir, optimizer=opt) as rec:
+    with gradscope.watch(model, run_dir, optimizer=opt):
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         log = OpLog()

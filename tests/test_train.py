@@ -15,9 +15,11 @@ def test_recipes_follow_each_family():
     r = recipe_for("resnet56", 64000)
     assert (r.optimizer, r.lr, r.momentum, r.weight_decay, r.batch_size) == ("sgd", 0.1, 0.9, 1e-4, 128)
     f = lr_factor(r, 64000)
-    assert [f(0), f(31999), f(32000), f(47999), f(48000)] == [1.0, 1.0, pytest.approx(0.1), pytest.approx(0.1), pytest.approx(0.01)]
+    assert [f(0), f(31999), f(32000), f(47999), f(48000)] == [1.0, 1.0, pytest.approx(0.1), pytest.approx(0.1),
+                                                              pytest.approx(0.01)]
     deep = recipe_for("plain110", 64000)
-    assert deep.warmup_steps == 400 and lr_factor(deep, 64000)(399) == pytest.approx(0.1) and lr_factor(deep, 64000)(400) == 1.0
+    assert deep.warmup_steps == 400
+    assert lr_factor(deep, 64000)(399) == pytest.approx(0.1) and lr_factor(deep, 64000)(400) == 1.0
     t = recipe_for("transformer_lm_post", 1000)
     assert t.optimizer == "adam" and t.warmup_steps == 100
     ft = lr_factor(t, 1000)
