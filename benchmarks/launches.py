@@ -4,7 +4,7 @@ A GPU step of the sizes in benchmarks/overhead.py is bound by the host launching
 15 us each on an H200's host), so the number of launches gradscope adds is its cost there. This
 script counts them without a GPU: it runs a workload on the CPU with the GPU's batched path
 forced on (``kernels.MODE = "torch"``), stands in for the Triton kernels with counters (one
-launch per group of up to eight tensors, as ``gradscope.kernels`` launches them), and counts
+launch per group of up to eight tensors, as ``gradscope.recording.kernels`` launches them), and counts
 every other non-view op that gradscope's own code issues, by source line, under a
 ``TorchDispatchMode``. The model's own ops are not counted. Autocast runs on the CPU where the
 workload asks for it, so dtype conversions show up as they would on the GPU.

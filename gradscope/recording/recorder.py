@@ -80,7 +80,7 @@ def watch(
         device: where statistics live (default: the device of the model's first parameter).
         meta: extra JSON-serialisable facts for ``meta.json`` (e.g. ``{"task": {...}}``).
         attribution: an ``Attribution`` to compute Captum attribution flow over the watched
-            blocks on a probe batch at checkpoints (see ``gradscope.attribution``).
+            blocks on a probe batch at checkpoints (see ``gradscope.recording.attribution``).
 
     Returns:
         The ``Recorder``; use it as a context manager or call ``close()``.
