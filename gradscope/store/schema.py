@@ -238,7 +238,7 @@ def merge_partial(accumulators: tuple[Accumulator, ...], a: Any, b: Any, n_a: An
         elif acc.merge is Merge.WEIGHTED:
             out.append(x * w_a + y * w_b)
         else:  # WEIGHTED_VARIANCE, with its mean's column
-            m = accumulators.index(next(c for c in accumulators if c.name == acc.mean))
+            m = [c.name for c in accumulators].index(acc.mean)
             delta = b[m] - a[m]
             out.append(x * w_a + y * w_b + delta * delta * (w_a * w_b))
     return out
@@ -290,12 +290,12 @@ class Finalizer:
         return c
 
     def acc(self, name: str) -> np.ndarray:
-        acc = self.layout[name]
-        if self.layout is STEP:
-            values, written = self.buf[:, STEP.index[name]], self.counts.step_set[:, STEP.index[name]]
+        i = self.layout.index[name]
+        if self.layout is STEP:  # a step scalar is guarded by its own written-flag
+            written = self.counts.step_set[:, i]
         else:
-            values, written = self.buf[..., self.layout.index[name]], self.count(acc.count) > 0
-        return np.where(written, values, np.nan)
+            written = self.count(self.layout.accumulators[i].count) > 0
+        return np.where(written, self.buf[..., i], np.nan)
 
     def fact(self, name: str) -> np.ndarray:
         """A per-row fact of the layer table, broadcast over slots and phases."""
