@@ -14,8 +14,10 @@ from __future__ import annotations
 import atexit
 import datetime as _dt
 import itertools
+import json
 import os
 import platform
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gradscope.recording import termination
 from gradscope.recording.amp import LossScale
 from gradscope.recording.attribution import Attribution, AttributionProbe
 from gradscope.recording.batching import Batcher
@@ -35,7 +38,7 @@ from gradscope.recording.hooks import ProbeHooks
 from gradscope.recording.layers import ExecutionOrder, Layer, ModuleFilter, select_layers
 from gradscope.recording.parameters import ParameterNorms
 from gradscope.recording.sink import Sink
-from gradscope.store.meta import SCHEMA_VERSION, describe_optimizer, now
+from gradscope.store.meta import SCHEMA_VERSION, RunError, describe_optimizer, now
 from gradscope.store.parts import AttributionJob, FlushJob
 from gradscope.store.schema import ACCURACY, EVAL_ACCURACY, EVAL_LOSS, LOSS
 from gradscope.store.writer import RunWriter
@@ -76,7 +79,8 @@ def watch(
             Default: the blocks a reference model declares, else repeated sibling modules
             in ``nn.Sequential``/``nn.ModuleList`` containers; ``[]`` for none.
         flush_every: recorded steps written to disk at a time (the device holds one more).
-        overwrite: replace an existing run at ``run`` instead of refusing.
+        overwrite: replace an existing gradscope run at ``run`` instead of refusing (never a
+            directory without a gradscope meta.json, nor a run another writer holds).
         device: where statistics live (default: the device of the model's first parameter).
         meta: extra JSON-serialisable facts for ``meta.json`` (e.g. ``{"task": {...}}``).
         attribution: an ``Attribution`` to compute Captum attribution flow over the watched
@@ -118,10 +122,12 @@ class Recorder:
             raise TypeError("gradscope.watch: attribution must be a gradscope.Attribution, "
                             f"got {type(attribution).__name__}")
         _refuse_if_watched(model)
+        if run is not None and str(run) == "":
+            raise ValueError("gradscope.watch: run= is empty; name a directory (or leave it out: runs/<model>-<time>)")
         self.model, self.every, self.flush_every = model, every, flush_every
         self.optimizer, self.scaler = optimizer, scaler
-        self._extra_meta = dict(meta or {})
-        self.device = torch.device(device) if device is not None else _model_device(model)
+        self._extra_meta = _checked_meta(meta)
+        self.device = _checked_device(device, model)
         self._closed = True  # until fully set up, so a failed __init__ leaves nothing to close
 
         chosen = select_layers(model, modules)
@@ -148,11 +154,14 @@ class Recorder:
         self._attribution_done: list[tuple[int, Tensor]] = []  # (step, [blocks, columns]) awaiting a flush
         self._next_attribution = 0
         self._late_scalars_dropped = False
+        self._pid = os.getpid()
+        self._forwards_open = 0  # model forwards begun and not returned (an exception can leave one open)
+        self._dropped_step: int | None = None  # the step in progress when an exception or a signal closed us
 
         self.path = Path(run) if run is not None else _default_run_path(model)
         self._started_at = now()
-        self._writer = RunWriter(self.path, overwrite=overwrite)
-        self._writer.write_meta_now(self._meta("running"))
+        self._writer = RunWriter(self.path, overwrite=overwrite)  # locks the directory
+        self._writer.start(self._meta("running"))
 
         self._probes = ProbeHooks(model, self._clock, self._sink, chosen, self._layer_order, chosen_blocks,
                                   self._block_order)
@@ -167,11 +176,12 @@ class Recorder:
             self._attribute_if_due()  # step 0: the model as training begins
         except BaseException:
             self._remove_hooks()
-            self._writer.submit_meta(self._meta("failed"))
+            self._writer.finish(lambda errors: self._meta("failed", errors))
             self._writer.close()
             raise
         self._closed = False
         _OPEN.add(self)
+        termination.install(_close_open_recorders)
 
     # ---------------------------------------------------------------- public API
 
@@ -210,16 +220,16 @@ class Recorder:
                           RuntimeWarning, stacklevel=2)
 
     def log_eval(self, loss: Tensor | float | None = None, accuracy: Tensor | float | None = None) -> None:
-        """Record held-out loss/accuracy against the most recent recorded training step."""
+        """Record held-out loss/accuracy at the step training is in: between two steps, the one
+        about to begin (the model as the last step left it), like the eval forward's own rows.
+
+        Every evaluation gets its own step, also on steps the schedule does not record (their
+        rows hold only the evaluation), so evaluating more often than ``every`` loses none.
+        """
         self._check_open()
-        buffer = self._buffer
-        slot = buffer.slots.get(self._clock.step)
-        if slot is None and buffer.slot_steps:
-            slot = len(buffer.slot_steps) - 1
-        if slot is None:
-            slot = self._sink.slot() if self._clock.recording else None
-        if slot is None:
+        if loss is None and accuracy is None:
             return
+        slot = self._sink.slot()
         for column, value in ((EVAL_LOSS, loss), (EVAL_ACCURACY, accuracy)):
             self._sink.scalar(slot, column, value)
 
@@ -233,7 +243,32 @@ class Recorder:
             self._writer.wait()
 
     def close(self, *, failed: bool = False) -> None:
-        """Remove every hook, write what is left, and mark the run finished (idempotent)."""
+        """Remove every hook, write what is left, and mark the run finished (idempotent).
+
+        ``failed=True`` marks it failed and leaves out the step in progress, if any.
+        """
+        self._close("failed" if failed else "finished")
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            self._close(_status_after(exc_type, exc))
+        except RunError as error:
+            if exc_type is None:
+                raise
+            # the training's own exception matters more; the write errors are in meta.json too
+            warnings.warn(str(error), RuntimeWarning, stacklevel=2)
+
+    def _close(self, status: str) -> None:
+        """Close with ``status``: finished, failed (an exception) or interrupted (Ctrl-C, SIGTERM).
+
+        After a failure or an interruption the step in progress (a forward not returned, or a
+        training step not ended) is left out: its statistics cover part of the model. The run
+        is ``finished`` only if every recorded step reached disk; otherwise ``failed``, with the
+        write errors in meta.json.
+        """
         if self._closed:
             return
         self._closed = True
@@ -242,18 +277,18 @@ class Recorder:
             self._sink.scratch.release()
         finally:
             try:
-                self._flush(len(self._buffer.slot_steps))
+                slots = len(self._buffer.slot_steps)
+                if status != "finished" and self._step_in_progress():
+                    self._dropped_step = self._clock.step
+                    slots -= 1
+                self._flush(slots, commit=status == "finished")
                 self._buffer.closed = True  # gradients of a backward still to come find no slot
-                self._writer.submit_meta(self._meta("failed" if failed else "finished"))
+                self._writer.finish(lambda errors: self._meta("failed" if errors else status, errors))
             finally:
-                self._writer.close()
                 _OPEN.discard(self)
-
-    def __enter__(self) -> Recorder:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self.close(failed=exc_type is not None)
+                if not _OPEN:
+                    termination.uninstall()
+                self._writer.close()
 
     @property
     def closed(self) -> bool:
@@ -267,6 +302,7 @@ class Recorder:
 
     def _model_pre_hook(self, module: nn.Module, args: Any) -> None:
         """Before each forward of the whole model: step bookkeeping that must not wait for a probe."""
+        self._forwards_open += 1
         clock = self._clock
         clock.scaler_skipped()  # ends a step the GradScaler skipped
         if torch.is_grad_enabled():
@@ -274,6 +310,7 @@ class Recorder:
         self._probes.sync(clock.recording)  # a step the GradScaler skipped may have begun a recorded one
 
     def _model_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._forwards_open = 0
         self._sink.end_forward()
 
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -285,6 +322,11 @@ class Recorder:
         self._attribute_if_due()
 
     # ---------------------------------------------------------------- internals
+
+    def _step_in_progress(self) -> bool:
+        """Whether the current step has a slot holding part of a step: a forward that did not
+        return, or a training step that did not end."""
+        return self._clock.step in self._buffer.slots and (self._forwards_open > 0 or self._clock.grad_forward_seen)
 
     def _advance(self) -> None:
         self._clock.advance()
@@ -316,8 +358,12 @@ class Recorder:
         for column, value in ((LOSS, loss), (ACCURACY, accuracy)):
             self._sink.scalar(slot, column, value)
 
-    def _flush(self, upto: int) -> None:
-        """Hand slots [0, upto) and finished attribution checkpoints to the writer; keep the rest."""
+    def _flush(self, upto: int, commit: bool = True) -> None:
+        """Hand slots [0, upto) and finished attribution checkpoints to the writer; keep the rest.
+
+        ``commit=False`` (closing after an error) still tries the pending writes, which belong to
+        the step in progress once every earlier step ended, but goes on if they fail.
+        """
         if self._attribution_done:
             done, self._attribution_done = self._attribution_done, []
             values = [to_host(v) for _, v in done]
@@ -327,7 +373,13 @@ class Recorder:
                                                ready=copies_done(self.device)))
         if upto <= 0:
             return
-        self._sink.commit()
+        if commit:
+            self._sink.commit()
+        else:
+            try:
+                self._sink.commit()
+            except Exception:  # state an interrupted hook left half-updated: only the dropped step's
+                pass
         steps, layer_host, step_host, block_host, counts, ready = self._buffer.take(upto)
         self._calls = np.maximum(self._calls, counts.act_calls.max(axis=(0, 1)))
         if self.blocks:
@@ -339,7 +391,7 @@ class Recorder:
             zero_counted=self._zero_counted, ready=ready))
         self._writer.submit_meta(self._meta("running"))
 
-    def _meta(self, status: str) -> dict[str, Any]:
+    def _meta(self, status: str, errors: list[str] | None = None) -> dict[str, Any]:
         self._layer_order.assign_depths(self.layers)
         self._block_order.assign_depths(self.blocks)
         for layer in self.layers:
@@ -365,7 +417,8 @@ class Recorder:
             "task": None,
             "optimizer": describe_optimizer(self.optimizer),
             "schedule": {"every": self.every, "flush_every": self.flush_every,
-                         "last_step": self._clock.step},
+                         "last_step": self._clock.step, "dropped_step": self._dropped_step},
+            "errors": errors or [],
             "env": {"torch": torch.__version__, "python": platform.python_version(),
                     "device": str(self.device), "world_size": 1,
                     "amp_scaler": self.scaler is not None},
@@ -389,6 +442,43 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _checked_device(device: torch.device | str | None, model: nn.Module) -> torch.device:
+    """Where statistics live: a real device (the meta device holds no numbers to record)."""
+    try:
+        chosen = torch.device(device) if device is not None else _model_device(model)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"gradscope.watch: device={device!r} is not a device: {exc}") from None
+    if chosen.type == "meta":
+        where = f"device={device!r}" if device is not None else "the model's parameters are on the meta device, so"
+        raise ValueError(f"gradscope.watch: {where} holds no values to record; materialise the model "
+                         "(e.g. model.to_empty(device=...) and load its weights) or pass a real device=")
+    return chosen
+
+
+def _checked_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
+    """``meta=`` as meta.json will hold it, refused before any file is made if JSON cannot hold it."""
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise TypeError(f"gradscope.watch: meta= must be a dict, got {type(meta).__name__}")
+    try:
+        json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"gradscope.watch: meta= must be JSON-serialisable with finite numbers: {exc}") from None
+    except RecursionError:
+        raise ValueError("gradscope.watch: meta= is nested too deeply (or holds itself)") from None
+    return dict(meta)
+
+
+def _status_after(exc_type: Any, exc: Any) -> str:
+    """A ``with watch()`` block's end as a run status: sys.exit(0) is a normal end, Ctrl-C an interruption."""
+    if exc_type is None or (issubclass(exc_type, SystemExit) and exc.code in (0, None)):
+        return "finished"
+    if issubclass(exc_type, KeyboardInterrupt):
+        return "interrupted"
+    return "failed"
+
+
 def _refuse_if_watched(model: nn.Module) -> None:
     mine = {id(m) for m in model.modules()}
     for rec in list(_OPEN):
@@ -403,11 +493,22 @@ def _default_run_path(model: nn.Module) -> Path:
     return Path("runs") / f"{type(model).__name__.lower()}-{stamp}"
 
 
-@atexit.register
-def _close_open_recorders() -> None:
-    """Write what open recorders still hold when the interpreter exits (no lost data)."""
+def _close_open_recorders(status: str | None = None) -> None:
+    """Write what open recorders still hold (at exit, or on SIGTERM): no lost data.
+
+    At exit the status follows how the program ended: an uncaught exception (``sys.last_type``,
+    set before exit handlers run) fails the run, Ctrl-C interrupts it.
+    """
+    if status is None:
+        last = getattr(sys, "last_type", None)
+        status = _status_after(last, getattr(sys, "last_value", None)) if last is not None else "finished"
     for rec in list(_OPEN):
+        if rec._pid != os.getpid():
+            continue  # a forked child (a DataLoader worker): the run is its parent's to close
         try:
-            rec.close()
+            rec._close(status)
         except Exception:  # exiting anyway; nothing better to do with the error
             pass
+
+
+atexit.register(_close_open_recorders)

@@ -8,17 +8,20 @@ writes each as a new part, under a temporary name and renamed.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import queue
-import shutil
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gradscope.store.lock import LOCK_FILE, RunLock
 from gradscope.store.meta import META_FILE, RunError, atomic_write, write_json
 from gradscope.store.schema import TABLES
 
@@ -30,20 +33,43 @@ class Job(Protocol):
 
 
 class RunWriter:
-    """Owns one run directory; writes parts and meta.json in order on a daemon thread."""
+    """The one writer of a run directory: holds its lock, writes parts and meta.json in order.
+
+    Parts are written on a daemon thread. Write errors do not stop training: they are collected
+    (each distinct one once, with a count and the steps it cost) and the run's final status says
+    ``failed`` with them, since a run is ``finished`` only when every recorded step reached disk.
+    """
 
     def __init__(self, path: str | os.PathLike[str], overwrite: bool = False) -> None:
         self.path = Path(path)
-        _prepare_directory(self.path, overwrite)
+        self._created = _make_directory(self.path)
+        try:
+            self._lock = RunLock.acquire(self.path)
+        except BaseException:
+            self._remove_if_created()
+            raise
+        try:
+            _prepare_directory(self.path, overwrite)
+        except BaseException:
+            self._release(remove=True)
+            raise
         self._parts = {t: 0 for t in TABLES}
         self._queue: queue.Queue[Any] = queue.Queue()
-        self._errors: list[str] = []
-        self._thread = threading.Thread(target=self._loop, name=f"gradscope-writer:{self.path}",
-                                        daemon=True)
-        self._thread.start()
+        self._errors: dict[str, int] = {}  # distinct message -> times it happened
+        self._lost: list[tuple[int, int]] = []  # (first, last) step of each flush that failed to write
+        self._thread: threading.Thread | None = None
 
-    def write_meta_now(self, meta: dict[str, Any]) -> None:
-        write_json(self.path / META_FILE, meta)
+    def start(self, meta: dict[str, Any]) -> None:
+        """Write the first meta.json and start the writer thread; on failure leave nothing behind."""
+        try:
+            write_json(self.path / META_FILE, meta)
+        except BaseException as exc:
+            self._release(remove=True)
+            if isinstance(exc, OSError):
+                raise RunError(f"gradscope could not write run {self.path}: {exc.strerror or exc}") from exc
+            raise
+        self._thread = threading.Thread(target=self._loop, name=f"gradscope-writer:{self.path}", daemon=True)
+        self._thread.start()
 
     def submit_meta(self, meta: dict[str, Any]) -> None:
         self._queue.put(("meta", meta))
@@ -54,18 +80,54 @@ class RunWriter:
     def wait(self) -> None:
         """Block until everything submitted is on disk; raise if anything failed to write."""
         self._queue.join()
-        self._raise_errors()
+        if self._errors:
+            raise RunError(f"gradscope could not write run {self.path}: {self.error_summary()}")
+
+    def errors(self) -> list[str]:
+        """Each distinct write error once, with how often it happened and the steps it cost."""
+        out = [f"{message} ({count} times)" if count > 1 else message for message, count in self._errors.items()]
+        if self._lost:
+            out.append("steps not written: " + ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in self._lost))
+        return out
+
+    def error_summary(self) -> str:
+        return "; ".join(self.errors())
+
+    def finish(self, final_meta: Callable[[list[str]], dict[str, Any]]) -> None:
+        """After everything submitted is written: the final meta.json, ``final_meta(errors())``."""
+        self._queue.join()
+        try:
+            write_json(self.path / META_FILE, final_meta(self.errors()))
+        except Exception as exc:  # e.g. the disk is full: meta.json keeps status "running",
+            self._note_error(f"meta.json: {type(exc).__name__}: {exc}")  # which readers show as interrupted
 
     def close(self) -> None:
-        if self._thread.is_alive():
+        """Stop the thread and release the lock; raise ``RunError`` if anything failed to write."""
+        if self._thread is not None and self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
-        self._raise_errors()
-
-    def _raise_errors(self) -> None:
+        self._release(remove=False)
         if self._errors:
-            errors, self._errors = self._errors, []
-            raise RunError(f"gradscope could not write run {self.path}: " + "; ".join(errors))
+            errors, self._errors = self.error_summary(), {}
+            raise RunError(f"gradscope could not write all of run {self.path}: {errors}")
+
+    def _release(self, remove: bool) -> None:
+        if remove and self._lock.held:  # a failed start: the lock file and a directory we made
+            with contextlib.suppress(OSError):
+                (self.path / LOCK_FILE).unlink()
+        self._lock.release()
+        if remove:
+            self._remove_if_created()
+
+    def _remove_if_created(self) -> None:
+        if self._created:
+            with contextlib.suppress(OSError):
+                self.path.rmdir()  # only if empty: never anything but what we made
+
+    def _note_error(self, message: str) -> None:
+        if message not in self._errors:
+            warnings.warn(f"gradscope: writing run {self.path} failed: {message}", RuntimeWarning, stacklevel=1)
+        self._errors[message] = self._errors.get(message, 0) + 1
 
     def _loop(self) -> None:
         while True:
@@ -75,14 +137,18 @@ class RunWriter:
                     return
                 kind, payload = item
                 if kind == "meta":
-                    self.write_meta_now(payload)
+                    write_json(self.path / META_FILE, payload)
                 else:
-                    for table, data in payload.tables().items():
-                        self._write_part(table, data)
-            except Exception as exc:  # keep writing later parts; report at wait()/close()
-                self._errors.append(f"{type(exc).__name__}: {exc}")
-                warnings.warn(f"gradscope: writing run {self.path} failed: {exc}", RuntimeWarning,
-                              stacklevel=1)
+                    try:
+                        for table, data in payload.tables().items():
+                            self._write_part(table, data)
+                    except Exception:
+                        steps = getattr(payload, "steps", None)
+                        if steps:
+                            self._lost.append((min(steps), max(steps)))
+                        raise
+            except Exception as exc:  # keep writing later parts; reported at wait()/finish()/close()
+                self._note_error(f"{type(exc).__name__}: {exc}")
             finally:
                 self._queue.task_done()
 
@@ -94,19 +160,46 @@ class RunWriter:
         atomic_write(part, lambda p: pq.write_table(data, p))
 
 
-def _prepare_directory(path: Path, overwrite: bool) -> None:
-    """Create the run directory; refuse to mix two runs' data unless asked to replace it."""
+def _make_directory(path: Path) -> bool:
+    """Create the run directory; True when this call created it (so a failed start removes it)."""
+    if str(path) == "":
+        raise ValueError("the run path is empty; name a directory")
     if path.exists() and not path.is_dir():
         raise RunError(f"run path {path} exists and is not a directory")
-    ours = [path / META_FILE, *(path / t for t in TABLES)]
-    if any(p.exists() for p in ours):
-        if not overwrite:
-            raise FileExistsError(
-                f"{path} already holds a gradscope run; pass overwrite=True to replace it, "
-                "or choose another run= path")
-        for p in ours:
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+    existed = path.is_dir()
     path.mkdir(parents=True, exist_ok=True)
+    return not existed
+
+
+def _prepare_directory(path: Path, overwrite: bool) -> None:
+    """Refuse to mix two runs' data; with ``overwrite``, remove only what a gradscope run wrote.
+
+    Called with the lock held, so no other writer is using the files removed here.
+    """
+    tables = [path / t for t in TABLES]
+    if not (path / META_FILE).exists() and not any(t.exists() for t in tables):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{path} already holds a gradscope run; pass overwrite=True to replace it, "
+                              "or choose another run= path")
+    if not _is_run(path):
+        raise RunError(f"refusing to overwrite {path}: it has no gradscope meta.json, so it may hold files "
+                       "that are not a run's; remove them yourself or choose another run= path")
+    for folder in tables:
+        if folder.is_dir():
+            for part in [*folder.glob("part-*.parquet"), *folder.glob(".part-*.parquet.tmp")]:
+                part.unlink()
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # left in place when it holds anything gradscope did not write
+    for name in (META_FILE, f".{META_FILE}.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            (path / name).unlink()
+
+
+def _is_run(path: Path) -> bool:
+    """A meta.json that gradscope wrote (any schema version)."""
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(meta, dict) and "schema_version" in meta and "status" in meta
