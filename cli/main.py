@@ -1,13 +1,17 @@
 """The ``gradscope`` command: thin click commands over the library.
 
 Bad input (unknown model or task, a missing or damaged run, an unwritable output) ends with one
-line on stderr and exit code 2, never a traceback.
+line on stderr and exit code 2, never a traceback. Everything a command can check is checked
+before it trains or writes anything. Output cut short by a closed pipe (``gradscope inspect run |
+head``) ends quietly with exit code 1, as click and Python do for EPIPE.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +42,9 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except BrokenPipeError:  # the reader left (| head): not an error of the input
+            _silence_stdout()
+            raise  # click's main exits with code 1 and keeps the final flush quiet
         except (UnknownModelError, UnknownTaskError, CifarFormatError, RunError) as exc:
             raise InputError(str(exc)) from None
         except FileExistsError as exc:
@@ -53,6 +60,28 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                                        "(set GRADSCOPE_DEBUG=1 for the traceback, and please report it)") from None
 
     return wrapper
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush of what is still buffered does
+    not fail on the closed pipe again (Python's docs, "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. click's test runner)
+        pass
+
+
+class FiniteFloat(click.FloatRange):
+    """A float range that also refuses nan and inf, which compare false against any bound."""
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
 
 
 def parse_settings(values: tuple[str, ...]) -> dict[str, Any]:
@@ -132,7 +161,7 @@ def _train_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--out", default="runs", show_default=True, type=click.Path(path_type=Path),
               help="directory receiving one run per model")
 @click.option("--batch-size", default=None, type=click.IntRange(min=1), help="override the recipe's batch size")
-@click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True), help="override the recipe's lr")
+@click.option("--lr", default=None, type=FiniteFloat(min=0, min_open=True), help="override the recipe's lr")
 @click.option("--eval-every", default=None, type=click.IntRange(min=1), help="held-out evaluation interval")
 @click.option("--data-dir", default=None, type=click.Path(path_type=Path),
               help="local CIFAR-10 folder (--task cifar10)")
@@ -157,12 +186,21 @@ def run_command(model_names: tuple[str, ...], task: str | None, steps: int, ever
     Tasks: images (synthetic CIFAR-shaped), cifar10 (--data-dir), copy, reverse, dyck, majority.
     Example: gradscope run plain20 resnet20 --steps 300 --every 5 --out runs/cmp
     """
-    from gradscope import models
-    from gradscope.lab.train import train
+    from gradscope.lab.train import check, check_options, train
+    from gradscope.store.schema import TABLES
 
-    for name in model_names:
-        models.entry(name)  # fail on a typo before training anything
+    # everything that can fail is checked for every model before the first one trains
+    check_options(steps=steps, every=every, lr=lr, batch_size=batch_size, eval_every=eval_every,
+                  attribution_every=attribution_every, device=device, amp=amp)
+    twice = sorted({name for name in model_names if model_names.count(name) > 1})
+    if twice:
+        raise InputError(f"{', '.join(twice)} named more than once: each model's run is written to "
+                         f"{out / twice[0]}, so name a model once per command")
     overrides = parse_settings(settings)
+    check(model_names, task, data_dir=str(data_dir) if data_dir else None, seed=seed, overrides=overrides)
+    for name in model_names:  # as the run writer decides, but before the first model trains
+        if not overwrite and any((out / name / f).exists() for f in ("meta.json", *TABLES)):
+            raise InputError(f"{out / name} already holds a gradscope run (or pass --overwrite)")
     writable_dir(out)
     for name in model_names:
         result = train(name, task=task, steps=steps, every=every, out=out, seed=seed, device=device, amp=amp,
@@ -195,11 +233,21 @@ def inspect_command(run_path: Path, show_all: bool) -> None:
 @click.option("--title", default=None, help="page title (default: the run names)")
 @friendly_errors
 def report_command(run_paths: tuple[Path, ...], output: Path, title: str | None) -> None:
-    """Write one self-contained HTML file comparing the RUN directories."""
+    """Write one self-contained HTML file comparing the RUN directories.
+
+    Files among the RUN arguments (such as an earlier report matched by runs/x/*) are skipped
+    with a note on stderr, as long as one run directory remains.
+    """
     from gradscope import reports
 
+    runs = [path for path in run_paths if not (path.exists() and not path.is_dir())]
+    if not runs:
+        raise InputError(f"no run directory among {', '.join(map(str, run_paths))}: give run directories")
+    for path in run_paths:
+        if path not in runs:
+            click.echo(f"skipping {path}: a file, not a run directory", err=True)
     writable_dir(output.parent if str(output.parent) else Path("."))
-    path = reports.build(list(run_paths), output, title=title)
+    path = reports.build(runs, output, title=title)
     click.echo(f"report written to {path}")
 
 

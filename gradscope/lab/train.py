@@ -14,8 +14,9 @@ Each family trains with the recipe it is known by, scaled to the step budget:
 from __future__ import annotations
 
 import math
+import numbers
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradscope.lab import models
-from gradscope.lab.tasks import DEFAULT_TASK, Task, get_task
+from gradscope.lab.tasks import DEFAULT_TASK, Task, check_task, get_task
 from gradscope.lab.tasks.sequences import IGNORE
 from gradscope.recording.attribution import Attribution
 from gradscope.recording.layers import with_activations
@@ -97,22 +98,86 @@ def build(name: str, task: str | None = None, *, data_dir: str | None = None, se
 
     ``task_options`` go to the task's maker (e.g. ``{"size": 16}`` for smaller synthetic images).
     """
+    return _build(name, task, data_dir=data_dir, seed=seed, overrides=overrides, task_options=task_options,
+                  make_task=get_task)
+
+
+def _build(name: str, task: str | None, *, data_dir: str | None, seed: int, overrides: dict[str, Any] | None,
+           task_options: dict[str, Any] | None, make_task: Callable[..., Task]) -> tuple[nn.Module, Task]:
     e = models.entry(name)
     overrides = dict(overrides or {})
-    unknown = set(overrides) - set(e.defaults)
-    if unknown:
-        raise ValueError(f"{name} has no setting {', '.join(sorted(unknown))}; "
-                         f"it takes {', '.join(sorted(e.defaults))}")
-    task_name = task or DEFAULT_TASK[e.input_kind]
+    task_name = _check_settings(name, task, overrides, data_dir)
     options = {"seq_len": overrides.get("seq_len", e.defaults["seq_len"])} if "seq_len" in e.defaults and \
         task_name != "cifar10" else {}
-    the_task = get_task(task_name, e.input_kind, data_dir=data_dir, seed=seed, **{**options, **(task_options or {})})
+    the_task = make_task(task_name, e.input_kind, data_dir=data_dir, seed=seed,
+                         **{**options, **(task_options or {})})
     implied = {k: v for k, v in the_task.model_overrides.items() if k in e.defaults}
     clash = {k for k in implied if k in overrides and overrides[k] != implied[k]}
     if clash:
         raise ValueError(f"task {task_name!r} fixes {', '.join(f'{k}={implied[k]}' for k in sorted(clash))}")
     torch.manual_seed(seed)
     return models.create(name, **{**overrides, **implied}), the_task
+
+
+def _check_settings(name: str, task: str | None, overrides: dict[str, Any], data_dir: str | None) -> str:
+    """The task ``name`` trains on, once its settings and the task's name and kind are known good
+    (nothing is built)."""
+    e = models.entry(name)
+    unknown = set(overrides) - set(e.defaults)
+    if unknown:
+        raise ValueError(f"{name} has no setting {', '.join(sorted(unknown))}; "
+                         f"it takes {', '.join(sorted(e.defaults))}")
+    task_name = task or DEFAULT_TASK[e.input_kind]
+    check_task(task_name, e.input_kind, data_dir=data_dir)
+    return task_name
+
+
+def check(names: Sequence[str], task: str | None = None, *, data_dir: str | None = None, seed: int = 0,
+          overrides: dict[str, Any] | None = None, task_options: dict[str, Any] | None = None) -> None:
+    """Raise what ``train`` would raise for any of ``names`` about its model and task, before any trains.
+
+    The CLI trains several models in one command: a setting that does not fit the last one must
+    not surface after the first has trained. The cheap checks run for every model first; then
+    each model is built on the CPU, as ``train`` builds it, and dropped, each task built once.
+    """
+    for name in names:
+        _check_settings(name, task, dict(overrides or {}), data_dir)
+    tasks: dict[str, Task] = {}
+
+    def make_task(*args: Any, **kwargs: Any) -> Task:
+        key = repr((args, sorted(kwargs.items())))
+        if key not in tasks:
+            tasks[key] = get_task(*args, **kwargs)
+        return tasks[key]
+
+    for name in names:
+        _build(name, task, data_dir=data_dir, seed=seed, overrides=overrides, task_options=task_options,
+               make_task=make_task)
+
+
+def check_options(*, steps: int = 1, every: int = 1, lr: float | None = None, batch_size: int | None = None,
+                  eval_every: int | None = None, eval_limit: int = 1, attribution_every: int | None = None,
+                  device: str = "auto", amp: bool = False) -> torch.device:
+    """The device to train on, once the options are known good: counts of at least 1, a learning
+    rate that is a positive finite number, a device that exists, AMP only on CUDA.
+
+    A NaN learning rate passes ``lr > 0`` checks (every comparison with NaN is false) and would
+    only fail once a run directory exists; infinity trains nothing but NaNs.
+    """
+    for label, value, required in (("steps", steps, True), ("every", every, True), ("batch_size", batch_size, False),
+                                   ("eval_every", eval_every, False), ("eval_limit", eval_limit, True),
+                                   ("attribution_every", attribution_every, False)):
+        if value is None and not required:
+            continue
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{label} must be an integer of at least 1, got {value!r}")
+    if lr is not None:
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    dev = resolve_device(device)
+    if amp and dev.type != "cuda":
+        raise ValueError("AMP (--amp) is for CUDA devices; this run is on the CPU")
+    return dev
 
 
 def _forward(model: nn.Module, x: Any) -> Tensor:
@@ -197,13 +262,8 @@ def train(
     (ReLU, sigmoid, ...), where dead and saturated units show. ``attribution_every`` adds
     Captum attribution checkpoints over the blocks, on the first ``PROBE_SIZE`` held-out samples.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    if every < 1:
-        raise ValueError(f"every must be at least 1, got {every}")
-    dev = resolve_device(device)
-    if amp and dev.type != "cuda":
-        raise ValueError("AMP (--amp) is for CUDA devices; this run is on the CPU")
+    dev = check_options(steps=steps, every=every, lr=lr, batch_size=batch_size, eval_every=eval_every,
+                        eval_limit=eval_limit, attribution_every=attribution_every, device=device, amp=amp)
     model, the_task = build(name, task, data_dir=data_dir, seed=seed, overrides=overrides, task_options=task_options)
     model.to(dev)
     recipe = recipe_for(name, steps)

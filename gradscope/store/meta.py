@@ -7,6 +7,7 @@ message that names the file.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -31,8 +32,13 @@ class RunNotFoundError(RunError, FileNotFoundError):
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write ``path`` through ``write(tmp)`` and a rename: readers see the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a full disk must not leave a half-written temporary behind
+            tmp.unlink()
+        raise
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -47,7 +53,9 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise RunNotFoundError(f"no gradscope run at {path}: {meta_path} is missing")
     try:
         meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:  # '[' nested deeper than the parser's recursion limit
+        raise RunError(f"{meta_path} is damaged: nested too deeply to be a gradscope meta.json") from None
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, bad UTF-8, an integer of over 4300 digits
         raise RunError(f"{meta_path} is damaged: {exc}") from None
     if not isinstance(meta, dict):
         raise RunError(f"{meta_path} is damaged: expected a JSON object")

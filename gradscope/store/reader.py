@@ -18,8 +18,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from gradscope.store.lock import writer_alive
 from gradscope.store.meta import META_FILE, RunError, read_meta
-from gradscope.store.schema import TABLES, frame_dtypes
+from gradscope.store.schema import KEYS, TABLES, frame_dtypes
 
 _READERS = 4  # threads decoding Parquet parts in load_run
 
@@ -28,6 +29,7 @@ LAYER_SCHEMA = frame_dtypes("layers")
 STEP_SCHEMA = frame_dtypes("scalars")
 BLOCK_SCHEMA = frame_dtypes("blocks")
 ATTRIBUTION_SCHEMA = frame_dtypes("attribution")
+SCHEMAS = {name: frame_dtypes(name) for name in TABLES}
 
 
 @dataclass
@@ -49,7 +51,12 @@ class Run:
 
     @property
     def status(self) -> str:
-        return str(self.meta.get("status", "unknown"))
+        """meta.json's status, except that ``running`` with no process holding the run's lock
+        reads ``interrupted``: its writer was killed (or its disk filled) before it could say so."""
+        status = str(self.meta.get("status", "unknown"))
+        if status == "running" and not writer_alive(self.path):
+            return "interrupted"
+        return status
 
 
 def _read_table(folder: Path, pool: ThreadPoolExecutor) -> pa.Table | None:
@@ -57,21 +64,82 @@ def _read_table(folder: Path, pool: ThreadPoolExecutor) -> pa.Table | None:
     parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
     if not parts:
         return None
-    tables = list(pool.map(_read_part, parts))
+    tables = list(pool.map(_read_part, parts, [folder.name] * len(parts)))
     try:
         return pa.concat_tables(tables, promote_options="default")
     except pa.ArrowException as exc:
-        raise RunError(f"parts in {folder} do not share a schema: {exc}") from None
+        raise RunError(_mismatch(parts, tables, exc)) from None
 
 
-def _read_part(part: Path) -> pa.Table:
+def _read_part(part: Path, table_name: str) -> pa.Table:
     # ParquetFile.read skips the dataset discovery that pq.read_table does for each file (3x
     # faster on a run's many small parts); the pool reads several parts at once instead
     try:
         with pq.ParquetFile(part) as parquet:
-            return parquet.read(use_threads=False)
+            table = parquet.read(use_threads=False)
     except (OSError, pa.ArrowException) as exc:
-        raise RunError(f"{part} is damaged or truncated: {exc}") from None
+        raise RunError(f"{part} is damaged or truncated: {_one_line(exc)}") from None
+    return _check_part(part, table_name, table)
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or (
+        pa.types.is_dictionary(t) and _is_string(t.value_type))
+
+
+#: Arrow type tests for the pandas dtypes of the schema (``frame_dtypes``); the rest are floats.
+_KINDS = {"int64": pa.types.is_integer, "object": _is_string}
+
+
+def _check_part(part: Path, table_name: str, table: pa.Table) -> pa.Table:
+    """``table`` as read from ``part`` if its columns are those of ``table_name``, with integer
+    steps as int64; otherwise a RunError naming the part and what is wrong.
+
+    Only the Arrow schema is read, not the data. A part of an older release that lacks a
+    statistic column passes: that column reads as missing (``_frame``).
+    """
+    columns = set(table.column_names)
+    expected = SCHEMAS[table_name]
+    overlap = {name: len(columns & set(dtypes)) for name, dtypes in SCHEMAS.items()}
+    best = max(overlap, key=lambda name: (overlap[name], name == table_name))
+    if best != table_name and overlap[best] > overlap[table_name]:
+        raise RunError(f"{part}: its columns belong to table '{best}', not '{table_name}' "
+                       "(a part in the wrong folder?)")
+    missing = [key for key in KEYS[table_name] if key not in columns]
+    if missing:
+        raise RunError(f"{part}: missing key column{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))}")
+    for field_ in table.schema:
+        dtype = expected.get(field_.name)
+        if dtype is None or pa.types.is_null(field_.type):
+            continue
+        fits = _KINDS.get(dtype, pa.types.is_floating)
+        if not fits(field_.type):
+            raise RunError(f"{part}: column '{field_.name}' has type {field_.type}, expected "
+                           f"{'string' if dtype == 'object' else dtype}")
+    if table.schema.field("step").type != pa.int64():  # another integer type: cast (only then touches data)
+        try:
+            table = table.set_column(table.schema.get_field_index("step"), "step", table["step"].cast(pa.int64()))
+        except pa.ArrowException as exc:
+            raise RunError(f"{part}: column 'step' does not fit int64: {_one_line(exc)}") from None
+    return table
+
+
+def _mismatch(parts: list[Path], tables: list[pa.Table], exc: BaseException) -> str:
+    """Which part's column type differs from an earlier part's (only when concatenating failed)."""
+    seen: dict[str, tuple[pa.DataType, Path]] = {}
+    for part, table in zip(parts, tables):
+        for field_ in table.schema:
+            if pa.types.is_null(field_.type):
+                continue
+            first = seen.setdefault(field_.name, (field_.type, part))
+            if first[0] != field_.type:
+                return (f"{part}: column '{field_.name}' has type {field_.type}, but {first[1].name} in the same "
+                        f"folder has {first[0]}")
+    return f"parts in {parts[0].parent} do not share a schema: {_one_line(exc)}"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def _frame(table: pa.Table | None, schema: dict[str, str]) -> pd.DataFrame:
@@ -145,7 +213,7 @@ def load_run(path: str | os.PathLike[str]) -> Run:
                                   ["step", "depth"], extra=["residual"])
     except (ValueError, TypeError, KeyError, pa.ArrowException) as exc:
         raise RunError(f"{path / META_FILE} is damaged: its layer or block table does not fit the data "
-                       f"({exc})") from None
+                       f"({_one_line(exc)})") from None
     scalars = _frame(tables["scalars"], STEP_SCHEMA).sort_values("step", kind="stable", ignore_index=True)
     return Run(path=path, meta=meta, layers=layers, blocks=blocks, scalars=scalars,
                layer_table=layer_table, block_table=block_table, attribution=attribution)

@@ -31,20 +31,25 @@ class UnknownTaskError(ValueError):
     """No such task, or the task does not fit the model."""
 
 
-def get_task(name: str, input_kind: str, *, data_dir: str | None = None, seed: int = 0,
-             **options: Any) -> Task:
-    """Build task ``name`` for a model taking ``input_kind`` inputs."""
+def check_task(name: str, input_kind: str, *, data_dir: str | None = None) -> None:
+    """Refuse an unknown task, one that does not fit ``input_kind`` models, or cifar10 without a
+    directory, without making or reading any data."""
     if name not in TASKS:
         raise UnknownTaskError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
     kinds = TASKS[name][0]
     if input_kind not in kinds:
         raise UnknownTaskError(f"task {name!r} is for {'/'.join(kinds)} models, not {input_kind} models; "
                                f"try {DEFAULT_TASK[input_kind]!r}")
+    if name == "cifar10" and data_dir is None:
+        raise UnknownTaskError("task 'cifar10' reads a local copy: give --data-dir (the cifar-10-batches-py folder)")
+
+
+def get_task(name: str, input_kind: str, *, data_dir: str | None = None, seed: int = 0,
+             **options: Any) -> Task:
+    """Build task ``name`` for a model taking ``input_kind`` inputs."""
+    check_task(name, input_kind, data_dir=data_dir)
     if name == "cifar10":
-        if data_dir is None:
-            raise UnknownTaskError("task 'cifar10' reads a local copy: "
-                                   "give --data-dir (the cifar-10-batches-py folder)")
-        return cifar10(data_dir)
+        return cifar10(data_dir)  # type: ignore[arg-type]  (checked above)
     makers: dict[str, Callable[..., Task]] = {
         "images": lambda: synthetic_images(seed=seed, **options),
         "copy": lambda: copy_task(False, input_kind, seed=seed, **options),
@@ -55,4 +60,4 @@ def get_task(name: str, input_kind: str, *, data_dir: str | None = None, seed: i
     return makers[name]()
 
 
-__all__ = ["Batch", "CifarFormatError", "DEFAULT_TASK", "TASKS", "Task", "UnknownTaskError", "get_task"]
+__all__ = ["Batch", "CifarFormatError", "DEFAULT_TASK", "TASKS", "Task", "UnknownTaskError", "check_task", "get_task"]
