@@ -64,6 +64,9 @@ def _read_table(folder: Path, pool: ThreadPoolExecutor) -> pa.Table | None:
     parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
     if not parts:
         return None
+    for part in parts:
+        if not part.is_file():  # a FIFO or a device would block the reader, or never end
+            raise RunError(f"{part} is not a regular file")
     tables = list(pool.map(_read_part, parts, [folder.name] * len(parts)))
     try:
         return pa.concat_tables(tables, promote_options="default")

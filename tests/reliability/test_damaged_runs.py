@@ -7,6 +7,7 @@ columns do not fit their table, and a meta.json too deep for the JSON parser.
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pyarrow as pa
@@ -123,3 +124,11 @@ def test_the_cli_says_which_part_is_damaged_in_one_line(run):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and str(part) in lines[0] and "missing key column 'layer'" in lines[0]
 
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+def test_a_part_that_is_a_fifo_is_refused_without_waiting(run):
+    part = first_part(run, "layers")
+    part.unlink()
+    os.mkfifo(part)  # opening it would wait for a writer forever
+    assert_blames(run, part, "not a regular file")
