@@ -171,7 +171,7 @@ class EmptyHooks(Variant):
         def pre_hook(module: nn.Module, args: Any) -> None:
             return None
 
-        handles = [m.register_forward_hook(forward_hook) for _, m in select_layers(model)]
+        handles = [m.register_forward_hook(forward_hook) for _, m in select_layers(model) if isinstance(m, nn.Module)]
         for _, block, _ in select_blocks(model, None):
             handles += [block.register_forward_pre_hook(pre_hook), block.register_forward_hook(forward_hook)]
         with _removed_after(handles):

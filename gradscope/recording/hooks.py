@@ -4,6 +4,12 @@ With ``every > 1`` the module probes are registered when a recorded step begins 
 it ends, so the other steps run no gradscope code but the recorder's one pre-hook on the model.
 A probe pre-hook on the model itself cannot be attached from the model's pre-hook, so such
 probes (and every probe with ``every=1``) stay attached throughout.
+
+Probes are registered ahead of every other hook of their module (``prepend=True``): attached
+for each recorded step, they would otherwise run after the user's hooks registered since
+``watch()`` on some steps and before them on others. So a probe always sees the module's input
+as its caller passed it and its output as its forward returned it, whatever the user's hooks
+change next.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from torch import nn
 
 from gradscope.recording.blocks import Block
 from gradscope.recording.clock import StepClock
-from gradscope.recording.layers import ExecutionOrder, Layer
+from gradscope.recording.layers import ExecutionOrder, Layer, ParameterRow
 from gradscope.recording.probes import BlockProbe, BranchProbe, LayerProbe
 from gradscope.recording.sink import Sink
 
@@ -23,10 +29,12 @@ class ProbeHooks:
     """The probes of one recorder and their hook handles."""
 
     def __init__(self, model: nn.Module, clock: StepClock, sink: Sink,
-                 layers: list[tuple[Layer, nn.Module]], layer_order: ExecutionOrder,
+                 layers: list[tuple[Layer, nn.Module | ParameterRow]], layer_order: ExecutionOrder,
                  blocks: list[tuple[Block, nn.Module, nn.Module | None]], block_order: ExecutionOrder) -> None:
         self.planned: list[tuple[nn.Module, str, Any]] = []  # (module, "pre" or "forward", probe)
         for layer, module in layers:
+            if isinstance(module, ParameterRow):  # norms only, written at the step's end
+                continue
             self.planned.append((module, "forward", LayerProbe(clock, sink, layer_order, layer.row,
                                                                layer.saturation_bounds, layer.zero_counted)))
         for block, module, branch in blocks:
@@ -41,9 +49,10 @@ class ProbeHooks:
         """Attach the probes for a recorded step, detach them for the others."""
         want = recording or self.always
         if want and not self.handles:
-            for module, kind, probe in self.planned:
+            # each prepended ahead of the ones after it in the plan, so the plan's order holds
+            for module, kind, probe in reversed(self.planned):
                 register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
-                self.handles.append(register(probe))
+                self.handles.append(register(probe, prepend=True))
         elif not want and self.handles:
             self.remove()
 

@@ -4,6 +4,10 @@ Records are keyed by the qualified name from ``named_modules()`` (as Transformer
 layers are ordered by first execution rather than registration, because registration order says
 nothing about where a module sits in the computation (shared or reused modules, ModuleDicts).
 ``rel_depth = depth / (n - 1)`` lets networks of different depth line up in reports.
+
+By default every parameter of the model is in exactly one row: a leaf module's (a parametrized
+one's originals included), or else a row of its own named after the parameter (type
+``Parameter``, norms only: a top-level ``pos_embed``, ``nn.MultiheadAttention.in_proj_weight``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 #: What ``watch(modules=...)`` accepts: a glob on qualified names, a module type, a predicate
 #: ``(name, module) -> bool``, or a list of those (a module matching any of them is watched).
@@ -62,8 +67,41 @@ def counts_zeros(module: nn.Module) -> bool:
     return isinstance(module, ZERO_MEANINGFUL) or (isinstance(module, nn.Hardtanh) and module.min_val == 0)
 
 
-def own_parameters(module: nn.Module) -> list[nn.Parameter]:
-    return list(module.parameters(recurse=False))
+class ParameterRow:
+    """Parameters that no watched module owns (a model's own ``pos_embed``, a container's, the
+    ``in_proj_weight`` of ``nn.MultiheadAttention``): a layer row of norms only, no probe."""
+
+    __slots__ = ("params",)
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.params = params
+
+
+#: The ``type`` of a ``ParameterRow`` in the layer table.
+PARAMETER_TYPE = "Parameter"
+
+
+def parametrizations(module: nn.Module) -> nn.Module | None:
+    """The container of a module's parametrized tensors (weight_norm, spectral_norm), or None."""
+    return module.parametrizations if parametrize.is_parametrized(module) else None  # type: ignore[return-value]
+
+
+def own_parameters(module: nn.Module | ParameterRow) -> list[nn.Parameter]:
+    """A module's own parameters, not its children's, but with the originals of its parametrized
+    tensors: ``fc1.weight`` under weight_norm lives in ``fc1.parametrizations.weight.original0/1``."""
+    if isinstance(module, ParameterRow):
+        return list(module.params)
+    params = list(module.parameters(recurse=False))
+    inner = parametrizations(module)
+    if inner is not None:
+        params += [p for p in inner.parameters() if all(p is not q for q in params)]
+    return params
+
+
+def is_leaf(module: nn.Module) -> bool:
+    """No children, or none but its parametrizations container (a parametrized ``nn.Linear``)."""
+    inner = parametrizations(module)
+    return all(child is inner for child in module.children())
 
 
 #: Parameter-free activation modules, watched on request (dead ReLUs, saturated sigmoids).
@@ -72,7 +110,7 @@ ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn
 
 def default_filter(name: str, module: nn.Module) -> bool:
     """Leaf modules that own parameters: the layers whose gradients a user can act on."""
-    return next(module.children(), None) is None and bool(own_parameters(module))
+    return is_leaf(module) and bool(own_parameters(module))
 
 
 def with_activations(name: str, module: nn.Module) -> bool:
@@ -99,27 +137,82 @@ def as_predicate(spec: ModuleFilter) -> Callable[[str, nn.Module], bool]:
     return lambda name, m: any(p(name, m) for p in parts)
 
 
-def select_layers(model: nn.Module, modules: ModuleFilter | None = None) -> list[tuple[Layer, nn.Module]]:
-    """Watched modules of ``model`` in registration order, each with its layer-table row."""
+#: Filters that mean "every layer": under them, parameters no watched module owns get rows of
+#: their own, so that the layer table covers every parameter of the model.
+COVERING_FILTERS = (default_filter, with_activations)
+
+
+def select_layers(model: nn.Module, modules: ModuleFilter | None = None,
+                  ) -> list[tuple[Layer, nn.Module | ParameterRow]]:
+    """Watched modules of ``model`` in registration order, each with its layer-table row, then
+    (under a covering filter) a ``ParameterRow`` for each parameter that none of them owns.
+
+    The modules inside a parametrization (``fc1.parametrizations.weight.0``) are never rows:
+    their parameters are ``fc1``'s.
+    """
     keep = default_filter if modules is None else as_predicate(modules)
-    chosen = [(name, m) for name, m in model.named_modules() if keep(name, m)]
+    internal = _parametrization_internals(model)
+    chosen: list[tuple[str, nn.Module | ParameterRow]] = [
+        (name, m) for name, m in model.named_modules() if id(m) not in internal and keep(name, m)]
+    if modules is None or any(modules is f for f in COVERING_FILTERS):
+        covered = {id(p) for _, m in chosen for p in own_parameters(m)}
+        chosen += [(name, ParameterRow(params)) for name, params in _unowned_parameters(model, internal, covered)]
     if not chosen:
-        what = "no module owns parameters" if modules is None else f"modules={modules!r} matched no module"
+        what = "it has no parameters" if modules is None else f"modules={modules!r} matched no module"
         raise ValueError(f"gradscope.watch: nothing to watch in {type(model).__name__}: {what}")
     return [
         (
             Layer(
                 name=name,
-                type=type(m).__name__,
+                type=PARAMETER_TYPE if isinstance(m, ParameterRow) else _type_name(m),
                 params=sum(p.numel() for p in own_parameters(m)),
                 row=row,
-                saturation_bounds=saturation_range(m),
-                zero_counted=counts_zeros(m),
+                saturation_bounds=None if isinstance(m, ParameterRow) else saturation_range(m),
+                zero_counted=False if isinstance(m, ParameterRow) else counts_zeros(m),
             ),
             m,
         )
         for row, (name, m) in enumerate(chosen)
     ]
+
+
+def _type_name(module: nn.Module) -> str:
+    """The class name a user wrote: a parametrized ``nn.Linear``'s class is ``ParametrizedLinear``."""
+    cls = type(module)
+    if parametrizations(module) is not None and cls.__name__.startswith("Parametrized") and cls.__bases__:
+        cls = cls.__bases__[0]
+    return cls.__name__
+
+
+def _parametrization_internals(model: nn.Module) -> set[int]:
+    """ids of every module inside a parametrized module's ``parametrizations`` container."""
+    inside: set[int] = set()
+    for m in model.modules():
+        inner = parametrizations(m)
+        if inner is not None:
+            inside.update(id(sub) for sub in inner.modules())
+    return inside
+
+
+def _unowned_parameters(model: nn.Module, internal: set[int], covered: set[int],
+                        ) -> list[tuple[str, list[nn.Parameter]]]:
+    """(qualified name, parameters) of each parameter outside ``covered``, once: a plain one
+    alone, a parametrized tensor's originals together under the tensor's name (``blk.weight``)."""
+    seen, out = set(covered), []
+    for name, m in model.named_modules():
+        if id(m) in internal:
+            continue
+        prefix = f"{name}." if name else ""
+        groups = [(prefix + pname, [p]) for pname, p in m.named_parameters(recurse=False)]
+        inner = parametrizations(m)
+        if inner is not None:
+            groups += [(prefix + tname, list(plist.parameters())) for tname, plist in inner.named_children()]
+        for qualified, params in groups:
+            new = [p for p in params if id(p) not in seen]
+            if new:
+                seen.update(id(p) for p in new)
+                out.append((qualified, new))
+    return out
 
 
 class ExecutionOrder:

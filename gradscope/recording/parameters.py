@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from gradscope.recording.buffer import StatsBuffer, device_index
-from gradscope.recording.layers import Layer, own_parameters
+from gradscope.recording.layers import Layer, ParameterRow, own_parameters
 from gradscope.recording.moments import squared_norms
 from gradscope.store.schema import GRAD_GLOBAL_SS, GRAD_SS, PARAM_SS, TRAIN
 
@@ -23,7 +23,7 @@ from gradscope.store.schema import GRAD_GLOBAL_SS, GRAD_SS, PARAM_SS, TRAIN
 class ParameterNorms:
     """Maps the model's parameters to buffer rows so all norms come from batched kernels."""
 
-    def __init__(self, model: nn.Module, chosen: list[tuple[Layer, nn.Module]],
+    def __init__(self, model: nn.Module, chosen: list[tuple[Layer, nn.Module | ParameterRow]],
                  optimizer: torch.optim.Optimizer | None, device: torch.device) -> None:
         self.device = device
         self.params: list[nn.Parameter] = list(model.parameters())  # unique, shared ones once

@@ -11,11 +11,21 @@ has the same meaning but costs three times as much to register, hundreds of time
 
 Probes read the step clock and write through the ``Sink``; how a measurement accumulates into
 the statistics buffer is the sink's business.
+
+Activation checkpointing runs a forward twice. Non-reentrant checkpointing records the first
+(a normal training forward) and recomputes inside backward only to refill saved tensors: the
+recomputation is not measured. Reentrant checkpointing (``use_reentrant=True``) runs the first
+forward under ``no_grad`` and backpropagates through the recomputation: for modules in training
+mode that one is measured, as the training forward it stands for, and the first only gives them
+their place in the execution order (``checkpoint_pass``). Modules in eval mode are measured in the
+first pass, as without checkpointing (phase "eval", no gradients), and not again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
+from types import CodeType
 from typing import Any
 
 import torch
@@ -33,6 +43,45 @@ _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 def _in_backward() -> bool:
     return _graph_task_id() != -1
+
+
+FIRST, RECOMPUTE = "first", "recompute"  # the passes of a reentrant checkpoint (checkpoint_pass)
+
+
+def _checkpoint_codes() -> tuple[CodeType | None, CodeType | None, frozenset[CodeType]]:
+    """Code objects that mark where a checkpoint runs a forward: the reentrant ``CheckpointFunction``'s
+    forward and backward, and the non-reentrant unpack hook that recomputes (absent ones: None)."""
+    from torch.utils import checkpoint
+
+    function = getattr(checkpoint, "CheckpointFunction", None)
+    forward, backward = (getattr(getattr(function, name, None), "__code__", None) for name in ("forward", "backward"))
+    init = getattr(getattr(checkpoint, "_checkpoint_hook", None), "__init__", None)
+    consts = getattr(getattr(init, "__code__", None), "co_consts", ())
+    unpack = frozenset(c for c in consts if isinstance(c, CodeType) and c.co_name == "unpack_hook")
+    return forward, backward, unpack
+
+
+_CHECKPOINT_FORWARD, _CHECKPOINT_BACKWARD, _NON_REENTRANT_RECOMPUTE = _checkpoint_codes()
+
+
+def checkpoint_pass() -> str | None:
+    """``FIRST`` inside a reentrant checkpoint's first forward (under no_grad; recomputed in
+    backward, whose gradients reach its inputs), ``RECOMPUTE`` inside its recomputation in
+    backward, None elsewhere (a non-reentrant recomputation included). The innermost checkpoint
+    decides. A walk up the Python stack: called only for forwards without autograd or in backward.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code is _CHECKPOINT_FORWARD:
+            ctx = frame.f_locals.get("ctx")
+            return FIRST if any(getattr(ctx, "needs_input_grad", (True,))) else None
+        if code is _CHECKPOINT_BACKWARD:
+            return RECOMPUTE
+        if code in _NON_REENTRANT_RECOMPUTE:
+            return None
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
 
 
 def first_float_tensor(output: Any, _depth: int = 0) -> Tensor | None:
@@ -98,7 +147,13 @@ class LayerProbe:
             clock.grad_forward_seen = True
         if not clock.recording:
             return
-        if _in_backward():  # activation checkpointing recomputes forwards during backward
+        # Activation checkpointing recomputes forwards during backward: only a reentrant one's
+        # training modules are measured there, and not in its first pass (see checkpoint_pass).
+        if _in_backward():
+            if not (grad_on and module.training and checkpoint_pass() is RECOMPUTE):
+                return
+        elif not grad_on and module.training and checkpoint_pass() is FIRST:
+            self.order.note(self.row)  # its place in the network is here
             return
         y = first_float_tensor(output)
         if y is None or y.numel() == 0:
@@ -152,7 +207,15 @@ class BlockProbe:
         self._inputs: list[tuple[Tensor, int] | None] = []
 
     def _active(self, module: nn.Module) -> bool:
-        return self.clock.recording and module.training and torch.is_grad_enabled() and not _in_backward()
+        """A recorded training call: with autograd, not in backward but a reentrant checkpoint's
+        recomputation (its first pass only notes the block's place)."""
+        if not (self.clock.recording and module.training):
+            return False
+        if torch.is_grad_enabled():
+            return not _in_backward() or checkpoint_pass() is RECOMPUTE
+        if checkpoint_pass() is FIRST:
+            self.order.note(self.block.row)
+        return False
 
     def before(self, module: nn.Module, args: Any) -> None:
         x = first_float_tensor(args) if self._active(module) else None
@@ -160,7 +223,7 @@ class BlockProbe:
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         entry = self._inputs.pop() if self._inputs else None
-        if entry is None or not self._active(module):
+        if entry is None or not self.clock.recording:  # (the model's pre-hook may end a skipped AMP step)
             return
         x, version = entry
         y = first_float_tensor(output)
@@ -188,6 +251,10 @@ class BlockProbe:
         step = self.clock.step
         if x.grad_fn is not None:
             on_gradient(x, BlockGradientProbe(sink, row, step, B_GRAD_IN_SS, x.output_nr))
+        elif x.requires_grad and _in_backward() and not isinstance(x, nn.Parameter):
+            # a reentrant checkpoint's detached input (a leaf): the hook dies with it
+            probe = BlockGradientProbe(sink, row, step, B_GRAD_IN_SS, 0)
+            x.register_hook(lambda grad: probe((grad,)))
         if y.grad_fn is not None:
             on_gradient(y, BlockGradientProbe(sink, row, step, B_GRAD_OUT_SS, y.output_nr))
 
@@ -201,7 +268,9 @@ class BranchProbe:
         self.clock, self.sink, self.row = clock, sink, row
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not (self.clock.recording and module.training and torch.is_grad_enabled()) or _in_backward():
+        if not (self.clock.recording and module.training and torch.is_grad_enabled()):
+            return
+        if _in_backward() and checkpoint_pass() is not RECOMPUTE:
             return
         f = first_float_tensor(output)
         if f is None:

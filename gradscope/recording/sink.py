@@ -44,6 +44,7 @@ class Sink:
             if buffer.full():
                 self._on_full()
             slot = buffer.open(step)
+            self.loss_scale.opened()
             if self.batcher is not None:  # batched kernels add squared norms to what is there
                 buffer.layer[slot, TRAIN, :, GRAD_OUT_SS].zero_()
         return slot
@@ -77,6 +78,8 @@ class Sink:
             merge_activation_(dst, torch.stack(parts), int(seen), y.numel())
         counts.act_n[slot, phase, row] += y.numel()
         counts.act_calls[slot, phase, row] += 1
+        if phase == TRAIN and self.loss_scale.scaler is not None:  # the scale the coming backward runs with
+            self.loss_scale.capture(slot)  # (copied now: update() may come before the step's end)
 
     def layer_gradient(self, slot: int, row: int, grad: Tensor) -> None:
         """dL/dy of a watched layer's output: ||dL/dy||^2 added up over the step's calls."""

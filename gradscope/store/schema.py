@@ -327,8 +327,11 @@ def _block_grad(f: Finalizer, name: str) -> np.ndarray:
 
 
 def _update_ratio(f: Finalizer) -> np.ndarray:
+    """NaN, not inf, for parameters that are all zero (a bias or a gamma initialised to 0): the
+    ratio is undefined there, and an inf would read as a non-finite statistic."""
+    w = _sqrt(f.acc("param_ss"))
     with np.errstate(divide="ignore", invalid="ignore"):
-        return f.count("lr") * _grad_norm(f) / _sqrt(f.acc("param_ss"))
+        return np.where(w > 0, f.count("lr") * _grad_norm(f) / np.where(w > 0, w, 1), np.nan)
 
 
 def _grad_ratio(f: Finalizer) -> np.ndarray:
@@ -367,7 +370,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("param_norm", "layers", "float32", "L2 norm of the module's own parameters",
            lambda f: _sqrt(f.acc("param_ss"))),
     Column("grad_norm", "layers", "float32", "L2 norm of their gradients", _grad_norm),
-    Column("update_ratio", "layers", "float32", "lr * grad_norm / param_norm (NaN: lr unknown)", _update_ratio),
+    Column("update_ratio", "layers", "float32", "lr * grad_norm / param_norm (NaN: lr unknown, or parameters all zero)", _update_ratio),
     # blocks
     Column("id_rel_residual", "blocks", "float32", "||y - x|| / ||x||: 0 is exactly the identity",
            lambda f: _sqrt(_div(f.acc("diff_ss"), np.where(f.count("block_samples") > 0, f.acc("input_ss"), 0)))),
