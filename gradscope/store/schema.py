@@ -370,7 +370,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("param_norm", "layers", "float32", "L2 norm of the module's own parameters",
            lambda f: _sqrt(f.acc("param_ss"))),
     Column("grad_norm", "layers", "float32", "L2 norm of their gradients", _grad_norm),
-    Column("update_ratio", "layers", "float32", "lr * grad_norm / param_norm (NaN: lr unknown, or parameters all zero)", _update_ratio),
+    Column("update_ratio", "layers", "float32",
+           "lr * grad_norm / param_norm (NaN: lr unknown, or parameters all zero)", _update_ratio),
     # blocks
     Column("id_rel_residual", "blocks", "float32", "||y - x|| / ||x||: 0 is exactly the identity",
            lambda f: _sqrt(_div(f.acc("diff_ss"), np.where(f.count("block_samples") > 0, f.acc("input_ss"), 0)))),
