@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gradscope.reports import figures
-from gradscope.reports.data import ReportData, RunLike, collect
+from gradscope.reports.data import ReportData, RunLike, collect, non_finite_text
 from gradscope.reports.render import Embedded, embed, environment
 
 from gradscope import __version__, diagnose
@@ -28,14 +28,45 @@ class Section:
     title: str
     figures: list[Embedded] = field(default_factory=list)
     intro: str = ""
+    note: str = ""  # shown as a warning: e.g. values the figures had to leave out
 
 
-def _num(value: float) -> str:
+def _num(value: object) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    if isinstance(value, float) and math.isinf(value):
+    if isinstance(value, (bool, int)) or not isinstance(value, float):  # counts, steps, names as they are
+        return str(value)
+    if math.isinf(value):
         return "inf" if value > 0 else "-inf"
     return f"{value:.3g}"
+
+
+#: The columns each section's figures plot, by table: NaN and inf there are left out of them.
+PLOTTED = {
+    "curves": ("scalars", ("loss", "accuracy", "eval_accuracy")),
+    "gradient-flow": ("layers", ("grad_out_rms", "grad_norm")),
+    "heatmaps": ("layers", ("grad_out_rms",)),
+    "activations": ("layers", ("act_std",)),
+    "identity": ("blocks", ("id_rel_residual", "id_grad_ratio", "branch_ratio", "id_cos", "token_cos")),
+}
+
+
+def dropped_note(data: ReportData, section: str) -> str:
+    """Which measured NaN or inf values a section's figures leave out (a log axis or a line
+    cannot show them), by run; empty where there are none."""
+    if section not in PLOTTED:
+        return ""
+    table, columns = PLOTTED[section]
+    parts = []
+    for run, label in zip(data.runs, data.labels):
+        mask = data.non_finite[label][table]
+        if table == "layers":  # the figures plot training rows
+            mask = mask[(run.layers.phase == "train").to_numpy()]
+        text = non_finite_text(run, {table: mask}, table, columns)
+        if text:
+            parts.append(f"{label}: {text}")
+    return ("Non-finite values (NaN or inf) cannot be plotted and are left out of these figures: "
+            + "; ".join(parts) + ".") if parts else ""
 
 
 def sections(data: ReportData) -> list[Section]:
@@ -102,6 +133,8 @@ def sections(data: ReportData) -> list[Section]:
     else:
         out.append(Section("attribution", "Attribution flow", intro="No attribution checkpoints in these runs "
                            "(record them with gradscope run --attribution-every M, or watch(attribution=...))."))
+    for section in out:
+        section.note = dropped_note(data, section.id)
     return out
 
 
@@ -115,9 +148,16 @@ def _attribution_intro(data: ReportData) -> str:
 def build(runs: Sequence[RunLike], out: str | os.PathLike[str] = "report.html", title: str | None = None) -> Path:
     """Write a self-contained HTML report comparing ``runs`` (Run objects or run directories).
 
+    The page goes to a temporary file beside ``out``, renamed over it once whole, so a reader
+    never sees half a report; on any failure the temporary file is removed.
+
     Raises:
+        ValueError: ``out`` is an existing directory (checked before any work), or no runs.
         RunError: a run cannot be read; the message names it.
     """
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"report output {path} is a directory; give a file name, e.g. {path / 'report.html'}")
     data = collect(runs)
     env = environment()
     env.filters["num"] = _num
@@ -125,11 +165,13 @@ def build(runs: Sequence[RunLike], out: str | os.PathLike[str] = "report.html", 
         title=title or "gradscope report: " + ", ".join(data.labels), version=__version__,
         created=dt.datetime.now().strftime("%Y-%m-%d %H:%M"), summaries=data.summaries,
         findings=diagnose(data.runs), sections=sections(data))
-    path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two builds never share one
+    try:
+        tmp.write_text(html, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

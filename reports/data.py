@@ -9,11 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from gradscope import Run, load_run
-from gradscope.analysis.findings import training_steps
+from gradscope.analysis.findings import non_finite_cells, non_finite_items, non_finite_kinds, training_steps
 
 RunLike = Run | str | os.PathLike[str]
 
@@ -46,6 +45,8 @@ class ReportData:
     scalars: pd.DataFrame
     summaries: list[RunSummary]
     attribution: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: per run label, the measured NaN and inf cells of each table (``findings.non_finite_cells``)
+    non_finite: dict[str, dict[str, pd.DataFrame]] = field(default_factory=dict)
 
 
 def _labels(runs: list[Run]) -> list[str]:
@@ -65,18 +66,40 @@ def _last(frame: pd.DataFrame, column: str) -> float:
     return float(values.iloc[-1]) if len(values) else math.nan
 
 
-def _nonfinite_note(frame: pd.DataFrame, what: str) -> str | None:
-    numeric = frame.select_dtypes("number").drop(columns=["step", "depth", "rel_depth"], errors="ignore")
-    bad = ~np.isfinite(numeric.to_numpy(dtype=float)) & numeric.notna().to_numpy()
-    if not bad.any():
+#: Layers or blocks named in one note before "and N more".
+NOTE_NAMES = 3
+
+
+def non_finite_text(run: Run, cells: dict[str, pd.DataFrame], table: str,
+                    columns: tuple[str, ...] | None = None) -> str | None:
+    """What of ``table`` is a measured NaN or inf (only its rows in ``cells[table]``, only
+    ``columns`` if given), in words: "NaN in loss from step 3", or "act_std of layer x (Linear)
+    (inf) from step 0"."""
+    mask = cells[table]
+    if columns is not None:
+        mask = mask[[c for c in columns if c in mask]]
+    if mask.empty or not mask.to_numpy().any():
         return None
-    rows = bad.any(axis=1)
-    cols = [c for c, b in zip(numeric.columns, bad.any(axis=0)) if b]
-    return f"non-finite {what} values (inf) in {', '.join(cols)} from step {int(frame.step[rows].min())}"
+    frame = getattr(run, table).loc[mask.index]
+    if table == "scalars":
+        parts = []
+        for c in mask.columns[mask.any().to_numpy()]:
+            hit = mask[c].to_numpy()
+            kinds = non_finite_kinds(frame[c].to_numpy(dtype=float)[hit])
+            parts.append(f"{kinds} in {c} from step {int(frame.step[hit].min())}")
+        return "; ".join(parts)
+    key = "layer" if table == "layers" else "block"
+    items = non_finite_items(frame, mask, key)
+    named = [f"{', '.join(i['statistics'])} of {key} {i['name']} ({i['type']}) ({i['kinds']}) from step "
+             f"{i['first_step']}" for i in items[:NOTE_NAMES]]
+    if len(items) > NOTE_NAMES:
+        named.append(f"{len(items) - NOTE_NAMES} more {key}s")
+    return "; ".join(named)
 
 
-def summarise(run: Run, label: str) -> RunSummary:
+def summarise(run: Run, label: str, cells: dict[str, pd.DataFrame] | None = None) -> RunSummary:
     meta, s = run.meta, run.scalars
+    cells = non_finite_cells(run) if cells is None else cells
     trained = training_steps(s)
     train = run.layers[run.layers.phase == "train"]
     last_step = int(train.step.max()) if len(train) else None
@@ -91,13 +114,10 @@ def summarise(run: Run, label: str) -> RunSummary:
     if run.status != "finished":
         notes.append(f"status is '{run.status}': the run was still going or died; "
                      f"showing steps up to {int(trained.step.max()) if len(trained) else 0}")
-    for frame, what in ((trained, "loss"), (train, "layer"), (run.blocks, "block")):
-        note = _nonfinite_note(frame, what) if len(frame) else None
-        if note:
-            notes.append(note)
-    bad_loss = ~np.isfinite(trained.loss.to_numpy(dtype=float)) & trained.loss.notna().any()
-    if len(trained) and bad_loss.any():
-        notes.append(f"the loss is NaN or inf from step {int(trained.step[bad_loss].min())}")
+    for table, what in (("scalars", "training"), ("layers", "layer"), ("blocks", "block")):
+        text = non_finite_text(run, cells, table)
+        if text:
+            notes.append(f"non-finite {what} values: {text} (measured, not missing; the figures leave them out)")
     return RunSummary(
         label=label, model=str(model.get("registry_name") or model.get("class", "?")),
         task=str((meta.get("task") or {}).get("name", "-")), depth=model.get("depth") or "-",
@@ -121,9 +141,10 @@ def collect(runs: Sequence[RunLike]) -> ReportData:
         return pd.concat(tagged, ignore_index=True) if tagged else pd.DataFrame()
 
     layers = stack([r.layers[r.layers.phase == "train"] for r in loaded])
+    cells = [non_finite_cells(r) for r in loaded]
     return ReportData(
         runs=loaded, labels=labels, layers=layers, blocks=stack([r.blocks for r in loaded]),
         scalars=stack([r.scalars for r in loaded]),
-        summaries=[summarise(r, label) for r, label in zip(loaded, labels)],
-        attribution=stack([r.attribution for r in loaded]),
+        summaries=[summarise(r, label, c) for r, label, c in zip(loaded, labels, cells)],
+        attribution=stack([r.attribution for r in loaded]), non_finite=dict(zip(labels, cells)),
     )

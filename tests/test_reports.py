@@ -175,8 +175,9 @@ def test_running_and_non_finite_runs_render_with_a_note(two_runs, tmp_path):
             (model(torch.randn(4, 8)).sum() * scale).backward()
             rec.step(loss=torch.tensor(scale))
     out = reports.build([running, tmp_path / "diverged"], tmp_path / "r.html")
-    notes = [n for n in parse(out).text if "status is 'running'" in n or "non-finite" in n or "NaN or inf" in n]
-    assert any("running" in n for n in notes) and any("inf" in n for n in notes)
+    # meta.json says running, and no writer holds the copy: its status reads interrupted
+    notes = [n for n in parse(out).text if "status is 'interrupted'" in n or "non-finite" in n or "NaN or inf" in n]
+    assert any("interrupted" in n for n in notes) and any("inf" in n for n in notes)
 
 
 def test_unreadable_run_is_named(tmp_path):
@@ -198,6 +199,11 @@ def test_report_and_demo_commands(two_runs, tmp_path):
     demo = runner.invoke(main, ["demo", "--quick", "--steps", "2", "--out", str(tmp_path / "demo"), "--no-progress"])
     assert demo.exit_code == 0 and (tmp_path / "demo" / "report.html").exists()
     assert "report.html" in demo.output
+    # the flagship report has every section: the demo records attribution, so its section has figures
+    page = (tmp_path / "demo" / "report.html").read_text()
+    attribution = page[page.index('<h2 id="attribution">'):]
+    assert attribution.count('<img src="data:image/png;base64,') == 2
+    assert "No attribution checkpoints" not in attribution
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

@@ -21,6 +21,9 @@ import pandas as pd
 
 from gradscope.store import Run, load_run
 
+#: The ``type`` of a layer row holding parameters that no watched module owns (no forward probe).
+PARAMETER_TYPE = "Parameter"
+
 # --- Thresholds, with where they come from -------------------------------------------------
 #: Gradient flow is judged on ||dL/dy|| of the hidden layers (the head excluded), fitted on a
 #: log scale against depth. "Vanishing" when the fitted gradient at the first hidden layer is
@@ -165,39 +168,171 @@ def training_steps(scalars: pd.DataFrame) -> pd.DataFrame:
     return scalars.dropna(subset=["loss", "accuracy", "lr", "grad_global_norm"], how="all")
 
 
-def _non_finite_rows(run: Run) -> list[tuple[str, pd.DataFrame, str | None]]:
-    """Rows holding inf, or NaN where a value was measured (absent values are NaN too).
+# --- non-finite values ------------------------------------------------------------------------
 
-    A NaN loss counts where the run records a loss on other steps; a NaN gradient norm counts
-    where the optimizer step was seen (its learning rate is recorded alongside).
+#: Layer statistics by what a NaN in them can mean (an absent value is NaN too, see ``non_finite_cells``).
+ACTIVATION_STATS = ("act_mean", "act_std", "act_rms", "act_absmax")
+GRADIENT_STATS = ("grad_out_norm", "grad_out_rms")
+LAYER_STATS = (*ACTIVATION_STATS, "act_zero_frac", "act_sat_frac", *GRADIENT_STATS, "param_norm", "grad_norm",
+               "update_ratio")
+#: ``id_grad_ratio`` is left out: it is inf by definition where dL/dy is 0 (``store.schema``).
+BLOCK_STATS = ("id_rel_residual", "id_cos", "branch_ratio", "token_cos", "grad_in_norm", "grad_out_norm")
+SCALAR_STATS = ("loss", "accuracy", "grad_global_norm", "eval_loss", "eval_accuracy")
+_SCALAR_WORDS = {"loss": "the training loss", "accuracy": "the training accuracy",
+                 "grad_global_norm": "the global gradient norm", "eval_loss": "the held-out loss",
+                 "eval_accuracy": "the held-out accuracy"}
+
+
+def _col(frame: pd.DataFrame, column: str) -> np.ndarray:
+    return frame[column].to_numpy(dtype=float) if column in frame else np.full(len(frame), np.nan)
+
+
+def _gradient_broken_steps(scalars: pd.DataFrame) -> set[int]:
+    """Steps whose global gradient norm is a measured inf or NaN. It is written at every step's
+    end with the learning rate, so a NaN where the lr is known was measured (also without an
+    optimizer when the run records a finite one on other steps)."""
+    if scalars.empty:
+        return set()
+    g = _col(scalars, "grad_global_norm")
+    written = scalars.lr.notna().to_numpy() | (np.isfinite(g).any() & scalars.loss.notna().to_numpy())
+    return set(scalars.step[np.isinf(g) | (np.isnan(g) & written)].astype(int))
+
+
+def non_finite_cells(run: Run) -> dict[str, pd.DataFrame]:
+    """Which stored statistics of ``run`` are measured NaN or inf: per table (``layers``,
+    ``blocks``, ``scalars``), a boolean frame with the table's index and its statistic columns.
+
+    An inf is always measured. A NaN also stands for "not recorded", so it counts only where the
+    row shows the measurement ran:
+
+    - activation statistics (``act_*``): the layer's output was seen, i.e. another activation
+      statistic is present, or the zero or saturation fraction (finite whenever the output was
+      seen), or in a training row the gradient at the output (its probe is attached to the output
+      by the forward hook);
+    - ``param_norm``: the layer has parameters of its own (their norms are written every step);
+    - ``grad_out_*``, ``grad_norm``: only in a step whose global gradient norm is itself non-finite,
+      where the output was seen (for ``grad_norm`` also: the layer has parameters, or is a row of
+      parameters no module owns), and only for layers that have that gradient in the run's other
+      steps: a frozen layer, or a first layer whose output needs no gradient, reads the same as a
+      NaN there, so it is told apart only where some step was unbroken;
+    - ``update_ratio``: where ``grad_norm`` or ``param_norm`` counts and the step's lr is known;
+    - the loss where the run records one on other steps; the global gradient norm as above.
+
+    Outside these (a NaN-emitting layer with no gradient and neither a zero nor a saturation
+    count, e.g. in an eval forward) a NaN cannot be told from a missing value.
     """
-    s, layers = training_steps(run.scalars), run.layers
-    out = []
-    if len(s):
-        nan_loss = s.loss.isna() & s.loss.notna().any()
-        nan_grad = s.grad_global_norm.isna() & s.lr.notna()
-        out.append(("loss", s[np.isinf(s.loss) | np.isinf(s.grad_global_norm) | nan_loss | nan_grad], None))
-    if len(layers):
-        grads = layers[["grad_out_norm", "grad_norm"]].to_numpy(dtype=float)
-        acts = layers[["act_mean", "act_std"]].to_numpy(dtype=float)
-        measured = np.isfinite(layers.act_zero_frac.to_numpy(dtype=float))  # counts, finite if it ran
-        out.append(("gradient", layers[np.isinf(grads).any(axis=1)], "layer"))
-        out.append(("activation", layers[np.isinf(acts).any(axis=1) | (np.isnan(acts).any(axis=1) & measured)],
-                    "layer"))
-    return out
+    layers, blocks, scalars = run.layers, run.blocks, run.scalars
+    # layers
+    v = {c: _col(layers, c) for c in LAYER_STATS}
+    train = (layers.phase == "train").to_numpy() if len(layers) else np.zeros(0, bool)
+    act = np.column_stack([v[c] for c in ACTIVATION_STATS]) if len(layers) else np.zeros((0, 4))
+    grad_seen = train & (~np.isnan(v["grad_out_norm"]) | ~np.isnan(v["grad_out_rms"]))
+    seen = (~np.isnan(act)).any(axis=1) | ~np.isnan(v["act_zero_frac"]) | ~np.isnan(v["act_sat_frac"]) | grad_seen
+    params = run.layer_table.set_index("name").params if "params" in run.layer_table else pd.Series(dtype=float)
+    owns = layers.layer.map(params).fillna(0).to_numpy(dtype=float) > 0 if len(layers) else np.zeros(0, bool)
+    owns |= ~np.isnan(v["param_norm"])
+    broken_step = layers.step.isin(_gradient_broken_steps(scalars)).to_numpy() if len(layers) else train
+    broken = broken_step & train
+    no_probe = (layers.type == PARAMETER_TYPE).to_numpy() if "type" in layers else np.zeros(len(layers), bool)
+    lr_known = layers.step.map(scalars.drop_duplicates("step").set_index("step").lr).notna().to_numpy() \
+        if len(layers) and len(scalars) else np.zeros(len(layers), bool)
+    nan = {c: np.isnan(x) for c, x in v.items()}
+    out = {c: np.isinf(x) for c, x in v.items()}
+    for c in ACTIVATION_STATS:
+        out[c] |= nan[c] & seen
+    for c, could in (("grad_out_norm", seen), ("grad_out_rms", seen), ("grad_norm", owns & (seen | no_probe))):
+        # a layer that has no such gradient in an unbroken step (frozen, or an output needing none)
+        # has none in a broken one either
+        never = set(layers.layer[nan[c] & could & train & ~broken_step])
+        out[c] |= nan[c] & could & broken & ~layers.layer.isin(never).to_numpy()
+    out["param_norm"] |= nan["param_norm"] & owns & train
+    out["update_ratio"] |= nan["update_ratio"] & lr_known & (out["grad_norm"] | out["param_norm"])
+    cells = {"layers": pd.DataFrame(out, index=layers.index)}
+    # blocks: only inf (a block that changed shape records NaN with a reason)
+    cells["blocks"] = pd.DataFrame({c: np.isinf(_col(blocks, c)) for c in BLOCK_STATS}, index=blocks.index)
+    # scalars
+    sv = {c: _col(scalars, c) for c in SCALAR_STATS}
+    sout = {c: np.isinf(x) for c, x in sv.items()}
+    trained = scalars.index.isin(training_steps(scalars).index)
+    sout["loss"] |= np.isnan(sv["loss"]) & trained & (~np.isnan(sv["loss"])).any()
+    sout["grad_global_norm"] |= scalars.step.isin(_gradient_broken_steps(scalars)).to_numpy() \
+        if len(scalars) else np.zeros(0, bool)
+    cells["scalars"] = pd.DataFrame(sout, index=scalars.index)
+    return cells
+
+
+def non_finite_kinds(values: np.ndarray) -> str:
+    """Which of NaN and inf ``values`` hold, in words: NaN, inf, or NaN and inf."""
+    kinds = [k for k, hit in (("NaN", np.isnan(values).any()), ("inf", np.isinf(values).any())) if hit]
+    return " and ".join(kinds)
+
+
+def non_finite_items(frame: pd.DataFrame, mask: pd.DataFrame, key: str) -> list[dict[str, Any]]:
+    """One entry per ``key`` (layer or block) with flagged cells: its name, type, first step, the
+    statistics that are non-finite and whether NaN or inf.
+
+    Likeliest source first: the earliest step; within it, a non-finite output before a non-finite
+    gradient or parameter (the forward runs first), outputs in network order (the first one
+    poisons the rest), gradients from the output back (the backward runs that way).
+    """
+    hit = mask.any(axis=1)
+    if not hit.any():
+        return []
+    rows = frame[hit.to_numpy()]
+    items = []
+    for name, group in rows.groupby(key, sort=False):
+        m = mask.loc[group.index]
+        stats = [c for c in m.columns if m[c].any()]
+        values = group[stats].to_numpy(dtype=float)[m[stats].to_numpy()]
+        first = int(group.step.min())
+        output = bool(m[[c for c in ACTIVATION_STATS if c in m]].loc[(group.step == first).to_numpy()].any().any())
+        depth = float(group.depth.iloc[0]) if "depth" in group and pd.notna(group.depth.iloc[0]) else 0.0
+        items.append({"name": str(name), "type": str(group.type.iloc[0]) if "type" in group else "?",
+                      "first_step": first, "statistics": stats, "kinds": non_finite_kinds(values),
+                      "order": (first, not output, depth if output else -depth)})
+    return sorted(items, key=lambda i: i["order"])
+
+
+#: Layers and blocks spelled out in a non-finite finding's text (all are in ``Finding.layers``).
+_SPELLED_OUT = 4
 
 
 def _non_finite(run: Run) -> Iterable[Finding]:
-    for what, rows, key in _non_finite_rows(run):
-        if rows.empty:
-            continue
-        first = int(rows.step.min())
-        yield Finding(
-            "non_finite", "critical", f"Non-finite {what} values",
-            f"{what} values are inf or NaN from step {first} on ({len(rows)} rows): training diverged or "
-            "overflowed; lower the learning rate or clip gradients (under AMP, a GradScaler skips such "
-            "steps by design).", _label(run), {"first_step": first, "rows": len(rows)},
-            layers=_names(rows.drop_duplicates(key), key) if key else [], steps=[first])
+    """One critical finding per run that names every layer, block and scalar with a measured NaN
+    or inf, the statistics, and the step each first appears: a NaN hidden downstream (by
+    ``torch.nan_to_num``, a mask, a clamp) leaves the loss finite, and only the layers show it."""
+    cells = non_finite_cells(run)
+    s_mask = cells["scalars"]
+    scalars = [(c, int(run.scalars.step[s_mask[c].to_numpy()].min()),
+                non_finite_kinds(run.scalars[c].to_numpy(dtype=float)[s_mask[c].to_numpy()]))
+               for c in s_mask.columns if s_mask[c].any()]
+    layers = non_finite_items(run.layers, cells["layers"], "layer")
+    blocks = non_finite_items(run.blocks, cells["blocks"], "block")
+    if not (scalars or layers or blocks):
+        return
+    first = min([s for _, s, _ in scalars] + [i["first_step"] for i in layers + blocks])
+    parts = [f"{_SCALAR_WORDS[c]} is {k} from step {s}" for c, s, k in scalars]
+    for what, items in (("layer", layers), ("block", blocks)):
+        spelled = [f"{what} {i['name']} ({i['type']}) has {i['kinds']} {', '.join(i['statistics'])} "
+                   f"from step {i['first_step']}" for i in items[:_SPELLED_OUT]]
+        if len(items) > _SPELLED_OUT:
+            spelled.append(f"{len(items) - _SPELLED_OUT} more {what}s do too")
+        parts += spelled
+    loss_finite = not any(c == "loss" for c, _, _ in scalars) and run.scalars.loss.notna().any()
+    if layers and loss_finite:
+        source = layers[0]
+        advice = (f"The loss stayed finite, so something after these layers (torch.nan_to_num, a mask, a clamp) "
+                  f"hides the problem; look first at {source['name']} ({source['type']}), the likeliest source "
+                  f"(the earliest {'output' if not source['order'][1] else 'gradient'} to go non-finite).")
+    else:
+        advice = ("Training diverged or overflowed; lower the learning rate or clip gradients (under AMP, a "
+                  "GradScaler skips such steps by design).")
+    yield Finding(
+        "non_finite", "critical", f"Non-finite values (NaN or inf) from step {first}",
+        f"{'; '.join(parts)}. {advice}", _label(run),
+        {"first_step": first, "layers_affected": len(layers), "blocks_affected": len(blocks),
+         "values": int(sum(int(m.to_numpy().sum()) for m in cells.values()))},
+        layers=[i["name"] for i in layers], blocks=[i["name"] for i in blocks], steps=[first])
 
 
 def _last_step(frame: pd.DataFrame) -> pd.DataFrame:
@@ -271,15 +406,47 @@ def _rank_collapse(run: Run) -> Iterable[Finding]:
             steps=[int(last.step.max())])
 
 
+def peak_lr_step(scalars: pd.DataFrame, steps: Iterable[int]) -> int | None:
+    """The last of ``steps`` at which the learning rate was at its highest over them (None where
+    the lr is not known): the step at which the run's configuration, not its decay, sets the
+    size of the updates."""
+    lr = scalars.dropna(subset=["lr"]).drop_duplicates("step").set_index("step").lr
+    lr = lr[lr.index.isin(list(steps))]
+    if lr.empty or not np.isfinite(lr.max()):
+        return None
+    return int(lr.index[lr >= lr.max() * (1 - 1e-9)].max())
+
+
 def _update_ratio(run: Run) -> Iterable[Finding]:
-    last = _last_step(_train_layers(run)).dropna(subset=["update_ratio"])
-    last = last[np.isfinite(last.update_ratio)]
-    if last.empty:
+    """lr * ||g|| / ||w|| of each layer, judged against its typical 1e-3.
+
+    The ratio is proportional to the learning rate, so a schedule's decay (/100 by the end of a
+    step schedule) shrinks every layer's ratio by the same factor, on purpose. A layer is said
+    to barely move only if its ratio is below ``UPDATE_RATIO_LOW`` at the last recorded step
+    *and* at the last recorded step where the learning rate was at its highest (warm-up and
+    decay excluded): that is the update size the configuration chose, so a frozen layer
+    (lr 0, no gradient) or a learning rate too small for the model is caught, and a planned
+    decay is not. Too large a ratio is judged at the last step (decay only lowers it).
+    """
+    train = _train_layers(run).dropna(subset=["update_ratio"])
+    train = train[np.isfinite(train.update_ratio)]
+    if train.empty:
         return
-    step = int(last.step.max())
-    lrs = run.scalars[run.scalars.step == step].lr.dropna()
-    at = f"at step {step}" + (f" (lr {_fmt(float(lrs.iloc[0]))})" if len(lrs) else "")
-    for kind, rows, words in (("low", last[last.update_ratio < UPDATE_RATIO_LOW], "barely move"),
+    step = int(train.step.max())
+    last = train[train.step == step]
+    peak = peak_lr_step(run.scalars, train.step.unique())
+    lrs = run.scalars.dropna(subset=["lr"]).drop_duplicates("step").set_index("step").lr
+    at = f"at step {step}" + (f" (lr {_fmt(float(lrs[step]))})" if step in lrs.index else "")
+    low = last[last.update_ratio < UPDATE_RATIO_LOW]
+    evidence: dict[str, Any] = {}
+    peak_words = ""
+    if peak is not None and peak != step and len(low):
+        at_peak = train[train.step == peak].set_index("layer").update_ratio
+        low = low[~(low.layer.map(at_peak) >= UPDATE_RATIO_LOW).to_numpy()]  # no ratio at the peak: unexplained
+        peak_words = (f", and were below it at step {peak} too, when the learning rate was at its highest "
+                      f"({_fmt(float(lrs[peak]))}), so the schedule's decay does not explain it")
+        evidence = {"peak_lr_step": peak, "peak_lr": float(lrs[peak])}
+    for kind, rows, words in (("low", low, "barely move"),
                               ("high", last[last.update_ratio > UPDATE_RATIO_HIGH], "are overwritten each step")):
         if len(rows):
             yield Finding(
@@ -287,8 +454,9 @@ def _update_ratio(run: Run) -> Iterable[Finding]:
                 f"{at}, {len(rows)} layer(s) have lr * ||g|| / ||w|| {'below' if kind == 'low' else 'above'} "
                 f"{_fmt(UPDATE_RATIO_LOW if kind == 'low' else UPDATE_RATIO_HIGH)} "
                 f"(median {_fmt(rows.update_ratio.median())}; "
-                f"about 1e-3 is typical for SGD): their weights {words}.",
-                _label(run), {"median": float(rows.update_ratio.median())}, layers=_names(rows, "layer"), steps=[step])
+                f"about 1e-3 is typical for SGD){peak_words if kind == 'low' else ''}: their weights {words}.",
+                _label(run), {"median": float(rows.update_ratio.median()), **(evidence if kind == "low" else {})},
+                layers=_names(rows, "layer"), steps=[step] if kind == "high" or not evidence else [peak, step])
 
 
 RULES = (_non_finite, _gradient_flow, _dead_units, _saturation, _identity, _rank_collapse, _update_ratio)

@@ -33,6 +33,9 @@ class Preset:
     batch_size: int | None = None
     watch_activations: bool = False
     task_options: dict[str, Any] = field(default_factory=dict)  # e.g. smaller images on the CPU
+    # Captum attribution checkpoints spread over the run (0: none). grad_x_act costs about one
+    # training step each, so a handful fills the report's "Attribution flow" section cheaply.
+    attribution_checkpoints: int = 0
     # settings that replace the ones above on CUDA, where the full-size problem is affordable
     gpu: dict[str, Any] = field(default_factory=dict)  # keys: steps, batch_size, task_options
 
@@ -47,7 +50,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("pair", "plain vs residual", "The residual network's blocks stay near the identity and its "
            "gradient reaches the first layers as strongly as the plain network's; both learn this easy task.",
            "images", _runs(("plain20", "plain20", {}), ("resnet20", "resnet20", {})),
-           steps=300, quick_steps=40, every=5, batch_size=64),
+           steps=300, quick_steps=40, every=5, batch_size=64, attribution_checkpoints=6),
     Preset("degradation", "degradation: plain vs residual at 20 and 56 layers",
            "The deeper plain network ends with the higher training loss while the residual pair does not. At "
            "initialisation its gradients grow toward the input rather than vanish (He et al. 2015 found healthy "
@@ -88,8 +91,16 @@ def run_preset(name: str, out: str | Path, *, quick: bool = False, steps: int | 
                 **(p.gpu if on_gpu else {})}
     n = steps or (p.quick_steps if quick else settings["steps"])
     every = min(p.every, max(1, n // 10))
+    attribution = {"attribution_every": attribution_interval(n, p.attribution_checkpoints)} \
+        if p.attribution_checkpoints else {}
     return [train(r.model, task=p.task, steps=n, every=every, out=out, run_name=r.run_name, seed=seed,
                   device=device, batch_size=settings["batch_size"], overrides=r.overrides, overwrite=True,
                   progress=progress, watch_activations=p.watch_activations,
-                  eval_limit=256 if quick else 1000, task_options=settings["task_options"])
+                  eval_limit=256 if quick else 1000, task_options=settings["task_options"], **attribution)
             for r in p.runs]
+
+
+def attribution_interval(steps: int, checkpoints: int) -> int:
+    """Steps between attribution checkpoints so that ``steps`` hold about ``checkpoints`` of them
+    (at 0, every, 2 every, ...; a run shorter than that gets one per step)."""
+    return max(1, -(-steps // checkpoints))
