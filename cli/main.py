@@ -187,7 +187,7 @@ def run_command(model_names: tuple[str, ...], task: str | None, steps: int, ever
     Example: gradscope run plain20 resnet20 --steps 300 --every 5 --out runs/cmp
     """
     from gradscope.lab.train import check, check_options, train
-    from gradscope.store.schema import TABLES
+    from gradscope.store.writer import check_replaceable
 
     # everything that can fail is checked for every model before the first one trains
     check_options(steps=steps, every=every, lr=lr, batch_size=batch_size, eval_every=eval_every,
@@ -199,8 +199,7 @@ def run_command(model_names: tuple[str, ...], task: str | None, steps: int, ever
     overrides = parse_settings(settings)
     check(model_names, task, data_dir=str(data_dir) if data_dir else None, seed=seed, overrides=overrides)
     for name in model_names:  # as the run writer decides, but before the first model trains
-        if not overwrite and any((out / name / f).exists() for f in ("meta.json", *TABLES)):
-            raise InputError(f"{out / name} already holds a gradscope run (or pass --overwrite)")
+        check_replaceable(out / name, overwrite)
     writable_dir(out)
     for name in model_names:
         result = train(name, task=task, steps=steps, every=every, out=out, seed=seed, device=device, amp=amp,

@@ -38,7 +38,7 @@ from gradscope.recording.hooks import ProbeHooks
 from gradscope.recording.layers import ExecutionOrder, Layer, ModuleFilter, select_layers
 from gradscope.recording.parameters import ParameterNorms
 from gradscope.recording.sink import Sink
-from gradscope.store.meta import SCHEMA_VERSION, RunError, describe_optimizer, now
+from gradscope.store.meta import SCHEMA_VERSION, describe_optimizer, now
 from gradscope.store.parts import AttributionJob, FlushJob
 from gradscope.store.schema import ACCURACY, EVAL_ACCURACY, EVAL_LOSS, LOSS
 from gradscope.store.writer import RunWriter
@@ -155,13 +155,15 @@ class Recorder:
         self._next_attribution = 0
         self._late_scalars_dropped = False
         self._pid = os.getpid()
+        self._last_type_at_start = getattr(sys, "last_type", None)  # a REPL keeps its last traceback's
         self._forwards_open = 0  # model forwards begun and not returned (an exception can leave one open)
         self._dropped_step: int | None = None  # the step in progress when an exception or a signal closed us
 
         self.path = Path(run) if run is not None else _default_run_path(model)
         self._started_at = now()
+        first_meta = self._meta("running")  # before the directory is locked: it may raise
         self._writer = RunWriter(self.path, overwrite=overwrite)  # locks the directory
-        self._writer.start(self._meta("running"))
+        self._writer.start(first_meta)
 
         self._probes = ProbeHooks(model, self._clock, self._sink, chosen, self._layer_order, chosen_blocks,
                                   self._block_order)
@@ -255,11 +257,12 @@ class Recorder:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
             self._close(_status_after(exc_type, exc))
-        except RunError as error:
+        except Exception as error:
             if exc_type is None:
                 raise
-            # the training's own exception matters more; the write errors are in meta.json too
-            warnings.warn(str(error), RuntimeWarning, stacklevel=2)
+            # the training's own exception matters more; what went wrong closing is in meta.json too
+            warnings.warn(f"gradscope: closing {self.path} after {exc_type.__name__}: {error}", RuntimeWarning,
+                          stacklevel=2)
 
     def _close(self, status: str) -> None:
         """Close with ``status``: finished, failed (an exception) or interrupted (Ctrl-C, SIGTERM).
@@ -281,9 +284,18 @@ class Recorder:
                 if status != "finished" and self._step_in_progress():
                     self._dropped_step = self._clock.step
                     slots -= 1
-                self._flush(slots, commit=status == "finished")
-                self._buffer.closed = True  # gradients of a backward still to come find no slot
-                self._writer.finish(lambda errors: self._meta("failed" if errors else status, errors))
+                lost: list[str] = []
+                try:
+                    self._flush(slots, commit=status == "finished")
+                except Exception as exc:  # e.g. a CUDA error that broke the device: the steps held there are
+                    lost.append(f"steps not written ({type(exc).__name__}: {exc})")  # lost; say so
+                    if status == "finished":
+                        raise
+                    warnings.warn(f"gradscope: closing {self.path}: {lost[0]}", RuntimeWarning, stacklevel=3)
+                finally:
+                    self._buffer.closed = True  # gradients of a backward still to come find no slot
+                    self._writer.finish(lambda errors: self._meta("failed" if errors or lost else status,
+                                                                  [*errors, *lost]))
             finally:
                 _OPEN.discard(self)
                 if not _OPEN:
@@ -461,6 +473,10 @@ def _checked_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
         return {}
     if not isinstance(meta, dict):
         raise TypeError(f"gradscope.watch: meta= must be a dict, got {type(meta).__name__}")
+    reserved = sorted(set(meta) & _OWN_META_KEYS)
+    if reserved:
+        raise ValueError(f"gradscope.watch: meta= may not set {', '.join(map(repr, reserved))}: gradscope "
+                         "writes those itself (put your facts under other keys)")
     try:
         json.dumps(meta, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -468,6 +484,11 @@ def _checked_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
     except RecursionError:
         raise ValueError("gradscope.watch: meta= is nested too deeply (or holds itself)") from None
     return dict(meta)
+
+
+#: meta.json keys gradscope writes; ``meta=`` may add others, and fill ``task`` (None otherwise).
+_OWN_META_KEYS = frozenset({"schema_version", "gradscope_version", "run", "status", "started_at", "updated_at",
+                            "model", "layers", "blocks", "attribution", "optimizer", "schedule", "errors", "env"})
 
 
 def _status_after(exc_type: Any, exc: Any) -> str:
@@ -499,14 +520,16 @@ def _close_open_recorders(status: str | None = None) -> None:
     At exit the status follows how the program ended: an uncaught exception (``sys.last_type``,
     set before exit handlers run) fails the run, Ctrl-C interrupts it.
     """
-    if status is None:
-        last = getattr(sys, "last_type", None)
-        status = _status_after(last, getattr(sys, "last_value", None)) if last is not None else "finished"
+    last = getattr(sys, "last_type", None)
     for rec in list(_OPEN):
         if rec._pid != os.getpid():
             continue  # a forked child (a DataLoader worker): the run is its parent's to close
+        ended = status
+        if ended is None:  # at exit: an exception that reached the top since watch() fails the run
+            fresh = last is not None and last is not rec._last_type_at_start
+            ended = _status_after(last, getattr(sys, "last_value", None)) if fresh else "finished"
         try:
-            rec._close(status)
+            rec._close(ended)
         except Exception:  # exiting anyway; nothing better to do with the error
             pass
 

@@ -7,8 +7,9 @@ no pid file has to be trusted. Locks are per open file, so a second writer in th
 refused too. Readers may probe the lock (``writer_alive``) to tell a run still being written from
 one whose writer is gone; the writer retries briefly so that such a probe cannot refuse it.
 
-The lock file is left in place after the writer closes: removing it would let a writer that
-opened the old file and one that creates a new file both believe they hold the lock.
+The lock file is left in place after the writer closes. Only a writer whose start failed removes
+it (with the directory it made); a writer that locked the removed file notices (its descriptor
+no longer names the file at the path) and locks the new one, so two writers never both hold it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -69,16 +71,22 @@ class RunLock:
     def acquire(cls, directory: Path) -> RunLock:
         """Lock ``directory`` (which must exist) or raise ``RunLockedError`` naming the holder."""
         path = directory / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            for attempt in range(_RETRIES):
-                if _try_lock(fd, exclusive=True):
+        for attempt in range(_RETRIES):
+            fd = _open_lock_file(directory)
+            if _try_lock(fd, exclusive=True):
+                if _same_file(fd, path):
                     break
-                if attempt + 1 < _RETRIES:
-                    time.sleep(_RETRY_WAIT)
-            else:
-                raise RunLockedError(f"run {directory} is being written by {_holder(path)}; two writers would "
-                                     "mix their data (choose another run= path, or wait for that one to close)")
+                # a writer whose start failed removed the file after we opened it: the lock we
+                # hold is on a file no one else will open, so take the one at the path instead
+                os.close(fd)
+                continue
+            os.close(fd)
+            if attempt + 1 < _RETRIES:
+                time.sleep(_RETRY_WAIT)
+        else:
+            raise RunLockedError(f"run {directory} is being written by {_holder(path)}; two writers would "
+                                 "mix their data (choose another run= path, or wait for that one to close)")
+        try:
             with contextlib.suppress(OSError):  # who holds it, for the message a second writer gets
                 os.ftruncate(fd, 0)
                 os.lseek(fd, 0, os.SEEK_SET)
@@ -104,11 +112,13 @@ class RunLock:
 def writer_alive(directory: Path) -> bool:
     """Whether a writer holds ``directory``'s lock now (False for runs written before locks)."""
     path = directory / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDONLY)
+    try:  # without blocking, and only a regular file: a FIFO put there must not hang a reader
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         return False
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
         if _try_lock(fd, exclusive=False):
             _unlock(fd)
             return False
@@ -117,6 +127,24 @@ def writer_alive(directory: Path) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def _open_lock_file(directory: Path) -> int:
+    """The lock file, created if missing (and its directory, if a failed writer removed it)."""
+    try:
+        return os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:
+        directory.mkdir(parents=True, exist_ok=True)
+        return os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``fd`` is still the file at ``path`` (not unlinked or replaced since it was opened)."""
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _holder(path: Path) -> str:

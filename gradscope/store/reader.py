@@ -101,7 +101,11 @@ def _check_part(part: Path, table_name: str, table: pa.Table) -> pa.Table:
     Only the Arrow schema is read, not the data. A part of an older release that lacks a
     statistic column passes: that column reads as missing (``_frame``).
     """
-    columns = set(table.column_names)
+    names = table.column_names
+    columns = set(names)
+    if len(columns) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise RunError(f"{part}: column{'s' * (len(twice) > 1)} {', '.join(map(repr, twice))} appear more than once")
     expected = SCHEMAS[table_name]
     overlap = {name: len(columns & set(dtypes)) for name, dtypes in SCHEMAS.items()}
     best = max(overlap, key=lambda name: (overlap[name], name == table_name))

@@ -56,6 +56,7 @@ class RunWriter:
         self._parts = {t: 0 for t in TABLES}
         self._queue: queue.Queue[Any] = queue.Queue()
         self._errors: dict[str, int] = {}  # distinct message -> times it happened
+        self._raised = 0  # errors wait() has raised already
         self._lost: list[tuple[int, int]] = []  # (first, last) step of each flush that failed to write
         self._thread: threading.Thread | None = None
 
@@ -78,9 +79,12 @@ class RunWriter:
         self._queue.put(("parts", job))
 
     def wait(self) -> None:
-        """Block until everything submitted is on disk; raise if anything failed to write."""
+        """Block until everything submitted is on disk; raise if anything failed to write since the
+        last ``wait()`` (errors already raised are not raised again, but stay for the final status)."""
         self._queue.join()
-        if self._errors:
+        new = sum(self._errors.values())
+        if new > self._raised:
+            self._raised = new
             raise RunError(f"gradscope could not write run {self.path}: {self.error_summary()}")
 
     def errors(self) -> list[str]:
@@ -171,21 +175,32 @@ def _make_directory(path: Path) -> bool:
     return not existed
 
 
-def _prepare_directory(path: Path, overwrite: bool) -> None:
-    """Refuse to mix two runs' data; with ``overwrite``, remove only what a gradscope run wrote.
+def check_replaceable(path: Path, overwrite: bool) -> bool:
+    """Whether ``path`` holds a run that a writer would replace; raise where a writer would refuse:
+    a run without ``overwrite`` (FileExistsError), or what is not a gradscope run (RunError).
 
-    Called with the lock held, so no other writer is using the files removed here.
+    Also usable before any writer exists (the CLI checks every model's run before training one).
     """
     tables = [path / t for t in TABLES]
     if not (path / META_FILE).exists() and not any(t.exists() for t in tables):
-        return
+        return False
     if not overwrite:
         raise FileExistsError(f"{path} already holds a gradscope run; pass overwrite=True to replace it, "
                               "or choose another run= path")
     if not _is_run(path):
         raise RunError(f"refusing to overwrite {path}: it has no gradscope meta.json, so it may hold files "
                        "that are not a run's; remove them yourself or choose another run= path")
-    for folder in tables:
+    return True
+
+
+def _prepare_directory(path: Path, overwrite: bool) -> None:
+    """Refuse to mix two runs' data; with ``overwrite``, remove only what a gradscope run wrote.
+
+    Called with the lock held, so no other writer is using the files removed here.
+    """
+    if not check_replaceable(path, overwrite):
+        return
+    for folder in (path / t for t in TABLES):
         if folder.is_dir():
             for part in [*folder.glob("part-*.parquet"), *folder.glob(".part-*.parquet.tmp")]:
                 part.unlink()

@@ -92,6 +92,16 @@ def test_an_existing_run_of_a_later_model_is_refused_before_the_first_trains(cli
     assert not (out / "mlp_plain").exists()
 
 
+def test_overwrite_of_a_later_folder_that_is_not_a_run_is_refused_before_the_first_trains(cli, tmp_path):
+    out = tmp_path / "runs"
+    (out / "mlp_residual" / "scalars").mkdir(parents=True)
+    (out / "mlp_residual" / "scalars" / "notes.csv").write_text("mine")
+    result = cli("run", "mlp_plain", "mlp_residual", "--steps", "1", "--out", out, "--no-progress", "--overwrite")
+    assert_refused(result, str(out / "mlp_residual"), "no gradscope meta.json")
+    assert not (out / "mlp_plain").exists()
+    assert (out / "mlp_residual" / "scalars" / "notes.csv").read_text() == "mine"
+
+
 @pytest.fixture
 def fake_build(monkeypatch):
     """reports.build replaced by a stub that notes the runs it is given (the real one takes

@@ -132,3 +132,10 @@ def test_a_part_that_is_a_fifo_is_refused_without_waiting(run):
     part.unlink()
     os.mkfifo(part)  # opening it would wait for a writer forever
     assert_blames(run, part, "not a regular file")
+
+
+def test_a_part_with_a_column_twice_is_named(run):
+    part = first_part(run, "scalars")
+    table = pq.read_table(part)
+    pq.write_table(pa.Table.from_arrays([*table.columns, table["step"]], names=[*table.column_names, "step"]), part)
+    assert_blames(run, part, "'step' appear")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,10 @@ import torch
 import torch.nn.functional as F
 
 import gradscope
+from gradscope.recording import recorder as recorder_module
+from gradscope.recording import termination
 from gradscope.store import RunError
+from gradscope.store import lock as lock_module
 from gradscope.store import writer as writer_module
 from gradscope.testing.models import TinyMLP
 
@@ -261,3 +265,94 @@ def test_log_eval_more_often_than_every_loses_no_evaluation(run_dir):
     assert list(evals.step) == [1, 2, 3, 4, 5, 6]
     assert list(evals.eval_loss) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
     assert sorted(scalars.dropna(subset=["lr"]).step) == [0, 2, 4]  # training rows only on recorded steps
+
+
+# ------------------------------------------------------------------ found in review
+
+
+def test_a_second_writer_that_opened_a_lock_file_removed_under_it_takes_the_new_one(run_dir, monkeypatch):
+    """A writer whose start failed removes the lock file; one that had opened it must not hold a
+    lock on the removed file while a third writer locks the new one."""
+    run_dir.mkdir()
+    path = run_dir / lock_module.LOCK_FILE
+    path.write_text("")
+    stale = os.open(path, os.O_RDWR)
+    path.unlink()  # the failed writer's cleanup, after the second writer opened the file
+    real, calls = lock_module._open_lock_file, []
+    monkeypatch.setattr(lock_module, "_open_lock_file",
+                        lambda d: calls.append(d) or (stale if len(calls) == 1 else real(d)))
+    held = lock_module.RunLock.acquire(run_dir)
+    try:
+        assert lock_module._same_file(held._fd, path)
+        with pytest.raises(RunError, match="being written"):
+            lock_module.RunLock.acquire(run_dir)  # a third writer, opening the file at the path
+    finally:
+        held.release()
+
+
+def test_a_fifo_in_place_of_the_lock_file_does_not_hang_a_reader(run_dir):
+    with gradscope.watch(TinyMLP(), run_dir) as rec:
+        _steps(rec, rec.model, 1)
+    (run_dir / lock_module.LOCK_FILE).unlink()
+    os.mkfifo(run_dir / lock_module.LOCK_FILE)
+    assert gradscope.load_run(run_dir).status == "finished"
+    assert not lock_module.writer_alive(run_dir)
+
+
+def test_a_write_error_is_raised_by_one_flush_not_by_every_later_one(run_dir, monkeypatch):
+    real, failures = writer_module.pq.write_table, [1]
+
+    def once(table, where, *args, **kwargs):
+        if failures:
+            failures.pop()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(table, where, *args, **kwargs)
+
+    monkeypatch.setattr(writer_module.pq, "write_table", once)
+    rec = gradscope.watch(TinyMLP(), run_dir)
+    with pytest.warns(RuntimeWarning, match="No space"):
+        _steps(rec, rec.model, 2)
+        with pytest.raises(RunError):
+            rec.flush(wait=True)
+    _steps(rec, rec.model, 2)
+    rec.flush(wait=True)  # the disk has room again: training goes on
+    with pytest.raises(RunError):
+        rec.close()
+    run = gradscope.load_run(run_dir)
+    assert run.status == "failed" and sorted(run.scalars.step) == [2, 3]
+
+
+def test_a_close_that_cannot_copy_the_statistics_still_says_failed_and_keeps_the_users_error(run_dir,
+                                                                                            monkeypatch):
+    def broken(upto):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    with pytest.warns(RuntimeWarning, match="device-side assert"):
+        with pytest.raises(IndexError):
+            with gradscope.watch(TinyMLP(), run_dir) as rec:
+                _steps(rec, rec.model, 2)
+                monkeypatch.setattr(rec._buffer, "take", broken)
+                raise IndexError("target out of bounds")
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["status"] == "failed" and any("device-side assert" in e for e in meta["errors"])
+
+
+def test_meta_may_not_overwrite_what_gradscope_writes(run_dir):
+    with pytest.raises(ValueError, match="'status'"):
+        gradscope.watch(TinyMLP(), run_dir, meta={"status": "finished", "task": {"name": "mine"}})
+    assert not run_dir.exists()
+
+
+def test_a_traceback_from_before_watch_does_not_fail_the_run_at_exit(run_dir, monkeypatch):
+    monkeypatch.setattr(sys, "last_type", ValueError, raising=False)  # a REPL's earlier error
+    rec = gradscope.watch(TinyMLP(), run_dir)
+    _steps(rec, rec.model, 1)
+    recorder_module._close_open_recorders()  # what the exit handler does
+    assert rec.closed and gradscope.load_run(run_dir).status == "finished"
+
+
+def test_the_sigterm_handler_knows_gradscope_code_by_module_name_not_path():
+    inside = {"__name__": "gradscope.recording.probes", "termination": termination, "sys": sys}
+    exec("def probe():\n    return termination._inside_gradscope(sys._getframe())", inside)
+    assert inside["probe"]() is True
+    assert termination._inside_gradscope(sys._getframe()) is False
