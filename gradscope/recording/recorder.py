@@ -376,7 +376,8 @@ class Recorder:
         ``commit=False`` (closing after an error) still tries the pending writes, which belong to
         the step in progress once every earlier step ended, but goes on if they fail.
         """
-        if self._attribution_done:
+        attributed = bool(self._attribution_done)
+        if attributed:
             done, self._attribution_done = self._attribution_done, []
             values = [to_host(v) for _, v in done]
             self._writer.submit(AttributionJob(steps=[s for s, _ in done], values=values,
@@ -384,6 +385,8 @@ class Recorder:
                                                method=self._attribution.config.method,  # type: ignore[union-attr]
                                                ready=copies_done(self.device)))
         if upto <= 0:
+            if attributed:  # meta.json counts the new part, so readers take it
+                self._writer.submit_meta(self._meta("running"))
             return
         if commit:
             self._sink.commit()
@@ -488,7 +491,8 @@ def _checked_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
 
 #: meta.json keys gradscope writes; ``meta=`` may add others, and fill ``task`` (None otherwise).
 _OWN_META_KEYS = frozenset({"schema_version", "gradscope_version", "run", "status", "started_at", "updated_at",
-                            "model", "layers", "blocks", "attribution", "optimizer", "schedule", "errors", "env"})
+                            "model", "layers", "blocks", "attribution", "optimizer", "schedule", "errors", "env",
+                            "parts"})
 
 
 def _status_after(exc_type: Any, exc: Any) -> str:

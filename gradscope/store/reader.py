@@ -59,9 +59,12 @@ class Run:
         return status
 
 
-def _read_table(folder: Path, pool: ThreadPoolExecutor) -> pa.Table | None:
-    """All parts of one table as one Arrow table (None when there are none)."""
+def _read_table(folder: Path, pool: ThreadPoolExecutor, committed: int | None = None) -> pa.Table | None:
+    """The parts of one table that meta.json counts as complete (all of them for runs written
+    before it counted) as one Arrow table (None when there are none)."""
     parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+    if committed is not None:  # later parts belong to a flush a kill cut short
+        parts = [p for p in parts if _part_number(p) < committed]
     if not parts:
         return None
     for part in parts:
@@ -197,6 +200,22 @@ def _join_names(table: pa.Table | None, schema: dict[str, str], names: pd.DataFr
     return _frame(table, schema)
 
 
+def _part_number(part: Path) -> int:
+    number = part.name[len("part-"):-len(".parquet")]
+    return int(number) if number.isdigit() else -1
+
+
+def _committed_parts(meta: dict[str, Any], path: Path) -> dict[str, int]:
+    """meta.json's count of complete parts per table ({} for runs written before it counted)."""
+    parts = meta.get("parts")
+    if parts is None:
+        return {}
+    if not isinstance(parts, dict) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                              for v in parts.values()):
+        raise RunError(f"{path / META_FILE} is damaged: 'parts' should map tables to part counts")
+    return parts
+
+
 def load_run(path: str | os.PathLike[str]) -> Run:
     """Read a run directory written by ``gradscope.watch``.
 
@@ -211,7 +230,8 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     block_table = pd.DataFrame(meta.get("blocks", []), columns=[
         "name", "type", "row", "source", "branch", "residual", "depth", "rel_depth", "calls", "reason"])
     with ThreadPoolExecutor(max_workers=_READERS) as pool:  # parts decode in parallel, off the GIL
-        tables = {name: _read_table(path / name, pool) for name in TABLES}
+        committed = _committed_parts(meta, path)
+        tables = {name: _read_table(path / name, pool, committed.get(name)) for name in TABLES}
     try:
         layers = _join_names(tables["layers"], LAYER_SCHEMA, layer_table, "layer", ["step", "phase", "depth"])
         blocks = _join_names(tables["blocks"], BLOCK_SCHEMA, block_table, "block", ["step", "depth"],

@@ -42,6 +42,7 @@ class RunWriter:
 
     def __init__(self, path: str | os.PathLike[str], overwrite: bool = False) -> None:
         self.path = Path(path)
+        self._parts = {t: 0 for t in TABLES}  # parts numbered below these are written (or failed)
         self._created = _make_directory(self.path)
         try:
             self._lock = RunLock.acquire(self.path)
@@ -53,7 +54,6 @@ class RunWriter:
         except BaseException:
             self._release(remove=True)
             raise
-        self._parts = {t: 0 for t in TABLES}
         self._queue: queue.Queue[Any] = queue.Queue()
         self._errors: dict[str, int] = {}  # distinct message -> times it happened
         self._raised = 0  # errors wait() has raised already
@@ -63,7 +63,7 @@ class RunWriter:
     def start(self, meta: dict[str, Any]) -> None:
         """Write the first meta.json and start the writer thread; on failure leave nothing behind."""
         try:
-            write_json(self.path / META_FILE, meta)
+            self._write_meta(meta)
         except BaseException as exc:
             self._release(remove=True)
             if isinstance(exc, OSError):
@@ -101,7 +101,7 @@ class RunWriter:
         """After everything submitted is written: the final meta.json, ``final_meta(errors())``."""
         self._queue.join()
         try:
-            write_json(self.path / META_FILE, final_meta(self.errors()))
+            self._write_meta(final_meta(self.errors()))
         except Exception as exc:  # e.g. the disk is full: meta.json keeps status "running",
             self._note_error(f"meta.json: {type(exc).__name__}: {exc}")  # which readers show as interrupted
 
@@ -141,7 +141,7 @@ class RunWriter:
                     return
                 kind, payload = item
                 if kind == "meta":
-                    write_json(self.path / META_FILE, payload)
+                    self._write_meta(payload)
                 else:
                     try:
                         for table, data in payload.tables().items():
@@ -155,6 +155,12 @@ class RunWriter:
                 self._note_error(f"{type(exc).__name__}: {exc}")
             finally:
                 self._queue.task_done()
+
+    def _write_meta(self, meta: dict[str, Any]) -> None:
+        """meta.json with ``parts``: how many parts of each table are complete. A flush writes a
+        part per table, one after another, so a kill between two leaves a step in some tables and
+        not others; readers read only the parts meta.json counts, which are whole flushes."""
+        write_json(self.path / META_FILE, {**meta, "parts": dict(self._parts)})
 
     def _write_part(self, table: str, data: pa.Table) -> None:
         folder = self.path / table

@@ -7,6 +7,7 @@ columns do not fit their table, and a meta.json too deep for the JSON parser.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -65,9 +66,22 @@ def test_a_part_missing_a_key_column_is_named_with_the_column(run, table, column
 
 @pytest.mark.parametrize("source, folder", [("scalars", "layers"), ("layers", "blocks"), ("blocks", "scalars")])
 def test_a_part_in_another_tables_folder_is_named_with_its_table(run, source, folder):
-    stray = run / folder / "part-000099.parquet"
+    stray = first_part(run, folder)  # one that meta.json counts as written
     shutil.copy(first_part(run, source), stray)
     assert_blames(run, stray, f"belong to table '{source}', not '{folder}'")
+
+
+def test_parts_meta_json_does_not_count_are_not_read(run):
+    """A kill between a flush's layers part and its scalars part leaves a step in one table only;
+    readers take the parts meta.json counts as written, which are whole flushes."""
+    before = gradscope.load_run(run)
+    shutil.copy(first_part(run, "layers"), run / "layers" / "part-000099.parquet")
+    after = gradscope.load_run(run)
+    assert len(after.layers) == len(before.layers)
+    meta = json.loads((run / "meta.json").read_text())
+    del meta["parts"]  # a run written before meta.json counted its parts: every part is read
+    (run / "meta.json").write_text(json.dumps(meta))
+    assert len(gradscope.load_run(run).layers) > len(before.layers)
 
 
 @pytest.mark.parametrize("table, column, arrow_type, expected", [
@@ -94,6 +108,9 @@ def test_parts_disagreeing_on_a_column_type_name_the_later_part(run):
     table = pq.read_table(first)
     pq.write_table(table.set_column(table.schema.get_field_index("act_mean"), "act_mean",
                                     table["act_mean"].cast(pa.float64())), second)
+    meta = json.loads((run / "meta.json").read_text())
+    meta["parts"]["layers"] = 100  # counted as written
+    (run / "meta.json").write_text(json.dumps(meta))
     assert_blames(run, second, "column 'act_mean' has type double", first.name)
 
 
