@@ -20,9 +20,7 @@ import numpy as np
 import pandas as pd
 
 from gradscope.store import Run, load_run
-
-#: The ``type`` of a layer row holding parameters that no watched module owns (no forward probe).
-PARAMETER_TYPE = "Parameter"
+from gradscope.store.meta import PARAMETER_TYPE
 
 # --- Thresholds, with where they come from -------------------------------------------------
 #: Gradient flow is judged on ||dL/dy|| of the hidden layers (the head excluded), fitted on a
@@ -231,7 +229,8 @@ def non_finite_cells(run: Run) -> dict[str, pd.DataFrame]:
     params = run.layer_table.set_index("name").params if "params" in run.layer_table else pd.Series(dtype=float)
     owns = layers.layer.map(params).fillna(0).to_numpy(dtype=float) > 0 if len(layers) else np.zeros(0, bool)
     owns |= ~np.isnan(v["param_norm"])
-    broken_step = layers.step.isin(_gradient_broken_steps(scalars)).to_numpy() if len(layers) else train
+    broken_steps = _gradient_broken_steps(scalars)
+    broken_step = layers.step.isin(broken_steps).to_numpy() if len(layers) else train
     broken = broken_step & train
     no_probe = (layers.type == PARAMETER_TYPE).to_numpy() if "type" in layers else np.zeros(len(layers), bool)
     lr_known = layers.step.map(scalars.drop_duplicates("step").set_index("step").lr).notna().to_numpy() \
@@ -255,7 +254,7 @@ def non_finite_cells(run: Run) -> dict[str, pd.DataFrame]:
     sout = {c: np.isinf(x) for c, x in sv.items()}
     trained = scalars.index.isin(training_steps(scalars).index)
     sout["loss"] |= np.isnan(sv["loss"]) & trained & (~np.isnan(sv["loss"])).any()
-    sout["grad_global_norm"] |= scalars.step.isin(_gradient_broken_steps(scalars)).to_numpy() \
+    sout["grad_global_norm"] |= scalars.step.isin(broken_steps).to_numpy() \
         if len(scalars) else np.zeros(0, bool)
     cells["scalars"] = pd.DataFrame(sout, index=scalars.index)
     return cells

@@ -20,6 +20,8 @@ from typing import Any
 from torch import nn
 from torch.nn.utils import parametrize
 
+from gradscope.store.meta import PARAMETER_TYPE
+
 #: What ``watch(modules=...)`` accepts: a glob on qualified names, a module type, a predicate
 #: ``(name, module) -> bool``, or a list of those (a module matching any of them is watched).
 ModuleFilter = str | type | Callable[[str, nn.Module], bool] | Iterable[Any]
@@ -75,10 +77,6 @@ class ParameterRow:
 
     def __init__(self, params: list[nn.Parameter]) -> None:
         self.params = params
-
-
-#: The ``type`` of a ``ParameterRow`` in the layer table.
-PARAMETER_TYPE = "Parameter"
 
 
 def parametrizations(module: nn.Module) -> nn.Module | None:

@@ -388,13 +388,11 @@ class Recorder:
             if attributed:  # meta.json counts the new part, so readers take it
                 self._writer.submit_meta(self._meta("running"))
             return
-        if commit:
+        try:
             self._sink.commit()
-        else:
-            try:
-                self._sink.commit()
-            except Exception:  # state an interrupted hook left half-updated: only the dropped step's
-                pass
+        except Exception:  # after an error: state an interrupted hook left half-updated, only the dropped step's
+            if commit:
+                raise
         steps, layer_host, step_host, block_host, counts, ready = self._buffer.take(upto)
         self._calls = np.maximum(self._calls, counts.act_calls.max(axis=(0, 1)))
         if self.blocks:

@@ -19,6 +19,8 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 META_FILE = "meta.json"
+#: The ``type`` in the layer table of a row of parameters that no watched module owns (norms only).
+PARAMETER_TYPE = "Parameter"
 
 
 class RunError(Exception):
