@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from gradscope.recording.layers import ModuleFilter, as_predicate
+from gradscope.recording.processes import inner_module, user_class, user_name
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,11 @@ def discover_blocks(model: nn.Module) -> list[str]:
         if not isinstance(container, (nn.Sequential, nn.ModuleList)):
             continue
         children = list(container.named_children())
-        classes = Counter(type(child) for _, child in children)
+        classes = Counter(user_class(child) for _, child in children)
         for child_name, child in children:
-            if classes[type(child)] > 1 and next(child.children(), None) is not None:
-                found.append(f"{name}.{child_name}" if name else child_name)
-    return found
+            if classes[user_class(child)] > 1 and next(inner_module(child).children(), None) is not None:
+                found.append(user_name(f"{name}.{child_name}" if name else child_name))
+    return list(dict.fromkeys(found))
 
 
 def select_blocks(model: nn.Module, blocks: ModuleFilter | None) -> list[tuple[Block, nn.Module, nn.Module | None]]:
@@ -82,7 +83,8 @@ def select_blocks(model: nn.Module, blocks: ModuleFilter | None) -> list[tuple[B
     ``blocks=None`` takes the model's declaration, else discovery; a filter picks modules
     itself (declared branches are still used for the modules it picks).
     """
-    modules = dict(model.named_modules())
+    # by the user's names: a wrapper (FSDP1) and the module it wraps share one, and the module wins
+    modules = {user_name(name): m for name, m in model.named_modules()}
     declared = {spec.name: spec for spec in declared_blocks(model) or []}
     if blocks is not None:
         keep = as_predicate(blocks)
@@ -97,7 +99,7 @@ def select_blocks(model: nn.Module, blocks: ModuleFilter | None) -> list[tuple[B
             raise ValueError(f"{type(model).__name__} declares block {name!r}, which is not one of its modules")
         spec = declared.get(name)
         branch = modules.get(spec.branch) if spec and spec.branch else None
-        block = Block(name=name, type=type(modules[name]).__name__, row=row,
+        block = Block(name=name, type=user_class(modules[name]).__name__, row=row,
                       source="declared" if spec and source != "selected" else source,
                       branch=spec.branch if spec else None, residual=spec.residual if spec else None)
         out.append((block, modules[name], branch))

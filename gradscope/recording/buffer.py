@@ -21,7 +21,17 @@ import torch
 from torch import Tensor
 
 from gradscope.recording.identity import identity_terms, token_cosines, token_direction_norms
-from gradscope.store.schema import B_COS_SUM, B_DIFF_SS, B_TOKEN_COS_SUM, BLOCK, LAYER, PHASES, STEP, HostCounts
+from gradscope.store.schema import (
+    B_COS_SUM,
+    B_DIFF_SS,
+    B_TOKEN_COS_SUM,
+    BLOCK,
+    COUNTS,
+    LAYER,
+    PHASES,
+    STEP,
+    HostCounts,
+)
 
 _MAX_CACHED_VIEWS = 50_000  # buffer views kept (a few MB of Python objects at most)
 _MAX_CACHED_INDICES = 128
@@ -67,6 +77,24 @@ class StatsBuffer:
         if self.blocks:
             self.block[slot].zero_()  # block statistics are pure sums
         return slot
+
+    def grow(self) -> None:
+        """Twice the slots, contents kept. A recorder of several processes cannot flush alone when
+        evaluations off the schedule fill its buffer (a flush is a collective), so it grows
+        instead. The counts object stays the same (the sink and the loss scale hold it); the
+        device tensors are new, and cached views and indices are dropped."""
+        bigger = StatsBuffer(self.capacity * 2, self.layers, self.blocks, self.device)
+        bigger.layer[:self.capacity].copy_(self.layer)
+        bigger.block[:self.capacity].copy_(self.block)
+        bigger.step[:self.capacity].copy_(self.step)
+        for count in COUNTS:
+            getattr(bigger.counts, count.name)[:self.capacity] = getattr(self.counts, count.name)
+            setattr(self.counts, count.name, getattr(bigger.counts, count.name))
+        self.counts.slots = bigger.capacity
+        self.capacity, self.flat, self.block_base = bigger.capacity, bigger.flat, bigger.block_base
+        self.layer, self.block, self.step = bigger.layer, bigger.block, bigger.step
+        self._views.clear()
+        self._index_cache.clear()
 
     def slot_of(self, step: int) -> int | None:
         """The slot of ``step``; None once it was flushed, or the recorder closed."""

@@ -20,6 +20,7 @@ from typing import Any
 from torch import nn
 from torch.nn.utils import parametrize
 
+from gradscope.recording.processes import user_class, user_name
 from gradscope.store.meta import PARAMETER_TYPE
 
 #: What ``watch(modules=...)`` accepts: a glob on qualified names, a module type, a predicate
@@ -96,6 +97,32 @@ def own_parameters(module: nn.Module | ParameterRow) -> list[nn.Parameter]:
     return params
 
 
+class Ownership:
+    """Which parameters each module owns: its own (``own_parameters``), except that FSDP1
+    without ``use_orig_params`` replaces the wrapped modules' parameters by one flat parameter
+    (``hidden``), whose segments (``processes.FlatSegment``) are given back to their modules;
+    with it, the parameters hold only this rank's part (``sizes``: the full ones)."""
+
+    def __init__(self, segments: dict[int, list[Any]] | None = None, hidden: set[int] | None = None,
+                 sizes: dict[int, int] | None = None) -> None:
+        self.segments, self.hidden, self.sizes = segments or {}, hidden or set(), sizes or {}
+
+    def numel(self, p: Any) -> int:
+        """A parameter's full size, whatever part of it this rank holds."""
+        return self.sizes.get(id(p), p.numel())
+
+    def own(self, module: nn.Module | ParameterRow) -> list[Any]:
+        params = own_parameters(module)
+        if not self.hidden or isinstance(module, ParameterRow):
+            return params
+        return [p for p in params if id(p) not in self.hidden] + self.segments.get(id(module), [])
+
+    def parameters(self, model: nn.Module) -> list[Any]:
+        """Every parameter of ``model`` once, flat ones replaced by their segments."""
+        params = [p for p in model.parameters() if id(p) not in self.hidden]
+        return params + [segment for segments in self.segments.values() for segment in segments]
+
+
 def is_leaf(module: nn.Module) -> bool:
     """No children, or none but its parametrizations container (a parametrized ``nn.Linear``)."""
     inner = parametrizations(module)
@@ -140,7 +167,7 @@ def as_predicate(spec: ModuleFilter) -> Callable[[str, nn.Module], bool]:
 COVERING_FILTERS = (default_filter, with_activations)
 
 
-def select_layers(model: nn.Module, modules: ModuleFilter | None = None,
+def select_layers(model: nn.Module, modules: ModuleFilter | None = None, ownership: Ownership | None = None,
                   ) -> list[tuple[Layer, nn.Module | ParameterRow]]:
     """Watched modules of ``model`` in registration order, each with its layer-table row, then
     (under a covering filter) a ``ParameterRow`` for each parameter that none of them owns.
@@ -149,12 +176,18 @@ def select_layers(model: nn.Module, modules: ModuleFilter | None = None,
     their parameters are ``fc1``'s.
     """
     keep = default_filter if modules is None else as_predicate(modules)
+    covering = modules is None or any(modules is f for f in COVERING_FILTERS)
+    ownership = ownership or Ownership()
+    own = ownership.own
+    if ownership.hidden and covering:  # leaves whose parameters FSDP1 flattened still own them
+        keep = (lambda spec: lambda name, m: spec(name, m) or (is_leaf(m) and bool(own(m))))(keep)
     internal = _parametrization_internals(model)
     chosen: list[tuple[str, nn.Module | ParameterRow]] = [
-        (name, m) for name, m in model.named_modules() if id(m) not in internal and keep(name, m)]
-    if modules is None or any(modules is f for f in COVERING_FILTERS):
-        covered = {id(p) for _, m in chosen for p in own_parameters(m)}
-        chosen += [(name, ParameterRow(params)) for name, params in _unowned_parameters(model, internal, covered)]
+        (user_name(name), m) for name, m in model.named_modules() if id(m) not in internal and keep(user_name(name), m)]
+    if covering:
+        covered = {id(p) for _, m in chosen for p in own(m)} | ownership.hidden
+        chosen += [(user_name(name), ParameterRow(params))
+                   for name, params in _unowned_parameters(model, internal, covered)]
     if not chosen:
         what = "it has no parameters" if modules is None else f"modules={modules!r} matched no module"
         raise ValueError(f"gradscope.watch: nothing to watch in {type(model).__name__}: {what}")
@@ -163,7 +196,7 @@ def select_layers(model: nn.Module, modules: ModuleFilter | None = None,
             Layer(
                 name=name,
                 type=PARAMETER_TYPE if isinstance(m, ParameterRow) else _type_name(m),
-                params=sum(p.numel() for p in own_parameters(m)),
+                params=sum(ownership.numel(p) for p in own(m)),
                 row=row,
                 saturation_bounds=None if isinstance(m, ParameterRow) else saturation_range(m),
                 zero_counted=False if isinstance(m, ParameterRow) else counts_zeros(m),
@@ -175,8 +208,9 @@ def select_layers(model: nn.Module, modules: ModuleFilter | None = None,
 
 
 def _type_name(module: nn.Module) -> str:
-    """The class name a user wrote: a parametrized ``nn.Linear``'s class is ``ParametrizedLinear``."""
-    cls = type(module)
+    """The class name a user wrote: a parametrized ``nn.Linear``'s class is ``ParametrizedLinear``,
+    a ``fully_shard``-ed one's ``FSDPLinear``."""
+    cls = user_class(module)
     if parametrizations(module) is not None and cls.__name__.startswith("Parametrized") and cls.__bases__:
         cls = cls.__bases__[0]
     return cls.__name__

@@ -15,38 +15,63 @@ import torch
 from torch import Tensor, nn
 
 from gradscope.recording.buffer import StatsBuffer, device_index
-from gradscope.recording.layers import Layer, ParameterRow, own_parameters
+from gradscope.recording.layers import Layer, Ownership, ParameterRow
 from gradscope.recording.moments import squared_norms
+from gradscope.recording.processes import Holding
 from gradscope.store.schema import GRAD_GLOBAL_SS, GRAD_SS, PARAM_SS, TRAIN
 
 
 class ParameterNorms:
-    """Maps the model's parameters to buffer rows so all norms come from batched kernels."""
+    """Maps the model's parameters to buffer rows so all norms come from batched kernels.
+
+    In a multi-process job (``holding``) only the parameters whose norms count on this rank are
+    taken, as their local tensors (a DTensor's shard): rank 0 adds every rank's sums
+    (``recording.processes``).
+    """
 
     def __init__(self, model: nn.Module, chosen: list[tuple[Layer, nn.Module | ParameterRow]],
-                 optimizer: torch.optim.Optimizer | None, device: torch.device) -> None:
-        self.device = device
-        self.params: list[nn.Parameter] = list(model.parameters())  # unique, shared ones once
+                 optimizer: torch.optim.Optimizer | None, device: torch.device, holding: Holding | None = None,
+                 ownership: Ownership | None = None) -> None:
+        self.model, self.chosen, self.device, self.holding = model, chosen, device, holding
+        self.ownership = ownership or Ownership()
+        self.optimizer = optimizer
+        self._build()
+
+    def _build(self) -> None:
+        model, chosen, optimizer, holding = self.model, self.chosen, self.optimizer, self.holding
+        own = self.ownership.own
+        self.model_params = list(model.parameters())
+        # unique, shared ones once; in several processes those whose norms count here
+        self.params: list[Any] = [p for p in self.ownership.parameters(model) if holding is None or holding.counts(p)]
+        self._plain = holding is None or holding.is_plain(self.params)
         position = {id(p): i for i, p in enumerate(self.params)}
-        pairs = [(position[id(p)], layer.row) for layer, m in chosen for p in own_parameters(m)
-                 if id(p) in position]
+        pairs = [(position[id(p)], layer.row) for layer, m in chosen for p in own(m) if id(p) in position]
         self.owned = [i for i, _ in pairs]  # parameter index of each (parameter, row) pair
-        self.rows = device_index([r for _, r in pairs], device)
+        self.rows = device_index([r for _, r in pairs], self.device)
         self.rows_with_params = np.zeros(len(chosen), bool)
         self.rows_with_params[[r for _, r in pairs]] = True
         self._pair_rows = np.array([r for _, r in pairs], np.int64)
         self._cache: dict[tuple[bool, ...], tuple[Tensor, Tensor, np.ndarray]] = {}
 
         # learning rate per row: the param group of the row's first own parameter
-        self.optimizer = optimizer
         self.row_group = np.full(len(chosen), -1, np.int64)
         if optimizer is not None:
             group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
             for layer, m in chosen:
-                for p in own_parameters(m):
-                    if id(p) in group_of:
-                        self.row_group[layer.row] = group_of[id(p)]
+                for p in own(m):
+                    key = id(getattr(p, "flat", p))  # a flat segment is optimised as its flat parameter
+                    if key in group_of:
+                        self.row_group[layer.row] = group_of[key]
                         break
+
+    def replaced(self) -> bool:
+        """Rebuild if the model's parameters were replaced since ``watch()`` (``fully_shard``
+        applied after it swaps them for DTensors); True when they were."""
+        now = list(self.model.parameters())
+        if len(now) == len(self.model_params) and all(p is q for p, q in zip(now, self.model_params)):
+            return False
+        self._build()
+        return True
 
     def record(self, buffer: StatsBuffer, slot: int) -> None:
         """Own-parameter and gradient norms of every row, the global gradient norm and the
@@ -66,14 +91,22 @@ class ParameterNorms:
 
         Returns the global squared gradient norm (a device scalar) and which rows had gradients.
         """
-        owned = [self.params[i] for i in self.owned]
+        if self._plain:
+            owned = [self.params[i] for i in self.owned]
+        else:  # DTensors: their local shards (a DTensor's own norm would be a collective)
+            local = self.holding.local  # type: ignore[union-attr]
+            owned = [local(self.params[i]) for i in self.owned]
         param_col.zero_().index_add_(0, self.rows, squared_norms(owned, self.device))
         # Sparse gradients (nn.Embedding(sparse=True)) have no batched norm: left out, NaN.
         has_grad = tuple(p.grad is not None and not p.grad.is_sparse for p in self.params)
         if has_grad not in self._cache:
             self._cache[has_grad] = self._grad_index(has_grad)
         take, rows, rows_with_grad = self._cache[has_grad]
-        grads = [p.grad for p, has in zip(self.params, has_grad) if has]
+        if self._plain:
+            grads = [p.grad for p, has in zip(self.params, has_grad) if has]
+        else:
+            local_grad = self.holding.local_grad  # type: ignore[union-attr]
+            grads = [local_grad(p) for p, has in zip(self.params, has_grad) if has]
         grad_sq = squared_norms(grads, self.device)
         grad_col.zero_().index_add_(0, rows, grad_sq.index_select(0, take))
         return grad_sq.sum(), rows_with_grad

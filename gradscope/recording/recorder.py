@@ -12,9 +12,6 @@ nothing waits for the device.
 from __future__ import annotations
 
 import atexit
-import datetime as _dt
-import itertools
-import json
 import os
 import platform
 import sys
@@ -28,20 +25,23 @@ from torch import Tensor, nn
 
 from gradscope.recording import termination
 from gradscope.recording.amp import LossScale
+from gradscope.recording.arguments import checked_device, checked_meta, default_run_path
 from gradscope.recording.attribution import Attribution, AttributionProbe
 from gradscope.recording.batching import Batcher
 from gradscope.recording.batching import enabled as batching_enabled
 from gradscope.recording.blocks import Block, select_blocks
 from gradscope.recording.buffer import StatsBuffer, copies_done, to_host
 from gradscope.recording.clock import StepClock
+from gradscope.recording.exchange import Exchange
 from gradscope.recording.hooks import ProbeHooks
-from gradscope.recording.layers import ExecutionOrder, Layer, ModuleFilter, select_layers
+from gradscope.recording.layers import ExecutionOrder, Layer, ModuleFilter, Ownership, select_layers
 from gradscope.recording.parameters import ParameterNorms
+from gradscope.recording.processes import Holding, detect, fsdp1_segments, unwrap, user_class
 from gradscope.recording.sink import Sink
 from gradscope.store.meta import SCHEMA_VERSION, describe_optimizer, now
 from gradscope.store.parts import AttributionJob, FlushJob
 from gradscope.store.schema import ACCURACY, EVAL_ACCURACY, EVAL_LOSS, LOSS
-from gradscope.store.writer import RunWriter
+from gradscope.store.writer import NoWriter, RunWriter
 from gradscope.version import __version__
 
 # Open recorders, held strongly so that one a user forgets to close still writes its data at exit
@@ -63,6 +63,7 @@ def watch(
     device: torch.device | str | None = None,
     meta: dict[str, Any] | None = None,
     attribution: Attribution | None = None,
+    per_rank: bool = False,
 ) -> Recorder:
     """Start recording ``model``'s gradient flow into the run directory ``run``.
 
@@ -85,13 +86,18 @@ def watch(
         meta: extra JSON-serialisable facts for ``meta.json`` (e.g. ``{"task": {...}}``).
         attribution: an ``Attribution`` to compute Captum attribution flow over the watched
             blocks on a probe batch at checkpoints (see ``gradscope.recording.attribution``).
+        per_rank: in a multi-process job, also write each rank's own statistics (the
+            ``*_by_rank`` tables, with a ``rank`` column) beside the merged ones.
+
+    Under ``torchrun`` call it on every rank alike (DDP, FSDP2/HSDP, FSDP1 models): rank 0 writes
+    the run, merged over the ranks at each flush, so call ``flush()``/``close()`` on every rank.
 
     Returns:
         The ``Recorder``; use it as a context manager or call ``close()``.
     """
     return Recorder(model, run, every=every, optimizer=optimizer, scaler=scaler, modules=modules,
                     blocks=blocks, flush_every=flush_every, overwrite=overwrite, device=device, meta=meta,
-                    attribution=attribution)
+                    attribution=attribution, per_rank=per_rank)
 
 
 class Recorder:
@@ -112,6 +118,7 @@ class Recorder:
         device: torch.device | str | None = None,
         meta: dict[str, Any] | None = None,
         attribution: Attribution | None = None,
+        per_rank: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"gradscope.watch expects an nn.Module, got {type(model).__name__}")
@@ -121,16 +128,24 @@ class Recorder:
         if attribution is not None and not isinstance(attribution, Attribution):
             raise TypeError("gradscope.watch: attribution must be a gradscope.Attribution, "
                             f"got {type(attribution).__name__}")
+        wrapped, model = model, unwrap(model)  # DDP's forward calls the user's model unchanged
         _refuse_if_watched(model)
         if run is not None and str(run) == "":
             raise ValueError("gradscope.watch: run= is empty; name a directory (or leave it out: runs/<model>-<time>)")
         self.model, self.every, self.flush_every = model, every, flush_every
         self.optimizer, self.scaler = optimizer, scaler
-        self._extra_meta = _checked_meta(meta)
-        self.device = _checked_device(device, model)
+        self._extra_meta = checked_meta(meta)
+        self.device = checked_device(device, model)
         self._closed = True  # until fully set up, so a failed __init__ leaves nothing to close
+        self._wrapped = wrapped
+        self.processes = detect(wrapped, model)
+        self.per_rank = bool(per_rank) and self.processes.several
+        several = self.processes.several
+        self._exchange = Exchange(self.processes) if several else None
+        self._failure: str | None = None  # why this rank closed early, for rank 0's meta.json
 
-        chosen = select_layers(model, modules)
+        self._ownership = ownership = Ownership(*fsdp1_segments(model)) if several else Ownership()
+        chosen = select_layers(model, modules, ownership)
         self.layers: list[Layer] = [layer for layer, _ in chosen]
         chosen_blocks = select_blocks(model, blocks)
         self.blocks: list[Block] = [block for block, _, _ in chosen_blocks]
@@ -147,9 +162,10 @@ class Recorder:
         # On a GPU with Triton: outputs and gradients reduced many per launch (recording.batching)
         self._batcher = Batcher(self._buffer, self.layers, self.device) if batching_enabled(self.device) else None
         self._loss_scale = LossScale(scaler, optimizer, self._buffer.step, self._buffer.counts)
-        self._sink = Sink(self._clock, self._buffer, self._batcher, self._loss_scale,
-                          on_full=lambda: self._flush(len(self._buffer.slot_steps) - 1))
-        self._parameters = ParameterNorms(model, chosen, optimizer, self.device)
+        self._sink = Sink(self._clock, self._buffer, self._batcher, self._loss_scale, on_full=self._buffer_full)
+        self._parameters = ParameterNorms(model, chosen, optimizer, self.device,
+                                          Holding(model, self.processes) if several else None, ownership)
+        self._parameters_checked = False
         self._attribution = AttributionProbe(attribution, model, chosen_blocks, self.device) if attribution else None
         self._attribution_done: list[tuple[int, Tensor]] = []  # (step, [blocks, columns]) awaiting a flush
         self._next_attribution = 0
@@ -159,11 +175,9 @@ class Recorder:
         self._forwards_open = 0  # model forwards begun and not returned (an exception can leave one open)
         self._dropped_step: int | None = None  # the step in progress when an exception or a signal closed us
 
-        self.path = Path(run) if run is not None else _default_run_path(model)
+        self.path = Path(run) if run is not None else default_run_path(model)
         self._started_at = now()
-        first_meta = self._meta("running")  # before the directory is locked: it may raise
-        self._writer = RunWriter(self.path, overwrite=overwrite)  # locks the directory
-        self._writer.start(first_meta)
+        self._writer = self._open_run(overwrite)
 
         self._probes = ProbeHooks(model, self._clock, self._sink, chosen, self._layer_order, chosen_blocks,
                                   self._block_order)
@@ -240,7 +254,7 @@ class Recorder:
         self._check_open()
         buffer = self._buffer
         current = buffer.slots.get(self._clock.step)
-        self._flush(len(buffer.slot_steps) - (1 if current is not None else 0))
+        self._flush(len(buffer.slot_steps) - (1 if current is not None else 0), limit=self._clock.step)
         if wait:
             self._writer.wait()
 
@@ -255,6 +269,8 @@ class Recorder:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self._failure = f"{exc_type.__name__}: {exc}"
         try:
             self._close(_status_after(exc_type, exc))
         except Exception as error:
@@ -285,8 +301,10 @@ class Recorder:
                     self._dropped_step = self._clock.step
                     slots -= 1
                 lost: list[str] = []
+                if self._exchange is not None and status != "finished":
+                    status, slots = self._close_alone(status, slots, lost)
                 try:
-                    self._flush(slots, commit=status == "finished")
+                    self._flush(slots, commit=status == "finished", limit=self._clock.step + 1)
                 except Exception as exc:  # e.g. a CUDA error that broke the device: the steps held there are
                     lost.append(f"steps not written ({type(exc).__name__}: {exc})")  # lost; say so
                     if status == "finished":
@@ -311,6 +329,34 @@ class Recorder:
         return f"Recorder({type(self.model).__name__}, run={str(self.path)!r}, {len(self.layers)} layers, {state})"
 
     # ---------------------------------------------------------------- hooks on the model and optimizer
+
+    def _open_run(self, overwrite: bool) -> RunWriter | NoWriter:
+        """The run's writer: rank 0's opens the directory; the ranks then agree (one collective)
+        on its path and settings, so that either all of them record or all raise."""
+        first_meta = self._meta("running")  # before the directory is locked: it may raise
+        if not self.processes.writes:
+            writer: RunWriter | NoWriter = NoWriter(self.path)
+            error = None
+        else:
+            try:
+                writer = RunWriter(self.path, overwrite=overwrite)  # locks the directory
+                writer.start(first_meta)
+                error = None
+            except Exception as exc:
+                if self._exchange is None:
+                    raise
+                writer, error = NoWriter(self.path), exc
+        if self._exchange is None:
+            return writer
+        facts = {"run": str(self.path), "every": self.every, "flush_every": self.flush_every, "per_rank": self.per_rank,
+                 "layers": [layer.name for layer in self.layers], "blocks": [block.name for block in self.blocks]}
+
+        def refused(problem: str | None) -> None:
+            writer.finish(lambda errors: self._meta("failed", [problem] if problem else errors))
+            writer.close()
+
+        self.path = writer.path = Path(self._exchange.start(facts, error, refused))  # rank 0's path
+        return writer
 
     def _model_pre_hook(self, module: nn.Module, args: Any) -> None:
         """Before each forward of the whole model: step bookkeeping that must not wait for a probe."""
@@ -343,11 +389,58 @@ class Recorder:
     def _advance(self) -> None:
         self._clock.advance()
         self._probes.sync(self._clock.recording)
+        if self._exchange is not None:
+            self._flush_if_due()
+
+    # ---------------------------------------------------------------- several processes
+
+    def _buffer_full(self) -> None:
+        """A new slot is needed and none is free: flush all but the latest (one process), or
+        grow (several: a flush is a collective, made only where every rank makes it)."""
+        if self._exchange is None:
+            self._flush(len(self._buffer.slot_steps) - 1)
+            return
+        self._sink.commit()
+        self._buffer.grow()
+        self._loss_scale.step_buf = self._buffer.step
+
+    def _flush_if_due(self) -> None:
+        """After a step's end, on every rank alike: flush once flush_every scheduled steps are
+        held beside the latest one (evaluation-only slots do not count: they may be one rank's)."""
+        every, held = self.every, self._buffer.slot_steps
+        scheduled = [i for i, step in enumerate(held) if step % every == 0]
+        if len(scheduled) > self.flush_every:
+            self._flush(scheduled[-1], limit=held[scheduled[-1]])
+
+    def _close_alone(self, status: str, slots: int, lost: list[str]) -> tuple[str, int]:
+        """Closing after an error or an interruption with several processes: no collective (the
+        others may be stuck in the model's own, or gone), so unmerged steps are lost, and said
+        to be. A failed rank tells rank 0, which names it."""
+        assert self._exchange is not None
+        merged_below = self._exchange.merged_below
+        held = [step for step in self._buffer.slot_steps[:slots] if step >= merged_below]
+        if held:
+            lost.append(f"steps {held[0]}-{held[-1]} not written: they are merged over the ranks at a flush, "
+                        f"and rank {self.processes.rank} closed {status} before one")
+        if not self.processes.writes:
+            if status == "failed":
+                self._exchange.note_failure(str(self.path), self._failure or "failed")
+            return status, 0
+        notes = self._exchange.failures(str(self.path))
+        lost.extend(notes)
+        if notes:
+            status = "failed"
+        keep = sum(1 for step in self._buffer.slot_steps[:slots] if step < merged_below)
+        return status, keep
 
     def _end_step(self, slot: int) -> None:
         """A recorded step's end: what the probes measured written, then the parameters."""
         self._sink.commit()
         self._sink.scratch.release()  # in case the forward ended somewhere the model's hook did not see
+        if not self._parameters_checked:  # fully_shard after watch() swaps the parameters
+            self._parameters_checked = True
+            if self._parameters.replaced() and self._exchange is not None:
+                self.processes = detect(self._wrapped, self.model)
         self._parameters.record(self._buffer, slot)
         self._loss_scale.note_parameter_gradients(slot)
 
@@ -370,11 +463,13 @@ class Recorder:
         for column, value in ((LOSS, loss), (ACCURACY, accuracy)):
             self._sink.scalar(slot, column, value)
 
-    def _flush(self, upto: int, commit: bool = True) -> None:
+    def _flush(self, upto: int, commit: bool = True, limit: int | None = None) -> None:
         """Hand slots [0, upto) and finished attribution checkpoints to the writer; keep the rest.
 
         ``commit=False`` (closing after an error) still tries the pending writes, which belong to
-        the step in progress once every earlier step ended, but goes on if they fail.
+        the step in progress once every earlier step ended, but goes on if they fail. In several
+        processes the scheduled steps below ``limit`` (default: those of the slots taken) are
+        merged over the ranks first; every rank must flush at the same step.
         """
         attributed = bool(self._attribution_done)
         if attributed:
@@ -384,7 +479,8 @@ class Recorder:
                                                block_names=self._attribution.names,  # type: ignore[union-attr]
                                                method=self._attribution.config.method,  # type: ignore[union-attr]
                                                ready=copies_done(self.device)))
-        if upto <= 0:
+        several = self._exchange is not None and commit  # then every rank takes part, with slots or not
+        if upto <= 0 and not several:
             if attributed:  # meta.json counts the new part, so readers take it
                 self._writer.submit_meta(self._meta("running"))
             return
@@ -394,15 +490,26 @@ class Recorder:
             if commit:
                 raise
         steps, layer_host, step_host, block_host, counts, ready = self._buffer.take(upto)
-        self._calls = np.maximum(self._calls, counts.act_calls.max(axis=(0, 1)))
+        by_rank = shared = None
+        if self._exchange is not None and commit:
+            if ready is not None:
+                ready.synchronize()  # the collective reads the host copies
+            merged = self._exchange.merge(limit, self.every, steps, layer_host, step_host, block_host, counts,
+                                          self.per_rank)
+            if merged is None:
+                return  # not rank 0: nothing to write
+            steps, layer_host, step_host, block_host, counts, shared, by_rank = merged
+            ready = None
+        self._calls = np.maximum(self._calls, counts.act_calls.max(axis=(0, 1), initial=0))
         if self.blocks:
-            self._block_calls = np.maximum(self._block_calls, counts.block_calls.max(axis=0))
+            self._block_calls = np.maximum(self._block_calls, counts.block_calls.max(axis=0, initial=0))
         self._writer.submit(FlushJob(
             steps=steps, layer_buf=layer_host, step_buf=step_host, block_buf=block_host,
             counts=counts, layer_names=[layer.name for layer in self.layers],
             block_names=[block.name for block in self.blocks], bounded=self._bounded,
-            zero_counted=self._zero_counted, ready=ready))
+            zero_counted=self._zero_counted, ready=ready, by_rank=by_rank, by_rank_steps=shared))
         self._writer.submit_meta(self._meta("running"))
+
 
     def _meta(self, status: str, errors: list[str] | None = None) -> dict[str, Any]:
         self._layer_order.assign_depths(self.layers)
@@ -419,11 +526,11 @@ class Recorder:
             "status": status,
             "started_at": self._started_at,
             "updated_at": now(),
-            "model": {"class": type(self.model).__name__,
+            "model": {"class": user_class(self.model).__name__,
                       "depth": depth if isinstance(depth, int) else None,
                       "registry_name": getattr(self.model, "gradscope_name", None),
                       "config": getattr(self.model, "gradscope_config", None),
-                      "parameters": sum(p.numel() for p in self.model.parameters())},
+                      "parameters": sum(map(self._ownership.numel, self._ownership.parameters(self.model)))},
             "layers": [layer.to_json() for layer in self.layers],
             "blocks": [block.to_json() for block in self.blocks],
             "attribution": self._attribution.config.describe() if self._attribution else None,
@@ -433,7 +540,9 @@ class Recorder:
                          "last_step": self._clock.step, "dropped_step": self._dropped_step},
             "errors": errors or [],
             "env": {"torch": torch.__version__, "python": platform.python_version(),
-                    "device": str(self.device), "world_size": 1,
+                    "device": str(self.device), "world_size": self.processes.world_size,
+                    "processes": {**self.processes.describe(), "per_rank": self.per_rank}
+                    if self.processes.several else None,
                     "amp_scaler": self.scaler is not None},
             **self._extra_meta,
         }
@@ -447,50 +556,6 @@ class Recorder:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("gradscope: this Recorder is closed")
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _checked_device(device: torch.device | str | None, model: nn.Module) -> torch.device:
-    """Where statistics live: a real device (the meta device holds no numbers to record)."""
-    try:
-        chosen = torch.device(device) if device is not None else _model_device(model)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"gradscope.watch: device={device!r} is not a device: {exc}") from None
-    if chosen.type == "meta":
-        where = f"device={device!r}" if device is not None else "the model's parameters are on the meta device, so"
-        raise ValueError(f"gradscope.watch: {where} holds no values to record; materialise the model "
-                         "(e.g. model.to_empty(device=...) and load its weights) or pass a real device=")
-    return chosen
-
-
-def _checked_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
-    """``meta=`` as meta.json will hold it, refused before any file is made if JSON cannot hold it."""
-    if meta is None:
-        return {}
-    if not isinstance(meta, dict):
-        raise TypeError(f"gradscope.watch: meta= must be a dict, got {type(meta).__name__}")
-    reserved = sorted(set(meta) & _OWN_META_KEYS)
-    if reserved:
-        raise ValueError(f"gradscope.watch: meta= may not set {', '.join(map(repr, reserved))}: gradscope "
-                         "writes those itself (put your facts under other keys)")
-    try:
-        json.dumps(meta, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"gradscope.watch: meta= must be JSON-serialisable with finite numbers: {exc}") from None
-    except RecursionError:
-        raise ValueError("gradscope.watch: meta= is nested too deeply (or holds itself)") from None
-    return dict(meta)
-
-
-#: meta.json keys gradscope writes; ``meta=`` may add others, and fill ``task`` (None otherwise).
-_OWN_META_KEYS = frozenset({"schema_version", "gradscope_version", "run", "status", "started_at", "updated_at",
-                            "model", "layers", "blocks", "attribution", "optimizer", "schedule", "errors", "env",
-                            "parts"})
 
 
 def _status_after(exc_type: Any, exc: Any) -> str:
@@ -509,11 +574,6 @@ def _refuse_if_watched(model: nn.Module) -> None:
             raise RuntimeError(
                 f"gradscope.watch: {type(model).__name__} (or a module inside it) is already watched "
                 f"by {rec!r}; close that recorder first")
-
-
-def _default_run_path(model: nn.Module) -> Path:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{type(model).__name__.lower()}-{stamp}"
 
 
 def _close_open_recorders(status: str | None = None) -> None:

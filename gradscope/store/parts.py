@@ -29,43 +29,63 @@ def _statistics(table: str, values: dict[str, np.ndarray]) -> dict[str, pa.Array
 
 @dataclass
 class FlushJob:
-    """Host copies of a flushed slice of the recorder's buffers, turned into Parquet parts."""
+    """Host copies of a flushed slice of the recorder's buffers, turned into Parquet parts.
+
+    ``by_rank`` (``watch(per_rank=True)`` on rank 0) adds each rank's own statistics of the steps
+    ``by_rank_steps`` as the ``*_by_rank`` tables, with a ``rank`` column.
+    """
 
     steps: list[int]  # step number of each slot
-    layer_buf: torch.Tensor  # [slots, phases, layers, LAYER.width] on the host (maybe still filling)
-    step_buf: torch.Tensor  # [slots, STEP.width]
-    block_buf: torch.Tensor  # [slots, blocks, BLOCK.width]
+    layer_buf: Any  # [slots, phases, layers, LAYER.width] on the host (torch, maybe still filling; or numpy)
+    step_buf: Any  # [slots, STEP.width]
+    block_buf: Any  # [slots, blocks, BLOCK.width]
     counts: HostCounts
     layer_names: list[str]
     block_names: list[str]
     bounded: np.ndarray  # [layers] bool: bounded activation (saturation is defined)
     zero_counted: np.ndarray | None = None  # [layers] bool: zero fraction measured
     ready: Any = None  # torch.cuda.Event to wait on before reading the host copies
+    by_rank: list[tuple[Any, Any, Any, HostCounts]] | None = None  # (layer, step, block, counts) per rank
+    by_rank_steps: list[int] | None = None
 
     def tables(self) -> dict[str, pa.Table]:
         if self.ready is not None:
             self.ready.synchronize()
-        step_buf = self.step_buf.numpy()
-        steps = np.asarray(self.steps, dtype=np.int64)
+        out = self._tables(self.steps, self.layer_buf, self.step_buf, self.block_buf, self.counts)
+        for rank, (layer, step, block, counts) in enumerate(self.by_rank or []):
+            for table, rows in self._tables(self.by_rank_steps or [], layer, step, block, counts).items():
+                rows = rows.add_column(1, "rank", pa.array(np.full(len(rows), rank, np.int64)))
+                name = f"{table}_by_rank"
+                out[name] = pa.concat_tables([out[name], rows]) if name in out else rows
+        return out
+
+    def _tables(self, steps_list: list[int], layer: Any, step: Any, block: Any, counts: HostCounts,
+                ) -> dict[str, pa.Table]:
+        step_buf = _numpy(step)
+        steps = np.asarray(steps_list, dtype=np.int64)
         zero_counted = self.zero_counted if self.zero_counted is not None else np.ones(len(self.layer_names), bool)
         facts = {"bounded": self.bounded, "zero_counted": zero_counted}
         out: dict[str, pa.Table] = {}
-        rows = schema.finalize("layers", self.layer_buf.numpy(), step_buf, self.counts, facts)
+        rows = schema.finalize("layers", _numpy(layer), step_buf, counts, facts)
         if len(rows["slot"]):
             phases = pa.DictionaryArray.from_arrays(pa.array(rows["phase"].astype(np.int32)),
                                                     pa.array(PHASES, pa.string()))
             out["layers"] = pa.table({"step": pa.array(steps[rows["slot"]]), "phase": phases,
                                       "layer": _names(rows["row"], self.layer_names),
                                       **_statistics("layers", rows)})
-        blocks = schema.finalize("blocks", self.block_buf.numpy(), step_buf, self.counts)
+        blocks = schema.finalize("blocks", _numpy(block), step_buf, counts)
         if len(blocks["slot"]):
             out["blocks"] = pa.table({"step": pa.array(steps[blocks["slot"]]),
                                       "block": _names(blocks["row"], self.block_names),
                                       **_statistics("blocks", blocks)})
-        scalars = schema.finalize("scalars", step_buf, step_buf, self.counts)
+        scalars = schema.finalize("scalars", step_buf, step_buf, counts)
         if len(scalars["slot"]):
             out["scalars"] = pa.table({"step": pa.array(steps[scalars["slot"]]), **_statistics("scalars", scalars)})
         return out
+
+
+def _numpy(buf: Any) -> np.ndarray:
+    return buf.numpy() if isinstance(buf, torch.Tensor) else np.asarray(buf)
 
 
 @dataclass

@@ -44,6 +44,10 @@ class Run:
     layer_table: pd.DataFrame = field(repr=False)
     block_table: pd.DataFrame = field(repr=False)
     attribution: pd.DataFrame = field(default_factory=lambda: _empty(ATTRIBUTION_SCHEMA), repr=False)
+    #: each rank's own statistics, with a ``rank`` column (``watch(per_rank=True)``; else empty)
+    layers_by_rank: pd.DataFrame = field(default_factory=lambda: _empty(SCHEMAS["layers_by_rank"]), repr=False)
+    blocks_by_rank: pd.DataFrame = field(default_factory=lambda: _empty(SCHEMAS["blocks_by_rank"]), repr=False)
+    scalars_by_rank: pd.DataFrame = field(default_factory=lambda: _empty(SCHEMAS["scalars_by_rank"]), repr=False)
 
     @property
     def name(self) -> str:
@@ -238,9 +242,15 @@ def load_run(path: str | os.PathLike[str]) -> Run:
                              extra=["residual"])
         attribution = _join_names(tables["attribution"], ATTRIBUTION_SCHEMA, block_table, "block",
                                   ["step", "depth"], extra=["residual"])
+        by_rank = {"layers_by_rank": _join_names(tables["layers_by_rank"], SCHEMAS["layers_by_rank"], layer_table,
+                                                 "layer", ["step", "rank", "phase", "depth"]),
+                   "blocks_by_rank": _join_names(tables["blocks_by_rank"], SCHEMAS["blocks_by_rank"], block_table,
+                                                 "block", ["step", "rank", "depth"], extra=["residual"])}
     except (ValueError, TypeError, KeyError, pa.ArrowException) as exc:
         raise RunError(f"{path / META_FILE} is damaged: its layer or block table does not fit the data "
                        f"({_one_line(exc)})") from None
     scalars = _frame(tables["scalars"], STEP_SCHEMA).sort_values("step", kind="stable", ignore_index=True)
+    by_rank["scalars_by_rank"] = _frame(tables["scalars_by_rank"], SCHEMAS["scalars_by_rank"]).sort_values(
+        ["step", "rank"], kind="stable", ignore_index=True)
     return Run(path=path, meta=meta, layers=layers, blocks=blocks, scalars=scalars,
-               layer_table=layer_table, block_table=block_table, attribution=attribution)
+               layer_table=layer_table, block_table=block_table, attribution=attribution, **by_rank)

@@ -49,7 +49,12 @@ class Ranks(enum.Enum):
     """Which processes hold partial accumulators of one cell (docs/design.md, "Several processes")."""
 
     DATA = "data"  # each data-parallel rank saw part of the batch: merged over the data-parallel group
-    SHARDS = "shards"  # each rank holds a shard of the parameters: merged over shards, equal on replicas
+    #: a gradient of each rank's own loss: the ranks train on the mean of their losses (DDP and FSDP
+    #: average gradients), so each rank's dL/dy is ``world`` times the objective's: merged, then / world^2
+    DATA_GRADIENT = "data, gradient"
+    #: each rank holds a shard of the parameters: the squared norms of the shards that count on each
+    #: rank (``recording.processes``) are added over all ranks
+    SHARDS = "shards"
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,9 @@ class Count:
     dtype: str  # "int64", "bool" or "float64"
     merge: Merge
     meaning: str
+    #: how the ranks' counts combine, where not as the calls of one process do (calls per step
+    #: are those of one process: each rank calls the module once on its share)
+    over_ranks: Merge | None = None
 
 
 @dataclass(frozen=True)
@@ -92,16 +100,16 @@ class Column:
 
 COUNTS: tuple[Count, ...] = (
     Count("act_n", "phase_layer", "int64", Merge.SUM, "output elements seen"),
-    Count("act_calls", "phase_layer", "int64", Merge.SUM, "forward calls seen"),
+    Count("act_calls", "phase_layer", "int64", Merge.SUM, "forward calls seen", over_ranks=Merge.MAX),
     Count("grad_n", "layer", "int64", Merge.SUM, "dL/dy elements seen"),
-    Count("grad_calls", "layer", "int64", Merge.SUM, "dL/dy gradients seen"),
+    Count("grad_calls", "layer", "int64", Merge.SUM, "dL/dy gradients seen", over_ranks=Merge.MAX),
     Count("param_rows", "layer", "bool", Merge.MAX, "parameter norms written"),
     Count("grad_rows", "layer", "bool", Merge.MAX, "parameter gradient norms written (some gradient present)"),
     Count("lr", "layer", "float64", Merge.MAX, "learning rate of the layer's parameters (NaN: unknown)"),
     Count("grads_scaled", "step", "bool", Merge.MAX, "parameter gradients still carried the AMP loss scale"),
     Count("step_set", "step_stat", "bool", Merge.SUM, "the step scalar was written"),
     Count("step_lr", "step", "float64", Merge.MAX, "learning rate of the first parameter group (NaN: unknown)"),
-    Count("block_calls", "block", "int64", Merge.SUM, "block forward calls seen"),
+    Count("block_calls", "block", "int64", Merge.SUM, "block forward calls seen", over_ranks=Merge.MAX),
     Count("block_samples", "block", "int64", Merge.SUM, "samples compared with the identity (same-shape calls)"),
     Count("block_grad_in", "block", "int64", Merge.SUM, "dL/dx gradients seen"),
     Count("block_grad_out", "block", "int64", Merge.SUM, "dL/dy gradients seen"),
@@ -125,7 +133,8 @@ ACCUMULATORS: tuple[Accumulator, ...] = (
                 "elements of y that are not 0"),
     Accumulator("act_saturated", "layers", Merge.SUM, "act_n", "added per call (bounded activations only)",
                 "elements of y within SATURATION_MARGIN of the range from a bound"),
-    Accumulator("grad_out_ss", "layers", Merge.SUM, "grad_n", "added per gradient hook", "||dL/dy||^2"),
+    Accumulator("grad_out_ss", "layers", Merge.SUM, "grad_n", "added per gradient hook", "||dL/dy||^2",
+                ranks=Ranks.DATA_GRADIENT),
     Accumulator("param_ss", "layers", Merge.SUM, "param_rows", "written at the step's end (_foreach_norm)",
                 "sum over the module's own parameters of ||p||^2", ranks=Ranks.SHARDS),
     Accumulator("grad_ss", "layers", Merge.SUM, "grad_rows", "written at the step's end (_foreach_norm)",
@@ -137,8 +146,10 @@ ACCUMULATORS: tuple[Accumulator, ...] = (
                 "sum over calls and samples of ||x||^2"),
     Accumulator("cos_sum", "blocks", Merge.SUM, "block_samples", "per-sample terms added at the step's end",
                 "sum over calls and samples of cos(x_i, y_i)"),
-    Accumulator("grad_in_ss", "blocks", Merge.SUM, "block_grad_in", "added per gradient hook", "||dL/dx||^2"),
-    Accumulator("grad_out_ss", "blocks", Merge.SUM, "block_grad_out", "added per gradient hook", "||dL/dy||^2"),
+    Accumulator("grad_in_ss", "blocks", Merge.SUM, "block_grad_in", "added per gradient hook", "||dL/dx||^2",
+                ranks=Ranks.DATA_GRADIENT),
+    Accumulator("grad_out_ss", "blocks", Merge.SUM, "block_grad_out", "added per gradient hook", "||dL/dy||^2",
+                ranks=Ranks.DATA_GRADIENT),
     Accumulator("branch_ss", "blocks", Merge.SUM, "block_branch", "added per branch call", "||F(x)||^2"),
     Accumulator("token_cos_sum", "blocks", Merge.SUM, "block_tokens", "per-sample terms added at the step's end",
                 "sum over samples of the mean pairwise token cosine"),
@@ -257,6 +268,87 @@ def _maximum(x: Any, y: Any) -> Any:
     import torch  # device tensors (the schema itself needs no torch)
 
     return torch.maximum(x, y)
+
+
+# ------------------------------------------------------------------------- merging ranks
+
+
+def cell_count(layout: Layout, counts: Any, i: int) -> np.ndarray:
+    """The count of accumulator ``i``'s cells as float64, shaped like them (layer counts kept
+    per layer only are the train phase's; a step scalar's count is its written-flag)."""
+    if layout is STEP:
+        return counts.step_set[:, i].astype(np.float64)
+    name = layout.accumulators[i].count
+    c = getattr(counts, name).astype(np.float64)
+    if layout is LAYER and COUNT[name].per == "layer":
+        out = np.zeros((c.shape[0], len(PHASES), c.shape[1]))
+        out[:, TRAIN] = np.nan_to_num(c)
+        return out
+    return np.nan_to_num(c)
+
+
+def merge_ranks(layout: Layout, bufs: list[np.ndarray], counts: list[Any]) -> np.ndarray:
+    """One table's accumulators of every rank (``bufs[r]``: ``[slots, ..., width]``, with
+    ``counts[r]`` its host counts) merged by their declared rules, as if one process had seen
+    every rank's data.
+
+    Cells a rank did not write (count 0) take no part, whatever the buffer held there. Sums add,
+    maxima take the max, means and variances merge count-weighted (Chan's update, rank by rank).
+    ``Ranks.DATA_GRADIENT`` accumulators are then divided by world^2 (see ``Ranks``).
+    """
+    width = layout.width
+    out = bufs[0].astype(np.float64)
+    n_out = [cell_count(layout, counts[0], i) for i in range(width)]
+    for buf, rank_counts in zip(bufs[1:], counts[1:]):
+        b = buf.astype(np.float64)
+        n_b = [cell_count(layout, rank_counts, i) for i in range(width)]
+        merged = np.empty_like(out)
+        for i, acc in enumerate(layout.accumulators):
+            na, nb = n_out[i], n_b[i]
+            has_a, has_b = na > 0, nb > 0
+            x, y = np.where(has_a, out[..., i], 0.0), np.where(has_b, b[..., i], 0.0)
+            if acc.merge is Merge.SUM:
+                value = x + y
+            elif acc.merge in (Merge.MAX, Merge.MIN):
+                pick = np.maximum if acc.merge is Merge.MAX else np.minimum
+                value = np.where(has_a & has_b, pick(x, y), np.where(has_a, x, y))
+            else:
+                w_a, w_b = _ratio(na, na + nb), _ratio(nb, na + nb)
+                value = x * w_a + y * w_b
+                if acc.merge is Merge.WEIGHTED_VARIANCE:
+                    m = layout.index[acc.mean]  # type: ignore[index]
+                    delta = np.where(has_b, b[..., m], 0.0) - np.where(has_a, out[..., m], 0.0)
+                    value = value + delta * delta * (w_a * w_b)
+            merged[..., i] = value
+        out = merged
+        n_out = [a + c for a, c in zip(n_out, n_b)]
+    world = len(bufs)
+    for i, acc in enumerate(layout.accumulators):
+        if acc.ranks is Ranks.DATA_GRADIENT:
+            out[..., i] /= world * world
+    return out
+
+
+def merge_counts(counts: list[Any]) -> HostCounts:
+    """Every rank's host counts merged by their declared rules (``over_ranks`` where given;
+    flags: any; learning rates: the first known)."""
+    first = counts[0]
+    out = HostCounts(0, first.layers, first.blocks)
+    out.slots = first.slots
+    for count in COUNTS:
+        values = [getattr(c, count.name) for c in counts]
+        if count.over_ranks is Merge.MAX:
+            merged = np.max(values, axis=0)
+        elif count.merge is Merge.SUM and count.dtype != "bool":
+            merged = np.sum(values, axis=0).astype(count.dtype)
+        elif count.dtype == "float64":
+            merged = values[0].copy()
+            for v in values[1:]:
+                merged = np.where(np.isnan(merged), v, merged)
+        else:
+            merged = np.any(values, axis=0)
+        setattr(out, count.name, merged)
+    return out
 
 
 # ------------------------------------------------------------------------------ finalising
@@ -400,10 +492,14 @@ COLUMNS: tuple[Column, ...] = (
     Column("branch_share", "attribution", "float32", "the branch's share of the absolute attribution"),
     Column("skip_share", "attribution", "float32", "the skip's share of the absolute attribution"),
 )
-TABLES = ("layers", "blocks", "scalars", "attribution")
+#: Tables of each rank's own statistics, before merging (``watch(per_rank=True)``): the columns
+#: of the merged table they follow, and a ``rank`` key.
+BY_RANK = {"layers_by_rank": "layers", "blocks_by_rank": "blocks", "scalars_by_rank": "scalars"}
+TABLES = ("layers", "blocks", "scalars", "attribution", *BY_RANK)
 
 
 def columns(table: str) -> tuple[Column, ...]:
+    table = BY_RANK.get(table, table)
     return tuple(c for c in COLUMNS if c.table == table)
 
 
@@ -413,6 +509,9 @@ KEYS = {
     "blocks": {"step": "int64", "block": "object"},
     "scalars": {"step": "int64"},
     "attribution": {"step": "int64", "block": "object", "method": "object"},
+    "layers_by_rank": {"step": "int64", "rank": "int64", "phase": "object", "layer": "object"},
+    "blocks_by_rank": {"step": "int64", "rank": "int64", "block": "object"},
+    "scalars_by_rank": {"step": "int64", "rank": "int64"},
 }
 
 
@@ -458,12 +557,16 @@ def markdown() -> str:
         for i, a in enumerate(layout.accumulators):
             merge = a.merge.value + (f" (mean: `{a.mean}`)" if a.mean else "")
             lines.append(row(table, f"{i} `{a.name}`", a.accumulates, merge, a.ranks.value, f"`{a.count}`", a.meaning))
-    lines += ["", "Host counts (numpy, per slot):", "", "| count | per | dtype | merges | meaning |",
-              "|---|---|---|---|---|"]
-    lines += [row(f"`{c.name}`", c.per, c.dtype, c.merge.value, c.meaning) for c in COUNTS]
+    lines += ["", "Host counts (numpy, per slot):", "", "| count | per | dtype | merges | over ranks | meaning |",
+              "|---|---|---|---|---|---|"]
+    lines += [row(f"`{c.name}`", c.per, c.dtype, c.merge.value, (c.over_ranks or c.merge).value, c.meaning)
+              for c in COUNTS]
     lines += ["", "Stored columns (Parquet, after the key columns):", "", "| table | column | dtype | meaning |",
               "|---|---|---|---|"]
     for table in TABLES:
         lines.append(row(table, "keys: " + ", ".join(f"`{k}`" for k in KEYS[table]), "", ""))
+        if table in BY_RANK:
+            lines.append(row(table, f"the columns of `{BY_RANK[table]}`", "", "one rank's own statistics, unmerged"))
+            continue
         lines += [row(table, f"`{c.name}`", c.dtype, c.meaning) for c in columns(table)]
     return "\n".join(lines) + "\n"

@@ -224,3 +224,34 @@ def _is_run(path: Path) -> bool:
     except (OSError, ValueError, RecursionError):
         return False
     return isinstance(meta, dict) and "schema_version" in meta and "status" in meta
+
+
+class NoWriter:
+    """The writer of a rank that does not write (all but global rank 0 of a multi-process job):
+    its statistics reach the run through rank 0, so it keeps no file, lock or thread."""
+
+    path: Path
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def start(self, meta: dict[str, Any]) -> None:
+        pass
+
+    def submit(self, job: Job) -> None:
+        pass
+
+    def submit_meta(self, meta: dict[str, Any]) -> None:
+        pass
+
+    def wait(self) -> None:
+        pass
+
+    def errors(self) -> list[str]:
+        return []
+
+    def finish(self, final_meta: Callable[[list[str]], dict[str, Any]]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

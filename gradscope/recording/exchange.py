@@ -1,0 +1,234 @@
+"""What the ranks of a multi-process job say to each other: little, and never per step.
+
+- At ``watch()``: one ``all_gather_object`` of each rank's settings and setup error, so that the
+  ranks agree on the run (rank 0's path), refuse together when they differ (``every``, the
+  layers), and none trains on when rank 0 could not open the run.
+- At each flush: one ``gather`` to rank 0 of the flushed steps' statistics, accumulators and
+  host counts packed in one float64 tensor (exact for counts below 2**53). Rank 0 merges them
+  by the schema's rules (``schema.merge_ranks``). Steps are those of the schedule, which every
+  rank holds; a step only one rank holds (an evaluation logged off the schedule) is its own.
+- At a failure: no collective (the other ranks may be stuck in the model's own); a rank that
+  fails leaves a note in the job's key-value store (``torch.distributed``'s, which torchrun
+  runs), and rank 0 names the failed ranks in meta.json when it closes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gradscope.recording.processes import Processes
+from gradscope.store.schema import BLOCK, COUNTS, LAYER, STEP, HostCounts, merge_counts, merge_ranks
+
+
+@dataclass
+class RankSlots:
+    """One rank's statistics of the exchanged steps, on the host (numpy)."""
+
+    layer: np.ndarray  # [steps, phases, layers, LAYER.width]
+    block: np.ndarray  # [steps, blocks, BLOCK.width]
+    step: np.ndarray  # [steps, STEP.width]
+    counts: HostCounts
+
+
+class Exchange:
+    """The collectives of one recorder (see the module docstring); every call is made on every rank."""
+
+    def __init__(self, processes: Processes) -> None:
+        self.processes = processes
+        self.collectives = 0  # made so far (tests count them per step)
+        self.merged_below = 0  # steps below this were merged over the ranks (or are rank 0's own)
+        self._device = _collective_device(processes)
+
+    def start(self, facts: dict[str, Any], error: Exception | None, refused: Callable[[str | None], None]) -> str:
+        """Rank 0's run path, once every rank is ready with the same settings (``facts``); else
+        ``refused(problem)`` and raise on every rank (rank 0 its own ``error``, if it had one)."""
+        try:
+            ranks = self.agree(facts, None if error is None else f"{type(error).__name__}: {error}")
+        except BaseException:
+            refused(None)
+            raise
+        problem = disagreement(ranks)
+        if problem is not None:
+            refused(problem)
+            if error is not None:
+                raise error
+            raise RuntimeError(f"gradscope.watch: {problem}")
+        return str(ranks[0]["facts"]["run"])
+
+    def agree(self, facts: dict[str, Any], error: str | None) -> list[dict[str, Any]]:
+        """Every rank's ``facts`` and setup ``error`` (None when it is ready), in rank order."""
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.processes.world_size
+        dist.all_gather_object(gathered, {"facts": facts, "error": error}, group=self.processes.group)
+        self.collectives += 1
+        return gathered
+
+    def gather(self, shared: list[int], steps: list[int], layer: Tensor, step: Tensor, block: Tensor,
+               counts: HostCounts) -> list[RankSlots] | None:
+        """Each rank's statistics of the ``shared`` steps (host copies ``layer``/``step``/``block``
+        and ``counts`` of this rank's slots holding ``steps``), on rank 0; None elsewhere.
+
+        A rank with no slot for a shared step sends it empty (all counts 0).
+        """
+        import torch.distributed as dist
+
+        local = _select(shared, steps, layer, step, block, counts)
+        packed = _pack(local).to(self._device)
+        world = self.processes.world_size
+        chunks = list(torch.empty(world * packed.numel(), dtype=torch.float64, device=self._device).chunk(world)) \
+            if self.processes.writes else None
+        dist.gather(packed, chunks, dst=0, group=self.processes.group)
+        self.collectives += 1
+        if chunks is None:
+            return None
+        return [_unpack(c.cpu().numpy(), local) for c in chunks]
+
+    def merge(self, limit: int | None, every: int, steps: list[int], layer: Tensor, step: Tensor, block: Tensor,
+              counts: HostCounts, per_rank: bool) -> tuple[Any, ...] | None:
+        """This rank's taken slots (host copies, ``steps``) with the scheduled steps below
+        ``limit`` merged over the ranks (one collective), on rank 0; None elsewhere. Every rank
+        passes the same ``limit`` and ``every``, so all exchange the same steps; slots off the
+        schedule (evaluations, maybe one rank's) stay rank 0's own.
+
+        Returns (steps, layer, step, block, counts, shared, by_rank): what a ``FlushJob`` takes.
+        """
+        end = limit if limit is not None else (steps[-1] + 1 if steps else self.merged_below)
+        shared = [s for s in range(self.merged_below, end) if s % every == 0]
+        self.merged_below = max(self.merged_below, end)
+        ranks = self.gather(shared, steps, layer, step, block, counts)
+        if ranks is None:
+            return None
+        every_count = [r.counts for r in ranks]
+        merged = RankSlots(merge_ranks(LAYER, [r.layer for r in ranks], every_count),
+                           merge_ranks(BLOCK, [r.block for r in ranks], every_count),
+                           merge_ranks(STEP, [r.step for r in ranks], every_count),
+                           merge_counts(every_count))
+        written = sorted(set(steps) | set(shared))
+        mine = RankSlots(layer.numpy(), block.numpy(), step.numpy(), counts)
+        out = _empty(len(written), merged)
+        where_shared, where_mine = {s: k for k, s in enumerate(shared)}, {s: i for i, s in enumerate(steps)}
+        for j, s in enumerate(written):
+            source, i = (merged, where_shared[s]) if s in where_shared else (mine, where_mine[s])
+            out.layer[j], out.block[j], out.step[j] = source.layer[i], source.block[i], source.step[i]
+            for c in COUNTS:
+                getattr(out.counts, c.name)[j] = getattr(source.counts, c.name)[i]
+        by_rank = [(r.layer, r.step, r.block, r.counts) for r in ranks] if per_rank else None
+        return written, out.layer, out.step, out.block, out.counts, shared, by_rank
+
+    # ------------------------------------------------------------------ failures
+
+    def note_failure(self, run: str, message: str) -> None:
+        """Tell rank 0 (through the job's store) that this rank failed; best effort, never raises."""
+        store = _store()
+        if store is None:
+            return
+        try:
+            store.set(_failure_key(run, self.processes.rank), message[:2000])
+        except Exception:  # the store's host may be gone already
+            pass
+
+    def failures(self, run: str) -> list[str]:
+        """The notes of failed ranks, on rank 0 (none when the store cannot be reached)."""
+        store = _store()
+        if store is None:
+            return []
+        out = []
+        for rank in range(1, self.processes.world_size):
+            key = _failure_key(run, rank)
+            try:
+                if store.check([key]):
+                    out.append(f"rank {rank} failed: {store.get(key).decode(errors='replace')}")
+            except Exception:
+                break
+        return out
+
+
+def disagreement(ranks: list[dict[str, Any]]) -> str | None:
+    """What keeps the ranks of a job from recording one run (from ``Exchange.agree``): a rank's
+    setup error, or settings that differ from rank 0's (the run path may differ: rank 0's is used)."""
+    errors = [f"rank {r}: {info['error']}" for r, info in enumerate(ranks) if info["error"]]
+    if errors:
+        return "the ranks could not all start recording: " + "; ".join(errors)
+    first = ranks[0]["facts"]
+    for r, info in enumerate(ranks[1:], start=1):
+        differ = sorted(k for k in first if k != "run" and info["facts"].get(k) != first[k])
+        if differ:
+            return (f"rank {r}'s {', '.join(differ)} differ from rank 0's: call watch() with the same "
+                    "arguments on the same model on every rank")
+    return None
+
+
+def _empty(n: int, like: RankSlots) -> RankSlots:
+    return RankSlots(np.zeros((n, *like.layer.shape[1:])), np.zeros((n, *like.block.shape[1:])),
+                     np.zeros((n, *like.step.shape[1:])), HostCounts(n, like.counts.layers, like.counts.blocks))
+
+
+def _failure_key(run: str, rank: int) -> str:
+    return f"gradscope/{run}/failed/{rank}"
+
+
+def _store() -> Any:
+    try:
+        from torch.distributed import distributed_c10d
+
+        store = distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=5))
+        return store
+    except Exception:
+        return None
+
+
+def _collective_device(processes: Processes) -> torch.device:
+    """NCCL moves CUDA tensors only; every other backend (gloo) takes host tensors."""
+    if processes.backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _select(shared: list[int], steps: list[int], layer: Tensor, step: Tensor, block: Tensor,
+            counts: HostCounts) -> RankSlots:
+    """This rank's slots of the ``shared`` steps, empty where it holds none."""
+    where = {s: i for i, s in enumerate(steps)}
+    out = _empty(len(shared), RankSlots(layer.numpy(), block.numpy(), step.numpy(), counts))
+    for k, s in enumerate(shared):
+        i = where.get(s)
+        if i is None:
+            continue
+        out.layer[k], out.block[k], out.step[k] = layer[i].numpy(), block[i].numpy(), step[i].numpy()
+        for count in COUNTS:
+            getattr(out.counts, count.name)[k] = getattr(counts, count.name)[i]
+    return out
+
+
+def _pack(slots: RankSlots) -> Tensor:
+    parts = [slots.layer.ravel(), slots.block.ravel(), slots.step.ravel()]
+    parts += [getattr(slots.counts, c.name).astype(np.float64).ravel() for c in COUNTS]
+    return torch.from_numpy(np.concatenate(parts))
+
+
+def _unpack(flat: np.ndarray, like: RankSlots) -> RankSlots:
+    """A packed rank's slots, shaped as ``like`` (every rank packs the same shapes)."""
+    at = 0
+
+    def take(shape: tuple[int, ...]) -> np.ndarray:
+        nonlocal at
+        size = int(np.prod(shape))
+        out = flat[at:at + size].reshape(shape)
+        at += size
+        return out
+
+    layer, block, step = (take(a.shape) for a in (like.layer, like.block, like.step))
+    counts = HostCounts(0, like.counts.layers, like.counts.blocks)
+    counts.slots = like.counts.slots
+    for c in COUNTS:
+        template = getattr(like.counts, c.name)
+        setattr(counts, c.name, take(template.shape).astype(template.dtype))
+    return RankSlots(layer, block, step, counts)

@@ -1,0 +1,126 @@
+"""One rank of a multi-process job the tests start (``launch.run_job``): runs the named
+scenarios in turn in one gloo process group and writes what each rank saw as JSON.
+
+    RANK=.. WORLD_SIZE=.. MASTER_ADDR=.. MASTER_PORT=.. python worker.py OUT SCENARIO...
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+import scenarios  # noqa: E402
+
+import gradscope  # noqa: E402
+from gradscope.recording.layers import with_activations  # noqa: E402
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "gather", "broadcast",
+               "broadcast_object_list", "reduce", "reduce_scatter_tensor", "barrier", "send", "recv", "scatter")
+calls = {"n": 0}
+
+
+def count_collectives() -> None:
+    """Wrap the torch.distributed collectives called from Python (DDP's reducer runs in C++)."""
+    for name in COLLECTIVES:
+        original = getattr(dist, name)
+
+        def counted(*args, __original=original, **kwargs):
+            calls["n"] += 1
+            return __original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+
+
+def ddp(model):
+    return torch.nn.parallel.DistributedDataParallel(model)
+
+
+def fsdp2(model, mesh=None):
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model[2]:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def fsdp1(model, use_orig_params, wrap=torch.nn.Linear):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    return FullyShardedDataParallel(model, use_orig_params=use_orig_params, device_id=torch.device("cpu"),
+                                    auto_wrap_policy=ModuleWrapPolicy({wrap}))
+
+
+def hsdp(model):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    return fsdp2(model, mesh)
+
+
+WRAP = {"ddp": ddp, "every3": ddp, "bn": ddp, "fsdp2": fsdp2, "fsdp1_orig": lambda m: fsdp1(m, True),
+        "fsdp1_flat": lambda m: fsdp1(m, False), "fsdp1_blocks": lambda m: fsdp1(m, False, scenarios.Residual),
+        "hsdp": hsdp, "fail": ddp, "watch_first": None}
+
+
+def scenario(name: str, out: Path, rank: int, world: int) -> dict:
+    model = scenarios.make_model("bn" if name == "bn" else "mlp")
+    if name == "disagree":  # rank 1 asks for another schedule: every rank must refuse
+        try:
+            gradscope.watch(model, run=out / name, every=1 + rank)
+        except RuntimeError as exc:
+            return {"error": str(exc)}
+        return {"error": None}
+    options = dict(run=out / name, flush_every=3, modules=with_activations)
+    if name == "every3":
+        options.update(every=3, flush_every=2, per_rank=True)
+    if name == "ddp":
+        options.update(per_rank=True)
+    if name == "watch_first":  # watch() before fully_shard, as a user might write it
+        rec = gradscope.watch(model, **options)  # no optimizer=: rec.step() ends each step
+        wrapped = fsdp2(model)
+        opt = scenarios.optimizer(wrapped)
+    else:
+        wrapped = WRAP[name](model)
+        opt = scenarios.optimizer(wrapped)
+        rec = gradscope.watch(wrapped, optimizer=opt, **options)
+    per_step = []
+    before = calls["n"]
+
+    def after_step(step):
+        nonlocal before
+        per_step.append(calls["n"] - before)
+        before = calls["n"]
+
+    with rec:
+        losses = scenarios.train(wrapped, opt, rec, scenarios.batches(), rank, world,
+                                 fail_at=2 if name == "fail" and rank == 1 else None,
+                                 eval_at=1 if name in ("ddp", "every3") else None, after_step=after_step)
+    return {"losses": losses, "collectives_per_step": per_step, "collectives_at_close": calls["n"] - before,
+            "run": str(rec.path)}
+
+
+def main() -> None:
+    out, names = Path(sys.argv[1]), sys.argv[2:]
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+    count_collectives()
+    try:
+        for name in names:
+            result = scenario(name, out, rank, world)
+            (out / f"{name}.rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
