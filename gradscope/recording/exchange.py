@@ -46,6 +46,12 @@ class Exchange:
         self.merged_below = 0  # steps below this were merged over the ranks (or are rank 0's own)
         self._device = _collective_device(processes)
 
+    def connected(self) -> bool:
+        """Whether the process group still exists (a program may destroy it before ``close()``)."""
+        import torch.distributed as dist
+
+        return dist.is_initialized()
+
     def start(self, facts: dict[str, Any], error: Exception | None, refused: Callable[[str | None], None]) -> str:
         """Rank 0's run path, once every rank is ready with the same settings (``facts``); else
         ``refused(problem)`` and raise on every rank (rank 0 its own ``error``, if it had one)."""

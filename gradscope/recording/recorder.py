@@ -301,7 +301,7 @@ class Recorder:
                     self._dropped_step = self._clock.step
                     slots -= 1
                 lost: list[str] = []
-                if self._exchange is not None and status != "finished":
+                if self._exchange is not None and (status != "finished" or not self._exchange.connected()):
                     status, slots = self._close_alone(status, slots, lost)
                 try:
                     self._flush(slots, commit=status == "finished", limit=self._clock.step + 1)
@@ -420,18 +420,17 @@ class Recorder:
         merged_below = self._exchange.merged_below
         held = [step for step in self._buffer.slot_steps[:slots] if step >= merged_below]
         if held:
+            why = status if self._exchange.connected() else "after the process group was destroyed"
             lost.append(f"steps {held[0]}-{held[-1]} not written: they are merged over the ranks at a flush, "
-                        f"and rank {self.processes.rank} closed {status} before one")
-        if not self.processes.writes:
-            if status == "failed":
-                self._exchange.note_failure(str(self.path), self._failure or "failed")
-            return status, 0
-        notes = self._exchange.failures(str(self.path))
-        lost.extend(notes)
-        if notes:
-            status = "failed"
-        keep = sum(1 for step in self._buffer.slot_steps[:slots] if step < merged_below)
-        return status, keep
+                        f"and rank {self.processes.rank} closed ({why}) before one")
+            status = "failed" if status == "finished" else status
+        if not self.processes.writes and status == "failed":
+            self._exchange.note_failure(str(self.path), self._failure or "failed")
+        elif self.processes.writes:
+            notes = self._exchange.failures(str(self.path))
+            lost.extend(notes)
+            status = "failed" if notes else status
+        return status, 0  # every slot held is of a step not merged
 
     def _end_step(self, slot: int) -> None:
         """A recorded step's end: what the probes measured written, then the parameters."""

@@ -19,7 +19,8 @@ import gradscope  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-TWO = ["ddp", "every3", "bn", "fsdp2", "fsdp1_orig", "fsdp1_flat", "fsdp1_blocks", "watch_first", "disagree"]
+TWO = ["ddp", "every3", "bn", "fsdp2", "fsdp1_orig", "fsdp1_flat", "fsdp1_blocks", "watch_first", "observer",
+       "disagree"]
 
 
 def _job(tmp_path_factory, world: int, names: list[str]) -> Path:
@@ -68,9 +69,16 @@ def test_ddp_statistics_equal_one_process_over_the_global_batch(two, references)
 
 
 def test_only_rank_0_writes(two):
-    entries = sorted(p.name for p in two.iterdir() if p.is_dir())
-    assert entries == sorted(TWO[:-1] + ["disagree"]) or entries == sorted(TWO[:-1])
+    """One run directory per scenario, rank 0's, holding only gradscope's files."""
+    assert sorted(p.name for p in two.iterdir() if p.is_dir()) == sorted(TWO)
     assert all(_result(two, "ddp", r)["run"] == str(two / "ddp") for r in range(2))
+    assert sorted(p.name for p in (two / "ddp").iterdir()) == sorted(
+        [".gradscope.lock", "meta.json", "layers", "blocks", "scalars", "layers_by_rank", "blocks_by_rank",
+         "scalars_by_rank"])
+
+
+def test_the_recorder_is_an_observer_under_ddp(two):
+    assert all(_result(two, "observer", rank)["identical"] for rank in range(2))
 
 
 def test_no_collective_per_step_one_per_flush(two):

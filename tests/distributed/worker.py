@@ -38,6 +38,13 @@ def count_collectives() -> None:
         setattr(dist, name, counted)
 
 
+class Nothing:
+    """Stands in for a recorder in the uninstrumented run."""
+
+    def step(self, **kwargs) -> None:
+        pass
+
+
 def ddp(model):
     return torch.nn.parallel.DistributedDataParallel(model)
 
@@ -73,6 +80,18 @@ WRAP = {"ddp": ddp, "every3": ddp, "bn": ddp, "fsdp2": fsdp2, "fsdp1_orig": lamb
 
 def scenario(name: str, out: Path, rank: int, world: int) -> dict:
     model = scenarios.make_model("bn" if name == "bn" else "mlp")
+    if name == "observer":  # the same DDP training without and with gradscope: bit-identical parameters
+        finals = []
+        for watched in (False, True):
+            wrapped = ddp(scenarios.make_model())
+            opt = scenarios.optimizer(wrapped)
+            rec = gradscope.watch(wrapped, run=out / name, optimizer=opt, overwrite=True, flush_every=2,
+                                  modules=with_activations) if watched else None
+            scenarios.train(wrapped, opt, rec or Nothing(), scenarios.batches(), rank, world)
+            if rec is not None:
+                rec.close()
+            finals.append([p.detach().clone() for p in wrapped.parameters()])
+        return {"identical": all(torch.equal(a, b) for a, b in zip(*finals))}
     if name == "disagree":  # rank 1 asks for another schedule: every rank must refuse
         try:
             gradscope.watch(model, run=out / name, every=1 + rank)
