@@ -56,10 +56,24 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:  # a bug of ours: one line, unless GRADSCOPE_DEBUG asks for the traceback
             if os.environ.get("GRADSCOPE_DEBUG"):
                 raise
+            if _lost_the_others(exc):
+                raise click.ClickException(f"this process lost the others of its job, most likely because one "
+                                           f"of them failed (see its messages): {str(exc).splitlines()[0]}") from None
             raise click.ClickException(f"internal error: {type(exc).__name__}: {exc} "
                                        "(set GRADSCOPE_DEBUG=1 for the traceback, and please report it)") from None
 
     return wrapper
+
+
+def _lost_the_others(exc: Exception) -> bool:
+    """Whether ``exc`` is a collective failing under torchrun: mostly another process's death,
+    which gloo and NCCL report as a RuntimeError naming themselves (not a bug of ours)."""
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "0", "1") or not isinstance(exc, RuntimeError):
+        return False
+    distributed = sys.modules.get("torch.distributed")
+    text = str(exc).lower()
+    return (distributed is not None and isinstance(exc, getattr(distributed, "DistError", ()))) or \
+        any(word in text for word in ("gloo", "nccl", "c10d", "connection reset", "broken pipe"))
 
 
 def _silence_stdout() -> None:
@@ -174,41 +188,124 @@ def _train_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               type=click.Choice(["grad_x_act", "integrated_gradients", "conductance"]),
               help="Captum layer method (the path-integral ones cost a pass per block)")
 @click.option("--overwrite", is_flag=True, help="replace existing runs of the same name")
+@click.option("--nproc", default=1, show_default=True, type=click.IntRange(min=1), metavar="N",
+              help="train data-parallel in N processes (DDP, started through torch.distributed.run); "
+                   "the batch size is the global one, split evenly among them")
 @_train_options
 @friendly_errors
 def run_command(model_names: tuple[str, ...], task: str | None, steps: int, every: int, out: Path,
                 batch_size: int | None, lr: float | None, eval_every: int | None, data_dir: Path | None,
                 settings: tuple[str, ...], amp: bool, watch_activations: bool, attribution_every: int | None,
-                attribution_method: str, overwrite: bool, device: str, seed: int, progress: bool) -> None:
+                attribution_method: str, overwrite: bool, nproc: int, device: str, seed: int,
+                progress: bool) -> None:
     """Train and record each MODEL on a built-in task, one run directory per model.
 
     \b
     Tasks: images (synthetic CIFAR-shaped), cifar10 (--data-dir), copy, reverse, dyck, majority.
     Example: gradscope run plain20 resnet20 --steps 300 --every 5 --out runs/cmp
+    Several processes: --nproc 4 here, or torchrun --nproc-per-node 4 -m gradscope.cli.main run ...
     """
+    from gradscope.lab import distributed
     from gradscope.lab.train import check, check_options, train
     from gradscope.store.writer import check_replaceable
 
-    # everything that can fail is checked for every model before the first one trains
-    check_options(steps=steps, every=every, lr=lr, batch_size=batch_size, eval_every=eval_every,
-                  attribution_every=attribution_every, device=device, amp=amp)
+    world = distributed.from_env()  # under torchrun: this process's place among its processes
+    if world is not None and nproc not in (1, world.size):
+        raise InputError(f"--nproc {nproc} under torchrun, which started {world.size} processes: "
+                         "leave --nproc out there (torchrun's --nproc-per-node decides)")
+    processes = world.size if world is not None else nproc
+    # everything that can fail is checked for every model before the first one trains (or processes start)
+    dev = check_options(steps=steps, every=every, lr=lr, batch_size=batch_size, eval_every=eval_every,
+                        attribution_every=attribution_every, device=device, amp=amp)
+    if world is None:
+        distributed.check_launch(dev, processes)
     twice = sorted({name for name in model_names if model_names.count(name) > 1})
     if twice:
         raise InputError(f"{', '.join(twice)} named more than once: each model's run is written to "
                          f"{out / twice[0]}, so name a model once per command")
     overrides = parse_settings(settings)
-    check(model_names, task, data_dir=str(data_dir) if data_dir else None, seed=seed, overrides=overrides)
-    for name in model_names:  # as the run writer decides, but before the first model trains
-        check_replaceable(out / name, overwrite)
+    check(model_names, task, data_dir=str(data_dir) if data_dir else None, seed=seed, overrides=overrides,
+          steps=steps, batch_size=batch_size, processes=processes)
+    if world is None or world.rank == 0:  # rank 0 writes the runs; the others would see its fresh directories
+        for name in model_names:  # as the run writer decides, but before the first model trains
+            check_replaceable(out / name, overwrite)
     writable_dir(out)
+    if processes > 1 and world is None:
+        raise click.exceptions.Exit(_launch(processes, _arguments_without(click.get_current_context(), "nproc")))
     for name in model_names:
         result = train(name, task=task, steps=steps, every=every, out=out, seed=seed, device=device, amp=amp,
                        batch_size=batch_size, lr=lr, eval_every=eval_every,
                        data_dir=str(data_dir) if data_dir else None, overrides=overrides,
                        overwrite=overwrite, progress=progress, watch_activations=watch_activations,
                        attribution_every=attribution_every, attribution_method=attribution_method)
-        click.echo(f"{name}: {result.steps} steps in {result.seconds:.1f}s, final loss {result.final_loss:.4f}, "
-                   f"held-out accuracy {result.final_eval_accuracy:.3f} -> {result.run}")
+        if world is None or world.rank == 0:
+            click.echo(f"{name}: {result.steps} steps in {result.seconds:.1f}s, final loss {result.final_loss:.4f}, "
+                       f"held-out accuracy {result.final_eval_accuracy:.3f} -> {result.run}")
+
+
+class ProcessFailed(click.ClickException):
+    """A training process of a multi-process run failed; the command exits with its exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _arguments_without(ctx: click.Context, skip: str) -> list[str]:
+    """The command line that gives ``ctx``'s command the values it parsed, less option ``skip``:
+    what each process started for ``--nproc`` runs (options first, then ``--`` and the arguments)."""
+    options: list[str] = []
+    arguments: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)  # type: ignore[arg-type]
+        if param.name == skip or value is None:
+            continue
+        if isinstance(param, click.Argument):
+            arguments.extend(str(v) for v in value)
+        elif isinstance(param, click.Option) and param.is_flag:
+            if param.secondary_opts:  # --x/--no-x
+                options.append(param.opts[0] if value else param.secondary_opts[0])
+            elif value:
+                options.append(param.opts[0])
+        elif isinstance(param, click.Option):
+            for item in value if param.multiple else [value]:
+                options.extend([param.opts[0], str(item)])
+    return [*options, "--", *arguments]
+
+
+def _ending(exitcode: int) -> str:
+    return f"exit code {exitcode}" if exitcode >= 0 else f"signal {-exitcode}"  # < 0: killed by that signal
+
+
+def _launch(processes: int, arguments: list[str]) -> int:
+    """Run ``gradscope run ARGUMENTS`` in ``processes`` processes on this machine through
+    ``torch.distributed.run`` (torchrun --standalone); the exit code of the job.
+
+    torchrun's agent runs here: it stops every process when one fails, or when this one is
+    interrupted or terminated, before it returns. Each process gets an equal share of the
+    cores (OMP_NUM_THREADS) unless the environment sets it.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads is None:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
+    try:
+        torchrun(["--standalone", f"--nproc-per-node={processes}", "-m", "gradscope.cli.main", "run", *arguments])
+    except ChildFailedError as exc:  # the agent saw these fail (earliest first) and stopped the others
+        failed = sorted(exc.failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+        ranks = ", ".join(f"rank {rank} ({_ending(failure.exitcode)})" for rank, failure in failed)
+        code = failed[0][1].exitcode
+        raise ProcessFailed(f"{len(failed)} of {processes} training processes failed: {ranks}; "
+                            "their messages are above", code if code > 0 else 1) from None
+    except SignalException as exc:  # the agent stopped the processes first
+        return 128 + int(exc.sigval)
+    finally:
+        if threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+    return 0
 
 
 @main.command("inspect")
@@ -288,5 +385,5 @@ def demo_command(preset: str, quick: bool, out: Path | None, steps: int | None, 
     click.echo(f"report written to {report} (open it in a browser)")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # how --nproc starts each process (python -m gradscope.cli.main run ...)
+    main(prog_name="gradscope")

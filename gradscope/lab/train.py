@@ -9,6 +9,9 @@ Each family trains with the recipe it is known by, scaled to the step budget:
   vanishing gradients show in the learning as well as in the statistics.
 - Transformers (Vaswani et al. 2017): Adam (0.9, 0.98, eps 1e-9), batch 64, lr 1e-3 with linear
   warm-up over 10% of the steps, then inverse square-root decay.
+
+Under torchrun (``WORLD_SIZE`` above 1) the same trainer runs in every process, data-parallel
+(see ``gradscope.lab.distributed``): the recipe's batch is the global one, split evenly.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradscope.lab import models
+from gradscope.lab import distributed, models
 from gradscope.lab.tasks import DEFAULT_TASK, Task, check_task, get_task
 from gradscope.lab.tasks.sequences import IGNORE
 from gradscope.recording.attribution import Attribution
@@ -60,6 +63,15 @@ def recipe_for(name: str, steps: int) -> Recipe:
     if e.family == "transformer":
         return Recipe("adam", 1e-3, 64, schedule="warmup_rsqrt", warmup_steps=max(1, steps // 10))
     return Recipe("sgd", 0.05, 128, momentum=0.9)
+
+
+def _recipe(name: str, steps: int, batch_size: int | None, lr: float | None) -> Recipe:
+    """The family recipe with the caller's batch size and learning rate, where given."""
+    recipe = recipe_for(name, steps)
+    if batch_size is not None or lr is not None:
+        recipe = Recipe(**{**asdict(recipe), **{k: v for k, v in (("batch_size", batch_size), ("lr", lr))
+                                                 if v is not None}})
+    return recipe
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
@@ -133,12 +145,14 @@ def _check_settings(name: str, task: str | None, overrides: dict[str, Any], data
 
 
 def check(names: Sequence[str], task: str | None = None, *, data_dir: str | None = None, seed: int = 0,
-          overrides: dict[str, Any] | None = None, task_options: dict[str, Any] | None = None) -> None:
+          overrides: dict[str, Any] | None = None, task_options: dict[str, Any] | None = None,
+          steps: int = 1, batch_size: int | None = None, processes: int = 1) -> None:
     """Raise what ``train`` would raise for any of ``names`` about its model and task, before any trains.
 
     The CLI trains several models in one command: a setting that does not fit the last one must
     not surface after the first has trained. The cheap checks run for every model first; then
     each model is built on the CPU, as ``train`` builds it, and dropped, each task built once.
+    With ``processes`` above 1, each model's global batch must split evenly over them.
     """
     for name in names:
         _check_settings(name, task, dict(overrides or {}), data_dir)
@@ -151,8 +165,9 @@ def check(names: Sequence[str], task: str | None = None, *, data_dir: str | None
         return tasks[key]
 
     for name in names:
-        _build(name, task, data_dir=data_dir, seed=seed, overrides=overrides, task_options=task_options,
-               make_task=make_task)
+        _, the_task = _build(name, task, data_dir=data_dir, seed=seed, overrides=overrides,
+                             task_options=task_options, make_task=make_task)
+        distributed.share(min(_recipe(name, steps, batch_size, None).batch_size, the_task.train_size), processes)
 
 
 def check_options(*, steps: int = 1, every: int = 1, lr: float | None = None, batch_size: int | None = None,
@@ -261,16 +276,26 @@ def train(
     ``eval_limit`` held-out samples. ``watch_activations`` also records activation modules
     (ReLU, sigmoid, ...), where dead and saturated units show. ``attribution_every`` adds
     Captum attribution checkpoints over the blocks, on the first ``PROBE_SIZE`` held-out samples.
+
+    Under torchrun every process calls ``train`` alike. The trainer joins the default process
+    group (formed at the first call, kept until exit), wraps the model in DDP and trains each
+    process on its slice of the global batch, which must split evenly. The recorded loss and
+    accuracy are the means over the processes (``watch`` merges the ranks'), and so is the
+    returned loss. Every process evaluates the same held-out samples, so all agree, and passes
+    the same attribution probe to ``watch``. Only rank 0 shows progress.
     """
     dev = check_options(steps=steps, every=every, lr=lr, batch_size=batch_size, eval_every=eval_every,
                         eval_limit=eval_limit, attribution_every=attribution_every, device=device, amp=amp)
+    world = distributed.from_env()
+    if world is not None:
+        dev = distributed.device_for(dev, world)
     model, the_task = build(name, task, data_dir=data_dir, seed=seed, overrides=overrides, task_options=task_options)
     model.to(dev)
-    recipe = recipe_for(name, steps)
-    if batch_size is not None or lr is not None:
-        recipe = Recipe(**{**asdict(recipe), **{k: v for k, v in (("batch_size", batch_size), ("lr", lr))
-                                                 if v is not None}})
+    recipe = _recipe(name, steps, batch_size, lr)
     batch = min(recipe.batch_size, the_task.train_size)
+    distributed.share(batch, world.size if world else 1)  # refused before any process waits for the others
+    if world is not None:  # the same initial weights everywhere (build seeded), then a random stream per rank
+        torch.manual_seed(seed + world.rank)
     opt = make_optimizer(model, recipe)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(recipe, steps))
     amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
@@ -282,7 +307,7 @@ def train(
     meta = {"task": {"name": the_task.name, "description": the_task.description,
                      "train_size": the_task.train_size, "seed": seed, "options": dict(task_options or {})},
             "recipe": {**asdict(recipe), "batch_size": batch, "steps": steps, "amp": amp}}
-    bar = _progress(steps, f"{name}", enabled=progress)
+    bar = _progress(steps, f"{name}", enabled=progress and (world is None or world.rank == 0))
     start = time.perf_counter()
     final_loss, final_acc = float("nan"), float("nan")
     modules = with_activations if watch_activations else None
@@ -290,15 +315,18 @@ def train(
     if attribution_every is not None:
         probe = (_head(the_task.test_inputs, PROBE_SIZE), the_task.test_targets[:PROBE_SIZE])
         attribution = Attribution(probe, every=attribution_every, method=attribution_method)
-    with watch(model, path, every=every, optimizer=opt, scaler=scaler, overwrite=overwrite, meta=meta,
+    net = distributed.wrap(model, dev, world)  # the model itself when training alone
+    with watch(net, path, every=every, optimizer=opt, scaler=scaler, overwrite=overwrite, meta=meta,
                modules=modules, attribution=attribution) as rec:
         batches = the_task.batches(batch, seed=seed)
         for step in range(steps):
             x, y = next(batches)
+            if world is not None:
+                x, y = distributed.slice_of(x, y, world)
             x, y = _to(x, dev), y.to(dev, non_blocking=True)
             with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
-                out_ = _forward(model, x)
-            loss, acc = loss_and_accuracy(out_, y)
+                out_ = _forward(net, x)
+            loss, acc = loss_and_accuracy(out_, y)  # this process's share; watch() merges them over the ranks
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -311,16 +339,19 @@ def train(
                 opt.step()
             schedule.step()
             if (step + 1) % eval_every == 0 or step + 1 == steps:
-                eval_loss, eval_acc = evaluate(model, the_task, dev, limit=eval_limit)
+                eval_loss, eval_acc = evaluate(net, the_task, dev, limit=eval_limit)  # alike on every rank
                 rec.log_eval(loss=eval_loss, accuracy=eval_acc)
                 final_acc = float(eval_acc)  # once per evaluation: a sync outside the hot path
-            if bar is not None and ((step + 1) % max(1, min(every, 10)) == 0 or step + 1 == steps):
-                final_loss = float(loss.detach())
-                bar.set_postfix(loss=f"{final_loss:.3f}", eval_acc=f"{final_acc:.3f}",
-                                samples_s=f"{(step + 1) * batch / (time.perf_counter() - start):.0f}",
-                                refresh=False)
-                bar.update((step + 1) - bar.n)
-        final_loss = float(loss.detach())
+            if (step + 1) % max(1, min(every, 10)) == 0 or step + 1 == steps:
+                # the global batch's loss, the mean over the processes: one collective, on every rank alike
+                shown = loss if world is None else distributed.mean_over_processes(loss)[0]
+                if bar is not None:
+                    final_loss = float(shown.detach())
+                    bar.set_postfix(loss=f"{final_loss:.3f}", eval_acc=f"{final_acc:.3f}",
+                                    samples_s=f"{(step + 1) * batch / (time.perf_counter() - start):.0f}",
+                                    refresh=False)
+                    bar.update((step + 1) - bar.n)
+        final_loss = float(shown.detach())
     if bar is not None:
         bar.close()
     return TrainResult(path, steps, time.perf_counter() - start, final_loss, final_acc)
