@@ -307,6 +307,8 @@ class Recorder:
                     self._flush(slots, commit=status == "finished", limit=self._clock.step + 1)
                 except Exception as exc:  # e.g. a CUDA error that broke the device: the steps held there are
                     lost.append(f"steps not written ({type(exc).__name__}: {exc})")  # lost; say so
+                    if self._exchange is not None and self.processes.writes:  # a peer gone: which, and why
+                        lost.extend(self._exchange.failures(str(self.path)))
                     if status == "finished":
                         raise
                     warnings.warn(f"gradscope: closing {self.path}: {lost[0]}", RuntimeWarning, stacklevel=3)
