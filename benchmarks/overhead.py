@@ -32,8 +32,21 @@ The script also prints the fixed cost per watched layer on tiny tensors (the lau
 of small GPU steps, measurable on any machine) and times ``load_run`` on a 10,000-step
 resnet110 run.
 
+With ``--nproc N`` (N > 1) it times data-parallel training instead: N gloo processes on this
+machine's CPUs, each with ``--threads`` (default 1) intra-op threads, each training every
+variant's own copy of the model wrapped in its own ``DistributedDataParallel`` on its 1/N of the
+batch, interleaved and divided as above (a barrier before each block). A DDP step's time is
+the slowest rank's time for that step (max over ranks; rank 0's own ratio is printed too).
+Beside each DDP ratio it prints the single-process ratio of the same model and per-rank batch
+at the same thread count, measured first in the launching process, so "DDP ratio <= single-process
+ratio + 0.03" reads off one table. The variants default to gradscope every=1 and every=10,
+watched on every rank with the same run path (``--variants`` picks among empty hooks, naive
+hooks and these); memory, the fixed cost and ``load_run`` are not measured. Every process is
+stopped when one fails, after ``--timeout`` seconds, or when the launcher exits.
+
     python benchmarks/overhead.py [--device cpu|cuda] [--steps 100] [--only resnet20]
                                   [--variants every,naive] [--skip-memory] [--skip-load]
+    python benchmarks/overhead.py --nproc 2 --only resnet20 [--steps 90] [--threads 1] [--timeout 1200]
 """
 
 from __future__ import annotations
@@ -107,10 +120,11 @@ class Nothing(Variant):
 class Gradscope(Variant):
     def __init__(self, every: int) -> None:
         self.every, self.name, self.period = every, f"gradscope every={every}", every
+        self.run_name: str | None = None  # set where every process must name the same run (DDP)
 
     @contextlib.contextmanager
     def attach(self, model, opt, tmp):
-        path = tmp / f"gradscope-{time.monotonic_ns()}"
+        path = tmp / (self.run_name or f"gradscope-{time.monotonic_ns()}")
         with gradscope.watch(model, path, optimizer=opt, every=self.every) as rec:
             yield lambda loss: rec.step(loss=loss)
 
@@ -340,37 +354,68 @@ RECORDED_AT = 5  # where in a block the sampled schedule's recorded step falls (
 
 
 def bench_workload(name: str, spec: Any, device: torch.device, steps: int, tmp: Path,
-                   only: str | None = None) -> list[tuple]:
+                   only: str | None = None, chosen: list[Variant] | None = None) -> list[tuple]:
     """Times ``steps`` training steps of every variant, in interleaved blocks of ``BLOCK`` steps.
 
     Each variant trains its own copy of one model, all attached at once. Block b of every
     variant runs back to back (in an order that rotates with b), and each step is compared
     with the uninstrumented copy's step at the same place (see the module docstring), so a
-    stall of the machine lasting seconds reads as no variant's overhead.
+    stall of the machine lasting seconds reads as no variant's overhead. ``chosen``: these
+    variants (``none`` first) instead of those ``only`` selects.
     """
     make, make_batch, autocast = spec
     torch.manual_seed(0)
     template = make().to(device)
     batch = make_batch(device)
-    memory = PeakMemory(device)
-    all_variants = variants(only)
-    blocks: dict[str, list[list[float]]] = {v.name: [] for v in all_variants}  # step times per block
-    peaks: dict[str, list[float]] = {v.name: [] for v in all_variants}
+    all_variants = chosen if chosen is not None else variants(only)
     with contextlib.ExitStack() as stack:
         runners = []
         for v in all_variants:
             model = copy.deepcopy(template)
             opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-            after_backward = stack.enter_context(v.attach(model, opt, tmp))
-            # warm-up: recorder steps 0..14, so each timed block's recorded step is its 6th
-            time_steps(model, opt, batch, BLOCK + (BLOCK - RECORDED_AT), device, autocast, after_backward)
-            runners.append((v, model, opt, after_backward))
-        for b in range(max(1, steps // BLOCK)):
-            shift = b % len(runners)
-            for v, model, opt, after_backward in runners[shift:] + runners[:shift]:
+            runners.append(_attached(stack, v, model, opt, tmp, batch, device, autocast))
+        blocks, peaks = interleave(runners, batch, steps, device, autocast, PeakMemory(device))
+    return ratio_rows(name, all_variants, blocks, peaks)
+
+
+Runner = tuple[Variant, nn.Module, torch.optim.Optimizer, Callable[[Any], None]]
+
+
+def _attached(stack: contextlib.ExitStack, v: Variant, model: nn.Module, opt: torch.optim.Optimizer, tmp: Path,
+              batch: Any, device: torch.device, autocast: Any) -> Runner:
+    """Attach ``v`` to ``model`` (detached when ``stack`` closes) and warm it up."""
+    after_backward = stack.enter_context(v.attach(model, opt, tmp))
+    # warm-up: recorder steps 0..14, so each timed block's recorded step is its 6th
+    time_steps(model, opt, batch, BLOCK + (BLOCK - RECORDED_AT), device, autocast, after_backward)
+    return v, model, opt, after_backward
+
+
+def interleave(runners: list[Runner], batch: Any, steps: int, device: torch.device, autocast: Any,
+               memory: PeakMemory | None,
+               before_block: Callable[[], None] | None = None) -> tuple[dict[str, list[list[float]]],
+                                                                       dict[str, list[float]]]:
+    """Step times (seconds) of each variant's blocks, and its peak memory per block (NaN without ``memory``).
+
+    Block b of every runner back to back, in an order rotating with b; ``before_block`` runs
+    untimed before each block (under DDP a barrier, so every process starts a block together).
+    """
+    blocks: dict[str, list[list[float]]] = {v.name: [] for v, *_ in runners}
+    peaks: dict[str, list[float]] = {v.name: [] for v, *_ in runners}
+    for b in range(max(1, steps // BLOCK)):
+        shift = b % len(runners)
+        for v, model, opt, after_backward in runners[shift:] + runners[:shift]:
+            if before_block is not None:
+                before_block()
+            if memory is not None:
                 memory.start()
-                blocks[v.name].append(time_steps(model, opt, batch, BLOCK, device, autocast, after_backward))
-                peaks[v.name].append(memory.stop())
+            blocks[v.name].append(time_steps(model, opt, batch, BLOCK, device, autocast, after_backward))
+            peaks[v.name].append(memory.stop() if memory is not None else float("nan"))
+    return blocks, peaks
+
+
+def ratio_rows(name: str, all_variants: list[Variant], blocks: dict[str, list[list[float]]],
+               peaks: dict[str, list[float]]) -> list[tuple]:
+    """(workload, variant, step ms, x time, peak MiB, x mem, note) per variant, from its blocks of step times."""
     rows = []
     base_m = statistics.median(peaks["none"])
     for v in all_variants:
@@ -429,6 +474,225 @@ def time_load_run(tmp: Path, steps: int = 10_000) -> tuple[float, int]:
     return time.perf_counter() - start, len(run.layers)
 
 
+# ------------------------------------------------------------------------------------ several processes
+
+DDP_VARIANTS = "gradscope every="  # default under --nproc: none against gradscope every=1 and every=10
+
+
+def ddp_variants(only: str | None) -> list[Variant]:
+    """The variants compared under DDP (and by the single-process run beside it): ``none`` first.
+
+    Tools that would write once per process (wandb, tensorboard) are left out; ``only`` picks
+    among none, empty hooks, gradscope every=1 / every=10 and naive hooks (default: gradscope).
+    """
+    wanted = [w.strip() for w in (only or DDP_VARIANTS).split(",")]
+    out = [Nothing(), EmptyHooks(), Gradscope(1), Gradscope(10), NaiveHooks()]
+    return [v for v in out if v.name == "none" or any(w in v.name for w in wanted)]
+
+
+def rank_part(batch: Any, rank: int, world: int) -> tuple[torch.Tensor, ...]:
+    """Process ``rank``'s share of ``batch``: its ``rank``-th of ``world`` slices along the batch dimension."""
+    return tuple(t.tensor_split(world)[rank] for t in batch)
+
+
+def per_rank_spec(spec: Any, rank: int, world: int) -> Any:
+    make, make_batch, autocast = spec
+    return make, lambda d: rank_part(make_batch(d), rank, world), autocast
+
+
+# a workload of next to no compute for smoke tests: only run when ``--only`` names it
+SMOKE_WORKLOADS = {
+    "smoke mlp b8": (lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)),
+                     lambda d: (torch.randn(8, 8, device=d), torch.randint(0, 4, (8,), device=d)), None),
+}
+
+
+def selected(workloads: dict[str, Any], only: str | None) -> dict[str, Any]:
+    """The workloads whose name contains ``only`` (all of ``workloads`` without it; smoke ones only by name)."""
+    if not only:
+        return dict(workloads)
+    return {name: spec for name, spec in {**workloads, **SMOKE_WORKLOADS}.items() if only in name}
+
+
+def ddp_worker(args: argparse.Namespace) -> None:
+    """One process of the ``--nproc`` run (rank and rendezvous from the environment, as torchrun sets them).
+
+    Every variant trains its own copy of the model in its own ``DistributedDataParallel`` on
+    this process's share of the batch, interleaved as in the single-process run, with a barrier
+    before each block. Rank 0 gathers every rank's step times and writes the rows to
+    ``--ddp-result`` as JSON: ratios of each step's slowest rank ("max") and of rank 0 alone.
+    """
+    import faulthandler
+    import json
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    faulthandler.enable()  # a rank that aborts in C++ still shows its Python stack in the launcher's report
+    device = torch.device("cpu")
+    dist.init_process_group("gloo", timeout=timedelta(seconds=args.collective_timeout))
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    def progress(what: str) -> None:
+        print(f"rank {rank} {time.strftime('%H:%M:%S')}: {what}", flush=True)
+
+    out: dict[str, dict[str, list]] = {}
+    try:
+        for w, (name, spec) in enumerate(selected(CPU_WORKLOADS, args.only).items()):
+            make, make_batch, autocast = per_rank_spec(spec, rank, world)
+            torch.manual_seed(0)  # the same template everywhere (DDP broadcasts rank 0's anyway)
+            template = make().to(device)
+            batch = make_batch(device)
+            chosen = ddp_variants(args.variants)
+            for v in chosen:
+                if isinstance(v, Gradscope):  # every rank passes the same run path
+                    v.run_name = f"gradscope-ddp-{w}-every{v.every}"
+            with contextlib.ExitStack() as stack:
+                runners = []
+                for v in chosen:
+                    model = DistributedDataParallel(copy.deepcopy(template))
+                    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+                    runners.append(_attached(stack, v, model, opt, Path(args.ddp_tmp), batch, device, autocast))
+                progress(f"{name}: attached and warmed up")
+                blocks, _ = interleave(runners, batch, args.steps, device, autocast, None, dist.barrier)
+                progress(f"{name}: timed; closing")
+            del runners, model, opt  # every DDP (and its reducer) gone before the process group
+            progress(f"{name}: closed")
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, blocks)
+            if rank == 0:
+                slowest = {v: [[max(ts) for ts in zip(*(g[v][b] for g in gathered))] for b in range(len(bs))]
+                           for v, bs in blocks.items()}
+                nans = {v.name: [float("nan")] for v in chosen}
+                out[name] = {"max": ratio_rows(name, chosen, slowest, nans),
+                             "rank0": ratio_rows(name, chosen, blocks, nans)}
+            dist.barrier()
+        if rank == 0:
+            Path(args.ddp_result).write_text(json.dumps(out))
+    finally:
+        dist.destroy_process_group()
+    progress("done")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In a child, before exec: be killed when the launching process dies (Linux), so none outlives it."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def launch_ddp(args: argparse.Namespace, tmp: Path) -> dict[str, dict[str, list]]:
+    """Run ``--nproc`` gloo processes of this script on this machine; rank 0's rows by workload.
+
+    Raises SystemExit with every rank's last output when a process fails or ``--timeout`` passes;
+    every process still running is then terminated (killed 5 s later), as on success or Ctrl-C.
+    A process that fails after it said "done" (in the interpreter's teardown, past the process
+    group) is reported on stderr and does not void the measurement.
+    """
+    import json
+    import subprocess
+
+    result = tmp / "ddp-result.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--ddp-worker", "--steps", str(args.steps),
+           "--threads", str(args.threads), "--ddp-tmp", str(tmp), "--ddp-result", str(result),
+           "--collective-timeout", str(args.timeout)] \
+        + (["--only", args.only] if args.only else []) + (["--variants", args.variants] if args.variants else [])
+    base_env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+                "WORLD_SIZE": str(args.nproc), "LOCAL_WORLD_SIZE": str(args.nproc),
+                "OMP_NUM_THREADS": str(args.threads)}
+    logs = [tmp / f"rank{r}.log" for r in range(args.nproc)]
+    procs: list[subprocess.Popen] = []
+    deadline = time.monotonic() + args.timeout
+    failure = None
+
+    def said_done(r: int) -> bool:
+        return any(line.startswith(f"rank {r} ") and line.endswith(": done")
+                   for line in logs[r].read_text(errors="replace").splitlines())
+
+    try:
+        for r, log in enumerate(logs):
+            with open(log, "wb") as f:  # the child holds its own descriptor
+                procs.append(subprocess.Popen(cmd, env={**base_env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                              stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                              preexec_fn=_die_with_parent if sys.platform == "linux" else None))
+        while failure is None:
+            codes = [p.poll() for p in procs]
+            bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0) and not said_done(r)]
+            if not bad and all(c is not None for c in codes):
+                break
+            if bad:
+                failure = f"rank {bad[0][0]} exited with status {bad[0][1]}"
+            elif time.monotonic() > deadline:
+                failure = f"timed out after {args.timeout:.0f} s (--timeout)"
+            else:
+                time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    if failure is not None:
+        tails = "\n".join(f"--- rank {r} (last 30 lines) ---\n"
+                          + "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+                          for r, log in enumerate(logs))
+        raise SystemExit(f"DDP benchmark failed: {failure}; every process was stopped.\n{tails}")
+    for r, p in enumerate(procs):
+        if p.returncode:
+            tail = "\n".join(logs[r].read_text(errors="replace").splitlines()[-10:])
+            print(f"warning: rank {r} exited with status {p.returncode} after it was done:\n{tail}", file=sys.stderr)
+    if not result.exists():
+        raise SystemExit(f"DDP benchmark failed: every process exited but rank 0 wrote no {result.name}")
+    return json.loads(result.read_text())
+
+
+def main_ddp(args: argparse.Namespace) -> None:
+    """``--nproc N``: the DDP ratios beside the single-process ratios of the same model and per-rank batch."""
+    torch.set_num_threads(args.threads)
+    n, workloads = args.nproc, selected(CPU_WORKLOADS, args.only)
+    print(f"device: cpu, DDP over gloo: {n} processes x {args.threads} thread(s) on {os.cpu_count()} CPU cores; "
+          f"single-process comparison: 1 process x {args.threads} thread(s), the same model and per-rank batch; "
+          f"{versions()}")
+    print(f"timed steps per variant {args.steps}, interleaved in blocks of {BLOCK} (a barrier before each DDP "
+          f"block); DDP step = the slowest rank's time for that step (max over ranks), 'x rank 0' = rank 0's alone")
+    print("target: DDP x time <= single-process x time + 0.03")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        single = {name: bench_workload(name, per_rank_spec(spec, 0, n), torch.device("cpu"), args.steps,
+                                       Path(tmp), chosen=ddp_variants(args.variants))
+                  for name, spec in workloads.items()}
+        single_s = time.perf_counter() - start
+        ddp = launch_ddp(args, Path(tmp))
+    print(f"{'workload':24} {'variant':40} {'1 proc ms':>9} {'x time':>7} {f'DDP{n} ms':>9} {'x time':>7} "
+          f"{'x rank 0':>8} {'DDP-1proc':>9}")
+    for name in workloads:
+        per_rank = f"{name} (b{rank_part(workloads[name][1](torch.device('cpu')), 0, n)[0].shape[0]}/rank)"
+        for one, slow, r0 in zip(single[name], ddp[name]["max"], ddp[name]["rank0"]):
+            diff = slow[3] - one[3]
+            verdict = "" if one[1] == "none" else " ok" if diff <= 0.03 else " OVER"
+            print(f"{per_rank:24} {one[1]:40} {one[2]:9.2f} {one[3]:7.3f} {slow[2]:9.2f} {slow[3]:7.3f} {r0[3]:8.3f} "
+                  f"{diff:+9.3f}{verdict}")
+            notes = [f"{label} {row[6].strip()}" for label, row in (("1 proc", one), ("DDP", slow)) if row[6]]
+            if notes:
+                print(f"{'':24} {'':40} " + "; ".join(notes))
+    print(f"wall time: single-process {single_s:.0f} s, DDP {time.perf_counter() - start - single_s:.0f} s")
+
+
 def versions() -> str:
     out = []
     for package in ("torch", "gradscope", "wandb", "tensorboard", "pyarrow", "pandas"):
@@ -441,17 +705,42 @@ def versions() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=100, help="timed steps per variant")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; cpu with --nproc)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per variant (default 100; 90 with --nproc: each of its 3 default variants "
+                             "first in 3 of the 9 blocks)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads per process (default 2; 1 with --nproc)")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="N > 1: time DDP over N gloo CPU processes (gradscope variants only, by default) "
+                             "beside one process on the same per-rank batch")
+    parser.add_argument("--timeout", type=float, default=1200.0,
+                        help="with --nproc: seconds before every process is stopped")
     parser.add_argument("--only", default=None, help="run workloads whose name contains this")
     parser.add_argument("--variants", default=None, help="comma-separated fragments of variant names to run")
     parser.add_argument("--skip-load", action="store_true", help="skip the load_run timing")
     parser.add_argument("--skip-fixed", action="store_true", help="skip the per-layer fixed cost")
     parser.add_argument("--skip-memory", action="store_true", help="skip the CPU peak-memory child")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ddp-tmp", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--ddp-result", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--collective-timeout", type=float, default=1200.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    device = torch.device(args.device)
+    distributed = args.nproc > 1 or args.ddp_worker
+    if distributed and args.device not in (None, "cpu"):
+        parser.error("--nproc times DDP over gloo on CPU: leave out --device or pass --device cpu")
+    if args.threads is None:
+        args.threads = 1 if distributed else 2
+    if args.steps is None:
+        args.steps = 90 if distributed else 100
+    if distributed:
+        os.environ.setdefault("WANDB_SILENT", "true")
+        warnings.filterwarnings("ignore")
+        torch.set_num_threads(args.threads)
+        (ddp_worker if args.ddp_worker else main_ddp)(args)
+        return
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.set_num_threads(args.threads)
     os.environ.setdefault("WANDB_SILENT", "true")
     warnings.filterwarnings("ignore")

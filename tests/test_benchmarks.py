@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -36,3 +37,47 @@ def test_bench_workload_runs_every_variant_and_leaves_no_hook(tmp_path):
 
     recorded = sorted(len(gradscope.load_run(p).scalars) for p in tmp_path.glob("gradscope-*"))
     assert recorded == [3, 25]
+
+
+needs_gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                                reason="needs torch.distributed with gloo")
+
+
+def _nproc_args(**changes) -> argparse.Namespace:
+    return argparse.Namespace(**{"nproc": 2, "steps": 10, "threads": 1, "timeout": 240.0, "only": "smoke",
+                                 "variants": None, **changes})
+
+
+def test_rank_parts_split_the_batch_once():
+    batch = (torch.arange(10).float().unsqueeze(1), torch.arange(10))
+    parts = [overhead.rank_part(batch, r, 3) for r in range(3)]
+    assert torch.equal(torch.cat([p[1] for p in parts]), batch[1])
+    assert [len(p[0]) for p in parts] == [4, 3, 3]
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_nproc_2_times_ddp_and_records_one_run_per_variant(tmp_path):
+    import gradscope
+
+    rows = overhead.launch_ddp(_nproc_args(), tmp_path)
+    for kind in ("max", "rank0"):  # each step's slowest rank, and rank 0 alone
+        got = rows["smoke mlp b8"][kind]
+        assert [r[1] for r in got] == ["none", "gradscope every=1", "gradscope every=10"]
+        assert got[0][3] == 1.0 and all(math.isfinite(r[2]) and r[3] > 0 for r in got)
+    # both ranks watched with the same path, one run each: warm-up 15 steps + 10 timed
+    recorded = {p.name: len(gradscope.load_run(p).scalars) for p in tmp_path.glob("gradscope-ddp-*")}
+    assert recorded == {"gradscope-ddp-0-every1": 25, "gradscope-ddp-0-every10": 3}
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_nproc_stops_every_process_when_one_fails(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, sys\nif os.environ.get('RANK') == '1' and '--ddp-worker' in sys.argv:\n"
+        "    raise SystemExit('injected failure')\n")
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    with pytest.raises(SystemExit, match=r"rank 1 exited with status 1(.|\n)*injected failure"):
+        overhead.launch_ddp(_nproc_args(variants="none"), tmp_path)  # rank 0 waits for rank 1 until stopped
