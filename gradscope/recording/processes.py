@@ -22,6 +22,7 @@ come from ``torch.distributed`` and the wrappers themselves, never from a launch
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,24 +250,19 @@ def _fsdp1_sharded(model: nn.Module) -> dict[int, bool]:
 
 
 def _dtensor_class() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - builds without distributed
-        return None
-    return DTensor
+    return _loaded("torch.distributed.tensor", "DTensor")
 
 
 def _fsdp2_module_class() -> type | None:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        return None
-    return FSDPModule
+    return _loaded("torch.distributed.fsdp", "FSDPModule")
 
 
 def _fsdp1_class() -> type | None:
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # pragma: no cover
-        return None
-    return FullyShardedDataParallel
+    return _loaded("torch.distributed.fsdp", "FullyShardedDataParallel")
+
+
+def _loaded(module: str, name: str) -> type | None:
+    """A wrapper class if its module is imported already, else None: a model can only hold what
+    the program imported, and importing FSDP to find out costs over a second."""
+    found = sys.modules.get(module)
+    return getattr(found, name, None) if found is not None else None
