@@ -14,7 +14,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -44,6 +46,7 @@ class Exchange:
         self.processes = processes
         self.collectives = 0  # made so far (tests count them per step)
         self.merged_below = 0  # steps below this were merged over the ranks (or are rank 0's own)
+        self.run = ""  # the run's path, agreed at start: the key of failure notes
         self._device = _collective_device(processes)
 
     def connected(self) -> bool:
@@ -66,7 +69,8 @@ class Exchange:
             if error is not None:
                 raise error
             raise RuntimeError(f"gradscope.watch: {problem}")
-        return str(ranks[0]["facts"]["run"])
+        self.run = str(ranks[0]["facts"]["run"])
+        return self.run
 
     def agree(self, facts: dict[str, Any], error: str | None) -> list[dict[str, Any]]:
         """Every rank's ``facts`` and setup ``error`` (None when it is ready), in rank order."""
@@ -91,13 +95,13 @@ class Exchange:
         world = self.processes.world_size
         chunks = list(torch.empty(world * packed.numel(), dtype=torch.float64, device=self._device).chunk(world)) \
             if self.processes.writes else None
-        dist.gather(packed, chunks, dst=0, group=self.processes.group)
+        self._wait(dist.gather(packed, chunks, dst=0, group=self.processes.group, async_op=True))
         self.collectives += 1
         if chunks is None:
             return None
         return [_unpack(c.cpu().numpy(), local) for c in chunks]
 
-    def merge(self, limit: int | None, every: int, steps: list[int], layer: Tensor, step: Tensor, block: Tensor,
+    def merge(self, limit: int, every: int, steps: list[int], layer: Tensor, step: Tensor, block: Tensor,
               counts: HostCounts, per_rank: bool) -> tuple[Any, ...] | None:
         """This rank's taken slots (host copies, ``steps``) with the scheduled steps below
         ``limit`` merged over the ranks (one collective), on rank 0; None elsewhere. Every rank
@@ -106,9 +110,8 @@ class Exchange:
 
         Returns (steps, layer, step, block, counts, shared, by_rank): what a ``FlushJob`` takes.
         """
-        end = limit if limit is not None else (steps[-1] + 1 if steps else self.merged_below)
-        shared = [s for s in range(self.merged_below, end) if s % every == 0]
-        self.merged_below = max(self.merged_below, end)
+        shared = [s for s in range(self.merged_below, limit) if s % every == 0]
+        self.merged_below = max(self.merged_below, limit)
         ranks = self.gather(shared, steps, layer, step, block, counts)
         if ranks is None:
             return None
@@ -129,31 +132,35 @@ class Exchange:
         by_rank = [(r.layer, r.step, r.block, r.counts) for r in ranks] if per_rank else None
         return written, out.layer, out.step, out.block, out.counts, shared, by_rank
 
+    def _wait(self, work: Any) -> None:
+        """Wait for a collective, but stop waiting for a rank that failed: one that closed after an
+        error never joins, and may stay alive (its sockets open) for long."""
+        checked = time.monotonic()
+        while not work.is_completed():
+            time.sleep(0.0002)
+            if time.monotonic() - checked > _FAILURE_POLL_SECONDS:
+                checked = time.monotonic()
+                failed = self.failures()
+                if failed:
+                    raise RuntimeError(f"gradscope: stopped waiting for the other ranks: {'; '.join(failed)}")
+        work.wait()  # the collective's own error, if it had one
+
     # ------------------------------------------------------------------ failures
 
-    def note_failure(self, run: str, message: str) -> None:
-        """Tell rank 0 (through the job's store) that this rank failed; best effort, never raises."""
-        store = _store()
-        if store is None:
-            return
-        try:
-            store.set(_failure_key(run, self.processes.rank), message[:2000])
-        except Exception:  # the store's host may be gone already
-            pass
+    def note_failure(self, message: str) -> None:
+        """Tell the other ranks (through the job's store) that this one failed; best effort."""
+        with _job_store() as store:
+            if store is not None:
+                store.set(_failure_key(self.run, self.processes.rank), message[:2000])
 
-    def failures(self, run: str) -> list[str]:
-        """The notes of failed ranks, on rank 0 (none when the store cannot be reached)."""
-        store = _store()
-        if store is None:
-            return []
+    def failures(self) -> list[str]:
+        """The notes of the other ranks that failed (none when the store cannot be reached)."""
         out = []
-        for rank in range(1, self.processes.world_size):
-            key = _failure_key(run, rank)
-            try:
-                if store.check([key]):
+        with _job_store() as store:
+            for rank in range(self.processes.world_size) if store is not None else ():
+                key = _failure_key(self.run, rank)
+                if rank != self.processes.rank and store.check([key]):
                     out.append(f"rank {rank} failed: {store.get(key).decode(errors='replace')}")
-            except Exception:
-                break
         return out
 
 
@@ -181,15 +188,29 @@ def _failure_key(run: str, rank: int) -> str:
     return f"gradscope/{run}/failed/{rank}"
 
 
-def _store() -> Any:
+_FAILURE_POLL_SECONDS = 1.0
+
+
+@contextlib.contextmanager
+def _job_store() -> Iterator[Any]:
+    """The job's key-value store with a short timeout (restored after), or None where there is
+    none; its errors (a host gone) end the block quietly: failure notes are best effort."""
     try:
         from torch.distributed import distributed_c10d
 
         store = distributed_c10d._get_default_store()
-        store.set_timeout(timedelta(seconds=5))
-        return store
+        old = store.timeout
     except Exception:
-        return None
+        yield None
+        return
+    store.set_timeout(timedelta(seconds=5))
+    try:
+        yield store
+    except Exception:
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            store.set_timeout(old)
 
 
 def _collective_device(processes: Processes) -> torch.device:

@@ -40,6 +40,8 @@ class ParameterNorms:
     def _build(self) -> None:
         model, chosen, optimizer, holding = self.model, self.chosen, self.optimizer, self.holding
         own = self.ownership.own
+        if holding is not None:
+            holding.refresh()
         self.model_params = list(model.parameters())
         # unique, shared ones once; in several processes those whose norms count here
         self.params: list[Any] = [p for p in self.ownership.parameters(model) if holding is None or holding.counts(p)]

@@ -178,10 +178,13 @@ class Holding:
     """The part of each parameter this process holds, and whether its squared norm counts here."""
 
     def __init__(self, model: nn.Module, processes: Processes) -> None:
-        self.rank = processes.rank
-        self.several = processes.several
+        self.model, self.rank, self.several = model, processes.rank, processes.several
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Look the wrappers up again (``fully_shard`` after ``watch()`` may import DTensor only then)."""
         self._dtensor = _dtensor_class()
-        self._fsdp1_sharded = _fsdp1_sharded(model) if processes.several else {}
+        self._fsdp1_sharded = _fsdp1_sharded(self.model) if self.several else {}
 
     def counts(self, p: Tensor) -> bool:
         """Whether ``p``'s local squared norm is part of the sum over ranks (see the module docstring)."""

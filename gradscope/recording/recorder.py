@@ -11,7 +11,6 @@ nothing waits for the device.
 
 from __future__ import annotations
 
-import atexit
 import os
 import platform
 import sys
@@ -44,9 +43,7 @@ from gradscope.store.schema import ACCURACY, EVAL_ACCURACY, EVAL_LOSS, LOSS
 from gradscope.store.writer import NoWriter, RunWriter
 from gradscope.version import __version__
 
-# Open recorders, held strongly so that one a user forgets to close still writes its data at exit
-# (and so that a second watch() on the same modules can be refused).
-_OPEN: set[Recorder] = set()
+_OPEN = termination.OPEN
 
 
 def watch(
@@ -144,36 +141,44 @@ class Recorder:
         self._exchange = Exchange(self.processes) if several else None
         self._failure: str | None = None  # why this rank closed early, for rank 0's meta.json
 
-        self._ownership = ownership = Ownership(*fsdp1_segments(model)) if several else Ownership()
-        chosen = select_layers(model, modules, ownership)
-        self.layers: list[Layer] = [layer for layer, _ in chosen]
-        chosen_blocks = select_blocks(model, blocks)
-        self.blocks: list[Block] = [block for block, _, _ in chosen_blocks]
-        self._layer_order, self._block_order = ExecutionOrder(len(self.layers)), ExecutionOrder(len(self.blocks))
-        self._calls = np.zeros(len(self.layers), np.int64)  # most calls in one recorded step
-        self._block_calls = np.zeros(len(self.blocks), np.int64)
-        self._bounded = np.array([layer.saturation_bounds is not None for layer in self.layers], bool)
-        self._zero_counted = np.array([layer.zero_counted for layer in self.layers], bool)
+        try:  # with several processes a rank's error here must reach the others, or they wait for it
+            # also in a job of one process: its parameters may be DTensors, or FSDP1 flat ones
+            self._ownership = ownership = Ownership(*fsdp1_segments(model))
+            chosen = select_layers(model, modules, ownership)
+            self.layers: list[Layer] = [layer for layer, _ in chosen]
+            chosen_blocks = select_blocks(model, blocks)
+            self.blocks: list[Block] = [block for block, _, _ in chosen_blocks]
+            self._layer_order, self._block_order = ExecutionOrder(len(self.layers)), ExecutionOrder(len(self.blocks))
+            self._calls = np.zeros(len(self.layers), np.int64)  # most calls in one recorded step
+            self._block_calls = np.zeros(len(self.blocks), np.int64)
+            self._bounded = np.array([layer.saturation_bounds is not None for layer in self.layers], bool)
+            self._zero_counted = np.array([layer.zero_counted for layer in self.layers], bool)
 
-        # One slot more than a flush writes: the latest step stays on the device after a flush,
-        # so step(loss=) called after optimizer.step() still finds it.
-        self._clock = StepClock(every, scaler, optimizer)
-        self._buffer = StatsBuffer(flush_every + 1, len(self.layers), len(self.blocks), self.device)
-        # On a GPU with Triton: outputs and gradients reduced many per launch (recording.batching)
-        self._batcher = Batcher(self._buffer, self.layers, self.device) if batching_enabled(self.device) else None
-        self._loss_scale = LossScale(scaler, optimizer, self._buffer.step, self._buffer.counts)
-        self._sink = Sink(self._clock, self._buffer, self._batcher, self._loss_scale, on_full=self._buffer_full)
-        self._parameters = ParameterNorms(model, chosen, optimizer, self.device,
-                                          Holding(model, self.processes) if several else None, ownership)
-        self._parameters_checked = False
-        self._attribution = AttributionProbe(attribution, model, chosen_blocks, self.device) if attribution else None
-        self._attribution_done: list[tuple[int, Tensor]] = []  # (step, [blocks, columns]) awaiting a flush
-        self._next_attribution = 0
-        self._late_scalars_dropped = False
-        self._pid = os.getpid()
-        self._last_type_at_start = getattr(sys, "last_type", None)  # a REPL keeps its last traceback's
-        self._forwards_open = 0  # model forwards begun and not returned (an exception can leave one open)
-        self._dropped_step: int | None = None  # the step in progress when an exception or a signal closed us
+            # One slot more than a flush writes: the latest step stays on the device after a flush,
+            # so step(loss=) called after optimizer.step() still finds it.
+            self._clock = StepClock(every, scaler, optimizer)
+            self._buffer = StatsBuffer(flush_every + 1, len(self.layers), len(self.blocks), self.device)
+            # On a GPU with Triton: outputs and gradients reduced many per launch (recording.batching)
+            self._batcher = Batcher(self._buffer, self.layers, self.device) if batching_enabled(self.device) else None
+            self._loss_scale = LossScale(scaler, optimizer, self._buffer.step, self._buffer.counts)
+            self._sink = Sink(self._clock, self._buffer, self._batcher, self._loss_scale, on_full=self._buffer_full)
+            self._parameters = ParameterNorms(model, chosen, optimizer, self.device,
+                                              Holding(model, self.processes), ownership)
+            self._parameters_checked = False
+            self._attribution = AttributionProbe(attribution, model, chosen_blocks, self.device) \
+                if attribution else None
+            self._attribution_done: list[tuple[int, Tensor]] = []  # (step, [blocks, columns]) awaiting a flush
+            self._next_attribution = 0
+            self._late_scalars_dropped = False
+            self._pid = os.getpid()
+            self._last_type_at_start = getattr(sys, "last_type", None)  # a REPL keeps its last traceback's
+            self._forwards_open = 0  # model forwards begun and not returned (an exception can leave one open)
+            self._dropped_step: int | None = None  # the step in progress when an exception or a signal closed us
+        except Exception as exc:
+            if self._exchange is None:
+                raise
+            self._exchange.start({}, exc, lambda problem: None)  # raises on every rank
+            raise
 
         self.path = Path(run) if run is not None else default_run_path(model)
         self._started_at = now()
@@ -197,7 +202,7 @@ class Recorder:
             raise
         self._closed = False
         _OPEN.add(self)
-        termination.install(_close_open_recorders)
+        termination.install()
 
     # ---------------------------------------------------------------- public API
 
@@ -272,7 +277,7 @@ class Recorder:
         if exc_type is not None:
             self._failure = f"{exc_type.__name__}: {exc}"
         try:
-            self._close(_status_after(exc_type, exc))
+            self._close(termination.status_after(exc_type, exc))
         except Exception as error:
             if exc_type is None:
                 raise
@@ -308,7 +313,7 @@ class Recorder:
                 except Exception as exc:  # e.g. a CUDA error that broke the device: the steps held there are
                     lost.append(f"steps not written ({type(exc).__name__}: {exc})")  # lost; say so
                     if self._exchange is not None and self.processes.writes:  # a peer gone: which, and why
-                        lost.extend(self._exchange.failures(str(self.path)))
+                        lost.extend(self._exchange.failures())
                     if status == "finished":
                         raise
                     warnings.warn(f"gradscope: closing {self.path}: {lost[0]}", RuntimeWarning, stacklevel=3)
@@ -426,10 +431,10 @@ class Recorder:
             lost.append(f"steps {held[0]}-{held[-1]} not written: they are merged over the ranks at a flush, "
                         f"and rank {self.processes.rank} closed ({why}) before one")
             status = "failed" if status == "finished" else status
-        if not self.processes.writes and status == "failed":
-            self._exchange.note_failure(str(self.path), self._failure or "failed")
-        elif self.processes.writes:
-            notes = self._exchange.failures(str(self.path))
+        if status == "failed":
+            self._exchange.note_failure(self._failure or "failed")
+        if self.processes.writes:
+            notes = self._exchange.failures()
             lost.extend(notes)
             status = "failed" if notes else status
         return status, 0  # every slot held is of a step not merged
@@ -469,8 +474,8 @@ class Recorder:
 
         ``commit=False`` (closing after an error) still tries the pending writes, which belong to
         the step in progress once every earlier step ended, but goes on if they fail. In several
-        processes the scheduled steps below ``limit`` (default: those of the slots taken) are
-        merged over the ranks first; every rank must flush at the same step.
+        processes the scheduled steps below ``limit`` (required there) are merged over the ranks
+        first; every rank must flush at the same step, with the same ``limit``.
         """
         attributed = bool(self._attribution_done)
         if attributed:
@@ -495,6 +500,7 @@ class Recorder:
         if self._exchange is not None and commit:
             if ready is not None:
                 ready.synchronize()  # the collective reads the host copies
+            assert limit is not None, "a flush of several processes names its limit"
             merged = self._exchange.merge(limit, self.every, steps, layer_host, step_host, block_host, counts,
                                           self.per_rank)
             if merged is None:
@@ -510,7 +516,6 @@ class Recorder:
             block_names=[block.name for block in self.blocks], bounded=self._bounded,
             zero_counted=self._zero_counted, ready=ready, by_rank=by_rank, by_rank_steps=shared))
         self._writer.submit_meta(self._meta("running"))
-
 
     def _meta(self, status: str, errors: list[str] | None = None) -> dict[str, Any]:
         self._layer_order.assign_depths(self.layers)
@@ -559,15 +564,6 @@ class Recorder:
             raise RuntimeError("gradscope: this Recorder is closed")
 
 
-def _status_after(exc_type: Any, exc: Any) -> str:
-    """A ``with watch()`` block's end as a run status: sys.exit(0) is a normal end, Ctrl-C an interruption."""
-    if exc_type is None or (issubclass(exc_type, SystemExit) and exc.code in (0, None)):
-        return "finished"
-    if issubclass(exc_type, KeyboardInterrupt):
-        return "interrupted"
-    return "failed"
-
-
 def _refuse_if_watched(model: nn.Module) -> None:
     mine = {id(m) for m in model.modules()}
     for rec in list(_OPEN):
@@ -575,26 +571,3 @@ def _refuse_if_watched(model: nn.Module) -> None:
             raise RuntimeError(
                 f"gradscope.watch: {type(model).__name__} (or a module inside it) is already watched "
                 f"by {rec!r}; close that recorder first")
-
-
-def _close_open_recorders(status: str | None = None) -> None:
-    """Write what open recorders still hold (at exit, or on SIGTERM): no lost data.
-
-    At exit the status follows how the program ended: an uncaught exception (``sys.last_type``,
-    set before exit handlers run) fails the run, Ctrl-C interrupts it.
-    """
-    last = getattr(sys, "last_type", None)
-    for rec in list(_OPEN):
-        if rec._pid != os.getpid():
-            continue  # a forked child (a DataLoader worker): the run is its parent's to close
-        ended = status
-        if ended is None:  # at exit: an exception that reached the top since watch() fails the run
-            fresh = last is not None and last is not rec._last_type_at_start
-            ended = _status_after(last, getattr(sys, "last_value", None)) if fresh else "finished"
-        try:
-            rec._close(ended)
-        except Exception:  # exiting anyway; nothing better to do with the error
-            pass
-
-
-atexit.register(_close_open_recorders)

@@ -32,7 +32,7 @@ class Sink:
         self.clock, self.buffer, self.batcher, self.loss_scale = clock, buffer, batcher, loss_scale
         self.counts = buffer.counts
         self.scratch = Scratch()  # CPU work vector of the formulas, held during a forward only
-        self._on_full = on_full  # flushes all but the latest slot
+        self._on_full = on_full  # makes room: flushes all but the latest slot (or grows, several processes)
 
     # ------------------------------------------------------------------ slots
 

@@ -1,4 +1,8 @@
-"""SIGTERM (``kill``, ``docker stop``, SLURM's preemption) closes open recorders as ``interrupted``.
+"""How open recorders end with the program: at exit, and on SIGTERM.
+
+At exit, recorders a user did not close are closed with the status the program's end implies
+(``close_open_recorders``). SIGTERM (``kill``, ``docker stop``, SLURM's preemption) closes them
+as ``interrupted``.
 
 Without this, a terminated process leaves its run marked ``running`` and loses the steps since
 the last flush. While any recorder is open, and only where the process still has the default
@@ -16,10 +20,11 @@ ends the process (after a minute it closes anyway, in case the main thread is st
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
+import sys
 import threading
-from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -27,15 +32,16 @@ _OURS = ("gradscope.recording.", "gradscope.store.")  # module names: unlike pat
 _RETRY_SECONDS = 0.05
 _MAX_RETRIES = 1200
 
-_close_all: Callable[[str], None] | None = None
+#: Open recorders, held strongly so that one a user forgets to close still writes its data at exit
+#: (and so that a second watch() on the same modules can be refused).
+OPEN: set[Any] = set()
 _installed = False
 _retries = 0
 
 
-def install(close_all: Callable[[str], None]) -> None:
-    """Route SIGTERM to ``close_all("interrupted")`` while recorders are open (main thread only)."""
-    global _close_all, _installed, _retries
-    _close_all = close_all
+def install() -> None:
+    """Route SIGTERM to ``close_open_recorders("interrupted")`` while recorders are open (main thread only)."""
+    global _installed, _retries
     if _installed or not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread():
         return
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
@@ -63,8 +69,7 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
         timer.start()
         return
     try:
-        if _close_all is not None:
-            _close_all("interrupted")
+        close_open_recorders("interrupted")
     finally:
         signal.signal(signum, signal.SIG_DFL)
         _installed = False
@@ -77,3 +82,35 @@ def _inside_gradscope(frame: Any) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def status_after(exc_type: Any, exc: Any) -> str:
+    """A ``with watch()`` block's end as a run status: sys.exit(0) is a normal end, Ctrl-C an interruption."""
+    if exc_type is None or (issubclass(exc_type, SystemExit) and exc.code in (0, None)):
+        return "finished"
+    if issubclass(exc_type, KeyboardInterrupt):
+        return "interrupted"
+    return "failed"
+
+
+def close_open_recorders(status: str | None = None) -> None:
+    """Write what open recorders still hold (at exit, or on SIGTERM): no lost data.
+
+    At exit the status follows how the program ended: an uncaught exception (``sys.last_type``,
+    set before exit handlers run) fails the run, Ctrl-C interrupts it.
+    """
+    last = getattr(sys, "last_type", None)
+    for rec in list(OPEN):
+        if rec._pid != os.getpid():
+            continue  # a forked child (a DataLoader worker): the run is its parent's to close
+        ended = status
+        if ended is None:  # at exit: an exception that reached the top since watch() fails the run
+            fresh = last is not None and last is not rec._last_type_at_start
+            ended = status_after(last, getattr(sys, "last_value", None)) if fresh else "finished"
+        try:
+            rec._close(ended)
+        except Exception:  # exiting anyway; nothing better to do with the error
+            pass
+
+
+atexit.register(close_open_recorders)

@@ -45,7 +45,7 @@ class FlushJob:
     bounded: np.ndarray  # [layers] bool: bounded activation (saturation is defined)
     zero_counted: np.ndarray | None = None  # [layers] bool: zero fraction measured
     ready: Any = None  # torch.cuda.Event to wait on before reading the host copies
-    by_rank: list[tuple[Any, Any, Any, HostCounts]] | None = None  # (layer, step, block, counts) per rank
+    by_rank: list[tuple[Any, Any, Any, HostCounts]] | None = None  # (layer_buf, step_buf, block_buf, counts)
     by_rank_steps: list[int] | None = None
 
     def tables(self) -> dict[str, pa.Table]:

@@ -50,7 +50,9 @@ class Ranks(enum.Enum):
 
     DATA = "data"  # each data-parallel rank saw part of the batch: merged over the data-parallel group
     #: a gradient of each rank's own loss: the ranks train on the mean of their losses (DDP and FSDP
-    #: average gradients), so each rank's dL/dy is ``world`` times the objective's: merged, then / world^2
+    #: average gradients), so each rank's dL/dy is ``world`` times the objective's: merged, then / world^2.
+    #: This takes every rank to be data-parallel with the default gradient divisor (not tensor
+    #: parallelism, nor ``set_gradient_divide_factor``); a summed loss is scaled the same way.
     DATA_GRADIENT = "data, gradient"
     #: each rank holds a shard of the parameters: the squared norms of the shards that count on each
     #: rank (``recording.processes``) are added over all ranks

@@ -178,3 +178,26 @@ def test_a_rank_that_raises_fails_the_run_and_leaves_no_process(tmp_path):
     assert run.status == "failed"
     assert any("rank 1 failed: ValueError: boom at step 2 on rank 1" in e for e in run.meta["errors"])
     assert run.meta["schedule"]["dropped_step"] == 2
+
+
+def test_a_rank_that_fails_after_training_is_not_waited_for(tmp_path):
+    """Rank 1 raises after its last step and stays alive 8 s: rank 0's closing merge stops
+    waiting for it within seconds (the failure note in the job's store), and fails the run."""
+    ranks = run_job(2, tmp_path, ["fail_late"], timeout=60)
+    assert [r.returncode for r in ranks] == [0, 1], [r.stderr[-2000:] for r in ranks]
+    result = _result(tmp_path, "fail_late", 0)
+    assert result["close_seconds"] < 5, result
+    assert "rank 1 failed: ValueError: late boom on rank 1" in result["error"]
+    run = gradscope.load_run(tmp_path / "fail_late")
+    assert run.status == "failed"
+    assert any("rank 1 failed: ValueError: late boom on rank 1" in e for e in run.meta["errors"])
+    assert sorted(run.scalars.step) == [0, 1, 2, 3]  # the first flush's steps were merged and written
+
+
+def test_fsdp2_in_a_job_of_one_process(tmp_path, references):
+    """torchrun with one process: the parameters are still DTensors, their local tensors are whole."""
+    ranks = run_job(1, tmp_path, ["fsdp2"])
+    assert ranks[0].returncode == 0, ranks[0].stderr[-3000:]
+    run = gradscope.load_run(tmp_path / "fsdp2")
+    _assert_matches(run, references["mlp"])
+    assert run.meta["env"]["world_size"] == 1

@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -92,6 +93,24 @@ def scenario(name: str, out: Path, rank: int, world: int) -> dict:
                 rec.close()
             finals.append([p.detach().clone() for p in wrapped.parameters()])
         return {"identical": all(torch.equal(a, b) for a, b in zip(*finals))}
+    if name == "fail_late":  # rank 1 fails after training and stays alive: rank 0 must not wait for it
+        wrapped = ddp(model)
+        opt = scenarios.optimizer(wrapped)
+        rec = gradscope.watch(wrapped, run=out / name, optimizer=opt, flush_every=4)
+        try:
+            with rec:
+                scenarios.train(wrapped, opt, rec, scenarios.batches(), rank, world)
+                if rank == 1:
+                    raise ValueError("late boom on rank 1")
+                start = time.monotonic()
+        except ValueError:
+            time.sleep(8)  # alive, its sockets open, long after rank 0 gave up on it
+            raise
+        except RuntimeError as exc:
+            result = {"close_seconds": time.monotonic() - start, "error": str(exc)}
+            (out / f"{name}.rank{rank}.json").write_text(json.dumps(result))
+            os._exit(0)  # a collective is left pending: no orderly teardown
+        return {}
     if name == "disagree":  # rank 1 asks for another schedule: every rank must refuse
         try:
             gradscope.watch(model, run=out / name, every=1 + rank)

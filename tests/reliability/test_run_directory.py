@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 import gradscope
-from gradscope.recording import recorder as recorder_module
 from gradscope.recording import termination
 from gradscope.store import RunError
 from gradscope.store import lock as lock_module
@@ -347,7 +346,7 @@ def test_a_traceback_from_before_watch_does_not_fail_the_run_at_exit(run_dir, mo
     monkeypatch.setattr(sys, "last_type", ValueError, raising=False)  # a REPL's earlier error
     rec = gradscope.watch(TinyMLP(), run_dir)
     _steps(rec, rec.model, 1)
-    recorder_module._close_open_recorders()  # what the exit handler does
+    termination.close_open_recorders()  # what the exit handler does
     assert rec.closed and gradscope.load_run(run_dir).status == "finished"
 
 
