@@ -1,4 +1,5 @@
-"""What the ranks of a multi-process job say to each other: little, and never per step.
+"""What the ranks of a multi-process job say to each other: little, and never per step (everything
+here runs at ``watch()``, at a flush or at ``close()``, on host copies the flush already made).
 
 - At ``watch()``: one ``all_gather_object`` of each rank's settings and setup error, so that the
   ranks agree on the run (rank 0's path), refuse together when they differ (``every``, the
@@ -37,6 +38,12 @@ class RankSlots:
     block: np.ndarray  # [steps, blocks, BLOCK.width]
     step: np.ndarray  # [steps, STEP.width]
     counts: HostCounts
+
+    def put(self, k: int, source: RankSlots, i: int) -> None:
+        """Slot ``k`` becomes ``source``'s slot ``i``: statistics and counts."""
+        self.layer[k], self.block[k], self.step[k] = source.layer[i], source.block[i], source.step[i]
+        for c in COUNTS:
+            getattr(self.counts, c.name)[k] = getattr(source.counts, c.name)[i]
 
 
 class Exchange:
@@ -125,10 +132,7 @@ class Exchange:
         out = _empty(len(written), merged)
         where_shared, where_mine = {s: k for k, s in enumerate(shared)}, {s: i for i, s in enumerate(steps)}
         for j, s in enumerate(written):
-            source, i = (merged, where_shared[s]) if s in where_shared else (mine, where_mine[s])
-            out.layer[j], out.block[j], out.step[j] = source.layer[i], source.block[i], source.step[i]
-            for c in COUNTS:
-                getattr(out.counts, c.name)[j] = getattr(source.counts, c.name)[i]
+            out.put(j, *((merged, where_shared[s]) if s in where_shared else (mine, where_mine[s])))
         by_rank = [(r.layer, r.step, r.block, r.counts) for r in ranks] if per_rank else None
         return written, out.layer, out.step, out.block, out.counts, shared, by_rank
 
@@ -224,14 +228,11 @@ def _select(shared: list[int], steps: list[int], layer: Tensor, step: Tensor, bl
             counts: HostCounts) -> RankSlots:
     """This rank's slots of the ``shared`` steps, empty where it holds none."""
     where = {s: i for i, s in enumerate(steps)}
-    out = _empty(len(shared), RankSlots(layer.numpy(), block.numpy(), step.numpy(), counts))
+    mine = RankSlots(layer.numpy(), block.numpy(), step.numpy(), counts)  # host copies: no device read
+    out = _empty(len(shared), mine)
     for k, s in enumerate(shared):
-        i = where.get(s)
-        if i is None:
-            continue
-        out.layer[k], out.block[k], out.step[k] = layer[i].numpy(), block[i].numpy(), step[i].numpy()
-        for count in COUNTS:
-            getattr(out.counts, count.name)[k] = getattr(counts, count.name)[i]
+        if s in where:
+            out.put(k, mine, where[s])
     return out
 
 
