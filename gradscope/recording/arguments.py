@@ -59,3 +59,13 @@ OWN_META_KEYS = frozenset({"schema_version", "gradscope_version", "run", "status
 def default_run_path(model: nn.Module) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{type(model).__name__.lower()}-{stamp}"
+
+
+def refuse_if_watched(model: nn.Module, open_recorders: Any) -> None:
+    """One recorder per module: two would measure each other's hooks."""
+    mine = {id(m) for m in model.modules()}
+    for rec in list(open_recorders):
+        if not rec._closed and mine & {id(m) for m in rec.model.modules()}:
+            raise RuntimeError(
+                f"gradscope.watch: {type(model).__name__} (or a module inside it) is already watched "
+                f"by {rec!r}; close that recorder first")

@@ -3,7 +3,8 @@
 With ``every > 1`` the module probes are registered when a recorded step begins and removed when
 it ends, so the other steps run no gradscope code but the recorder's one pre-hook on the model.
 A probe pre-hook on the model itself cannot be attached from the model's pre-hook, so such
-probes (and every probe with ``every=1``) stay attached throughout.
+probes (and every probe with ``every=1``) stay attached throughout, and so do all of them once
+the model is compiled (``pin``): a compiled model never runs hooks attached after its first call.
 
 Probes are registered ahead of every other hook of their module (``prepend=True``): attached
 for each recorded step, they would otherwise run after the user's hooks registered since
@@ -44,6 +45,12 @@ class ProbeHooks:
                 self.planned.append((branch, "forward", BranchProbe(clock, sink, block.row)))
         self.always = clock.every == 1 or any(m is model and kind == "pre" for m, kind, _ in self.planned)
         self.handles: list[Any] = []
+
+    def pin(self) -> None:
+        """Keep the probes attached from now on: the model is compiled, and Dynamo never runs hooks
+        added after its first call (``recording.compilation``); the probes test the schedule."""
+        self.always = True
+        self.sync(True)
 
     def sync(self, recording: bool) -> None:
         """Attach the probes for a recorded step, detach them for the others."""

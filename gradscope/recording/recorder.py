@@ -24,16 +24,17 @@ from torch import Tensor, nn
 
 from gradscope.recording import termination
 from gradscope.recording.amp import LossScale
-from gradscope.recording.arguments import checked_device, checked_meta, default_run_path
+from gradscope.recording.arguments import checked_device, checked_meta, default_run_path, refuse_if_watched
 from gradscope.recording.attribution import Attribution, AttributionProbe
 from gradscope.recording.batching import Batcher
 from gradscope.recording.batching import enabled as batching_enabled
 from gradscope.recording.blocks import Block, select_blocks
 from gradscope.recording.buffer import StatsBuffer, copies_done, to_host
 from gradscope.recording.clock import StepClock
+from gradscope.recording.compilation import compiled, hooks_never_ran, is_compiling
 from gradscope.recording.exchange import Exchange
 from gradscope.recording.hooks import ProbeHooks
-from gradscope.recording.layers import ExecutionOrder, Layer, ModuleFilter, Ownership, select_layers
+from gradscope.recording.layers import ExecutionOrder, Layer, ModuleFilter, Ownership, ParameterRow, select_layers
 from gradscope.recording.parameters import ParameterNorms
 from gradscope.recording.processes import Holding, detect, fsdp1_segments, unwrap, user_class
 from gradscope.recording.sink import Sink
@@ -126,7 +127,7 @@ class Recorder:
             raise TypeError("gradscope.watch: attribution must be a gradscope.Attribution, "
                             f"got {type(attribution).__name__}")
         wrapped, model = model, unwrap(model)  # DDP's forward calls the user's model unchanged
-        _refuse_if_watched(model)
+        refuse_if_watched(model, _OPEN)
         if run is not None and str(run) == "":
             raise ValueError("gradscope.watch: run= is empty; name a directory (or leave it out: runs/<model>-<time>)")
         self.model, self.every, self.flush_every = model, every, flush_every
@@ -151,6 +152,7 @@ class Recorder:
             self._layer_order, self._block_order = ExecutionOrder(len(self.layers)), ExecutionOrder(len(self.blocks))
             self._calls = np.zeros(len(self.layers), np.int64)  # most calls in one recorded step
             self._block_calls = np.zeros(len(self.blocks), np.int64)
+            self._probed = np.array([not isinstance(m, ParameterRow) for _, m in chosen], bool)  # module hooks
             self._bounded = np.array([layer.saturation_bounds is not None for layer in self.layers], bool)
             self._zero_counted = np.array([layer.zero_counted for layer in self.layers], bool)
 
@@ -174,6 +176,9 @@ class Recorder:
             self._last_type_at_start = getattr(sys, "last_type", None)  # a REPL keeps its last traceback's
             self._forwards_open = 0  # model forwards begun and not returned (an exception can leave one open)
             self._dropped_step: int | None = None  # the step in progress when an exception or a signal closed us
+            self._compiled = compiled(wrapped)  # (or later: a probe traced by Dynamo says so)
+            self._hooks_ran = False  # some probe ran in a recorded step (else, with gradients: refused)
+            self._refusal: str | None = None  # why the recorder closed itself, for meta.json's errors
         except Exception as exc:
             if self._exchange is None:
                 raise
@@ -188,7 +193,10 @@ class Recorder:
                                   self._block_order)
         self._handles: list[Any] = []  # the model's and the optimizer's hooks, attached throughout
         try:
-            self._probes.sync(self._clock.recording)
+            if self._compiled:
+                self._probes.pin()
+            else:
+                self._probes.sync(self._clock.recording)
             self._handles.append(model.register_forward_pre_hook(self._model_pre_hook))
             self._handles.append(model.register_forward_hook(self._model_forward_end))
             if optimizer is not None:
@@ -305,7 +313,7 @@ class Recorder:
                 if status != "finished" and self._step_in_progress():
                     self._dropped_step = self._clock.step
                     slots -= 1
-                lost: list[str] = []
+                lost: list[str] = [self._refusal] if self._refusal else []
                 if self._exchange is not None and (status != "finished" or not self._exchange.connected()):
                     status, slots = self._close_alone(status, slots, lost)
                 try:
@@ -366,7 +374,17 @@ class Recorder:
         return writer
 
     def _model_pre_hook(self, module: nn.Module, args: Any) -> None:
-        """Before each forward of the whole model: step bookkeeping that must not wait for a probe."""
+        """Before each forward of the whole model: step bookkeeping that must not wait for a probe.
+
+        Traced into a compiled model it only writes constants: Dynamo guards on every Python value
+        it reads, so the counting and the GradScaler's check would recompile the model each step
+        (then a skipped AMP step goes unnoticed where this hook is compiled, e.g. model.compile()).
+        """
+        if is_compiling():
+            self._compiled = True  # pins the probes at the step's end
+            if torch.is_grad_enabled():
+                self._clock.grad_forward_seen = True
+            return
         self._forwards_open += 1
         clock = self._clock
         clock.scaler_skipped()  # ends a step the GradScaler skipped
@@ -376,7 +394,8 @@ class Recorder:
 
     def _model_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
         self._forwards_open = 0
-        self._sink.end_forward()
+        if not is_compiling():
+            self._sink.end_forward()
 
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._clock.recording:
@@ -395,6 +414,8 @@ class Recorder:
 
     def _advance(self) -> None:
         self._clock.advance()
+        if self._compiled and not self._probes.always:
+            self._probes.pin()
         self._probes.sync(self._clock.recording)
         if self._exchange is not None:
             self._flush_if_due()
@@ -449,6 +470,19 @@ class Recorder:
                 self.processes = detect(self._wrapped, self.model)
         self._parameters.record(self._buffer, slot)
         self._loss_scale.note_parameter_gradients(slot)
+        if not self._hooks_ran:
+            self._check_hooks_ran(slot)
+
+    def _check_hooks_ran(self, slot: int) -> None:
+        """Refuse a recorded step that trained watched layers (their parameters have gradients)
+        while none of their probes ran: hooks a compiled model never runs (``recording.compilation``)."""
+        counts = self._buffer.counts
+        if counts.act_calls[slot].any() or counts.block_calls[slot].any():
+            self._hooks_ran = True
+        elif (counts.grad_rows[slot] & self._probed).any():
+            self._refusal = hooks_never_ran(self._clock.step, self.path)
+            self._close("failed")
+            raise RuntimeError(self._refusal)
 
     def _attribute_if_due(self) -> None:
         """Run the attribution checkpoint for the step about to begin, if one is due.
@@ -563,11 +597,3 @@ class Recorder:
         if self._closed:
             raise RuntimeError("gradscope: this Recorder is closed")
 
-
-def _refuse_if_watched(model: nn.Module) -> None:
-    mine = {id(m) for m in model.modules()}
-    for rec in list(_OPEN):
-        if not rec._closed and mine & {id(m) for m in rec.model.modules()}:
-            raise RuntimeError(
-                f"gradscope.watch: {type(model).__name__} (or a module inside it) is already watched "
-                f"by {rec!r}; close that recorder first")

@@ -1,0 +1,40 @@
+"""Compiled models (``torch.compile``, ``model.compile()``): what gradscope's hooks need there.
+
+Facts (torch 2.13, docs/design.md "Compiled models"): Dynamo traces the module hooks present at
+a compiled model's first call into its code and does not guard on them, so hooks added later
+never run and nothing warns; removing one makes Dynamo recompile, after which re-added hooks
+never run either. So once a model is compiled the probes stay attached (the ``every`` schedule
+is then tested inside the probes), and a recorded step whose watched parameters have gradients
+while no probe ran is refused with the reason, instead of recording nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def is_compiling() -> bool:
+    """Whether Dynamo is tracing the code that calls this (a hook inside a compiled model)."""
+    return torch.compiler.is_compiling()
+
+
+def compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is compiled already: a ``torch.compile`` wrapper (OptimizedModule), or a
+    module compiled in place by ``model.compile()``. Looked up without importing Dynamo."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    optimized: Any = getattr(eval_frame, "OptimizedModule", None)
+    return any((optimized is not None and isinstance(m, optimized))
+               or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+
+
+def hooks_never_ran(step: int, path: Any) -> str:
+    """The refusal when a recorded step trained the watched layers but none of their hooks ran."""
+    return (f"gradscope: in step {step} the watched layers' parameters have gradients, but none of "
+            "gradscope's hooks on them ran. The model was most likely compiled (torch.compile or "
+            "model.compile()) and called before watch(): Dynamo never runs hooks added after a compiled "
+            "model's first call. Call gradscope.watch() before the compiled model's first call (or "
+            f"torch._dynamo.reset() before watch()). The run at {path} is marked failed.")

@@ -1,0 +1,161 @@
+"""Compiled models: gradscope's hooks run inside ``torch.compile``d models, or watch() refuses.
+
+Dynamo never runs module hooks added after a compiled model's first call, and removing one
+makes it recompile without it (docs/design.md, "Compiled models"). With ``every > 1`` the
+probes used to come and go with the schedule, so a compiled model recorded step 0 and then
+nothing. These tests use Dynamo's ``eager`` backend (the hooks' fate is Dynamo's, not
+Inductor's, and it compiles in milliseconds) and one Inductor run for the figures.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import gradscope
+from gradscope.testing import TinyCNN, TinyMLP, assert_no_hooks, assert_same_parameters, batches, train
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _compiled(model, how, backend="eager"):
+    if how == "torch.compile":
+        return torch.compile(model, backend=backend)
+    model.compile(backend=backend)
+    return model
+
+
+def _record(model, run, every, compile_how=None, watch_first=True, steps=12, backend="eager"):
+    data = batches("mlp", steps=steps)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    if watch_first:
+        rec = gradscope.watch(model, run, optimizer=opt, every=every, flush_every=4)
+        runner = _compiled(model, compile_how, backend) if compile_how else model
+    else:
+        runner = _compiled(model, compile_how, backend)
+        rec = gradscope.watch(runner, run, optimizer=opt, every=every, flush_every=4)
+    with rec:
+        for x, y in data:
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(runner(x), y)
+            loss.backward()
+            rec.step(loss=loss)
+            opt.step()
+    return gradscope.load_run(run), runner
+
+
+COLUMNS = ["act_mean", "act_std", "act_absmax", "act_zero_frac", "grad_out_norm", "param_norm", "grad_norm"]
+
+
+def _figures(run):
+    layers = run.layers[run.layers.phase == "train"].set_index(["step", "layer"]).sort_index()
+    return layers[COLUMNS].astype(float)
+
+
+@pytest.mark.parametrize(("compile_how", "watch_first", "every"), [
+    ("torch.compile", True, 1), ("torch.compile", True, 3), ("torch.compile", False, 3),
+    ("model.compile", True, 3), ("model.compile", False, 1)])
+def test_compiled_model_records_every_scheduled_step_as_eager(tmp_path, compile_how, watch_first, every):
+    torch.manual_seed(0)
+    eager_model = TinyMLP()
+    compiled_model = copy.deepcopy(eager_model)
+    eager, _ = _record(eager_model, tmp_path / "eager", every)
+    compiled, runner = _record(compiled_model, tmp_path / "compiled", every, compile_how, watch_first)
+
+    assert compiled.meta["status"] == "finished", compiled.meta["errors"]
+    expected_steps = list(range(0, 12, every))
+    assert sorted(compiled.layers.step.unique()) == expected_steps  # every scheduled step, none missing
+    a, b = _figures(eager), _figures(compiled)
+    assert a.index.equals(b.index)
+    np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-5, atol=1e-7)
+    assert_same_parameters(eager_model, compiled_model, f"{compile_how}, every={every}")
+    assert_no_hooks(compiled_model)
+
+
+def test_inductor_compiled_model_matches_eager(tmp_path):
+    torch.manual_seed(0)
+    eager_model = TinyCNN()
+    compiled_model = copy.deepcopy(eager_model)
+    data = batches("cnn", steps=4)
+    eager_rec = train(eager_model, data, run=tmp_path / "eager", every=2)
+    runner = torch.compile(compiled_model)  # Inductor; watched through the wrapper
+    compiled_rec = train(runner, data, run=tmp_path / "compiled", every=2)
+    eager, compiled = gradscope.load_run(eager_rec.path), gradscope.load_run(compiled_rec.path)
+    assert compiled.meta["status"] == "finished"
+    assert list(compiled.layers.layer.unique()) == list(eager.layers.layer.unique())  # _orig_mod. removed
+    a, b = _figures(eager), _figures(compiled)
+    assert a.index.equals(b.index)
+    np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("compile_how", ["torch.compile", "model.compile"])
+def test_watch_after_the_compiled_model_ran_records_or_refuses_with_the_reason(tmp_path, compile_how):
+    """torch.compile(model) never runs hooks added after its first call: the first recorded
+    step is refused, with why and what to do. model.compile() notices new hooks (it recompiles):
+    then the steps are recorded, as in eager."""
+    torch.manual_seed(0)
+    model = TinyMLP()
+    reference = copy.deepcopy(model)
+    runner = _compiled(model, compile_how)
+    x, y = next(iter(batches("mlp", steps=1)))
+    runner(x)  # compiled and called before watch()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rec = gradscope.watch(runner, tmp_path / "r", optimizer=opt)
+    torch.nn.functional.cross_entropy(runner(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    if compile_how == "torch.compile":
+        with pytest.raises(RuntimeError, match="compiled .* and called before watch"):
+            opt.step()
+        assert rec.closed
+        run = gradscope.load_run(tmp_path / "r")
+        assert run.meta["status"] == "failed"
+        assert any("called before watch" in e for e in run.meta["errors"])
+        assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # the step was refused
+        assert_no_hooks(model, opt)
+        return
+    opt.step()
+    rec.close()
+    eager_rec = gradscope.watch(reference, tmp_path / "eager")
+    torch.nn.functional.cross_entropy(reference(x), y).backward()
+    eager_rec.step()
+    eager_rec.close()
+    a, b = _figures(gradscope.load_run(tmp_path / "eager")), _figures(gradscope.load_run(tmp_path / "r"))
+    assert a.index.equals(b.index)
+    np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_a_step_that_ran_no_forward_is_not_refused(tmp_path):
+    """Gradients without any forward in the step (a second rec.step() per iteration) are no
+    sign of hooks that never run once some hook has run."""
+    torch.manual_seed(0)
+    model = TinyMLP()
+    x, y = next(iter(batches("mlp", steps=1)))
+    with gradscope.watch(model, tmp_path / "r") as rec:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        rec.step()
+        rec.step()  # gradients still there, no forward
+    assert gradscope.load_run(tmp_path / "r").meta["status"] == "finished"
+
+
+def test_compiled_step_does_not_recompile_after_warm_up(tmp_path):
+    """every=3 across 12 steps: the schedule flips the probes' work on and off, which may take one
+    more compiled variant, but never one per step (Dynamo's cache limit would fall back to eager)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    counters.clear()
+    _record(TinyMLP(), tmp_path / "r", every=3, compile_how="torch.compile", steps=6)
+    warm = counters["stats"]["unique_graphs"]
+    counters.clear()
+    _record(TinyMLP(), tmp_path / "r2", every=3, compile_how="torch.compile", steps=12)
+    assert counters["stats"]["unique_graphs"] <= warm
