@@ -159,3 +159,23 @@ def test_compiled_step_does_not_recompile_after_warm_up(tmp_path):
     counters.clear()
     _record(TinyMLP(), tmp_path / "r2", every=3, compile_how="torch.compile", steps=12)
     assert counters["stats"]["unique_graphs"] <= warm
+
+
+def test_modules_called_through_forward_are_refused_not_recorded_empty(tmp_path):
+    """The same check in eager: a module called as ``m.forward(x)`` skips its hooks."""
+
+    class Direct(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc.forward(x)
+
+    model = Direct()
+    x, y = next(iter(batches("mlp", steps=1)))
+    rec = gradscope.watch(model, tmp_path / "r")
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"\.forward\(\)"):
+        rec.step()
+    assert gradscope.load_run(tmp_path / "r").meta["status"] == "failed"
