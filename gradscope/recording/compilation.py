@@ -13,13 +13,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import torch
 from torch import nn
-
-
-def is_compiling() -> bool:
-    """Whether Dynamo is tracing the code that calls this (a hook inside a compiled model)."""
-    return torch.compiler.is_compiling()
 
 
 def compiled(model: nn.Module) -> bool:
@@ -37,5 +31,5 @@ def hooks_never_ran(step: int, path: Any) -> str:
             "gradscope's hooks on them ran. The model was most likely compiled (torch.compile or "
             "model.compile()) and called before watch(): Dynamo never runs hooks added after a compiled "
             "model's first call. Call gradscope.watch() before the compiled model's first call (or "
-            f"torch._dynamo.reset() before watch()). Hooks also never run for modules called through "
+            "torch._dynamo.reset() before watch()). Hooks also never run for modules called through "
             f".forward() instead of module(...). The run at {path} is marked failed.")

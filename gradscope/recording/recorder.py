@@ -31,7 +31,7 @@ from gradscope.recording.batching import enabled as batching_enabled
 from gradscope.recording.blocks import Block, select_blocks
 from gradscope.recording.buffer import StatsBuffer, copies_done, to_host
 from gradscope.recording.clock import StepClock
-from gradscope.recording.compilation import compiled, hooks_never_ran, is_compiling
+from gradscope.recording.compilation import compiled, hooks_never_ran
 from gradscope.recording.exchange import Exchange
 from gradscope.recording.hooks import ProbeHooks
 from gradscope.recording.layers import ExecutionOrder, Layer, ModuleFilter, Ownership, ParameterRow, select_layers
@@ -380,7 +380,7 @@ class Recorder:
         it reads, so the counting and the GradScaler's check would recompile the model each step
         (then a skipped AMP step goes unnoticed where this hook is compiled, e.g. model.compile()).
         """
-        if is_compiling():
+        if torch.compiler.is_compiling():  # a hook traced by Dynamo
             self._compiled = True  # pins the probes at the step's end
             if torch.is_grad_enabled():
                 self._clock.grad_forward_seen = True
@@ -394,7 +394,7 @@ class Recorder:
 
     def _model_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
         self._forwards_open = 0
-        if not is_compiling():
+        if not torch.compiler.is_compiling():
             self._sink.end_forward()
 
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
