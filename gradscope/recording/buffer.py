@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gradscope.recording.device_counts import add_device_counts
 from gradscope.recording.identity import identity_terms, token_cosines, token_direction_norms
 from gradscope.store.schema import (
     B_COS_SUM,
@@ -60,6 +61,9 @@ class StatsBuffer:
         self.pending_moments: list[tuple[int, int, list[Tensor]]] = []
         self.pending_identity: list[tuple[int, int, Tensor]] = []
         self.pending_tokens: list[tuple[int, int, tuple[Tensor, int]]] = []  # (token sums, tokens)
+        # Counts the traced probes of a compiled model keep on the device ([slots, width] int64,
+        # ``recording.traced``), made at the first fold; added to the host's at the flush.
+        self.device_counts: Tensor | None = None
         self._views: dict[tuple[bool, int, int], Tensor] = {}
         self._index_cache: dict[tuple[str, tuple[tuple[int, int], ...]], Tensor] = {}
 
@@ -76,7 +80,15 @@ class StatsBuffer:
         self.counts.clear(slot)
         if self.blocks:
             self.block[slot].zero_()  # block statistics are pure sums
+        if self.device_counts is not None:
+            self.device_counts[slot].zero_()
         return slot
+
+    def device_counts_of(self, width: int) -> Tensor:
+        """The device counts of every slot (``recording.traced``), made on first use."""
+        if self.device_counts is None:
+            self.device_counts = torch.zeros(self.capacity, width, dtype=torch.int64, device=self.device)
+        return self.device_counts
 
     def grow(self) -> None:
         """Twice the slots, contents kept. A recorder of several processes cannot flush alone when
@@ -87,12 +99,15 @@ class StatsBuffer:
         bigger.layer[:self.capacity].copy_(self.layer)
         bigger.block[:self.capacity].copy_(self.block)
         bigger.step[:self.capacity].copy_(self.step)
+        if self.device_counts is not None:
+            bigger.device_counts_of(self.device_counts.shape[1])[:self.capacity].copy_(self.device_counts)
         for count in COUNTS:
             getattr(bigger.counts, count.name)[:self.capacity] = getattr(self.counts, count.name)
             setattr(self.counts, count.name, getattr(bigger.counts, count.name))
         self.counts.slots = bigger.capacity
         self.capacity, self.flat, self.block_base = bigger.capacity, bigger.flat, bigger.block_base
         self.layer, self.block, self.step = bigger.layer, bigger.block, bigger.step
+        self.device_counts = bigger.device_counts
         self._views.clear()
         self._index_cache.clear()
 
@@ -104,8 +119,11 @@ class StatsBuffer:
         """Host copies of slots [0, upto), their steps and counts, and a CUDA event after the
         copies (None where copies are synchronous); the rest move down to slot 0."""
         counts = self.counts.take(upto)
-        buffers = (self.layer, self.step, self.block)
-        layer_host, step_host, block_host = (to_host(b[:upto]) for b in buffers)
+        buffers: tuple[Tensor, ...] = (self.layer, self.step, self.block)
+        if self.device_counts is not None:  # a flush may wait for the device (this is one)
+            add_device_counts(counts, self.device_counts[:upto].cpu().numpy(), self.layers, self.blocks)
+            buffers += (self.device_counts,)
+        layer_host, step_host, block_host = (to_host(b[:upto]) for b in buffers[:3])
         ready = copies_done(self.device)
         steps, rest = self.slot_steps[:upto], self.slot_steps[upto:]
         for i in range(len(rest)):  # move the unfinished step down to slot i

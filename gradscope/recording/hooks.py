@@ -24,6 +24,7 @@ from gradscope.recording.clock import StepClock
 from gradscope.recording.layers import ExecutionOrder, Layer, ParameterRow
 from gradscope.recording.probes import BlockProbe, BranchProbe, LayerProbe
 from gradscope.recording.sink import Sink
+from gradscope.recording.traced import Staging
 
 
 class ProbeHooks:
@@ -31,18 +32,19 @@ class ProbeHooks:
 
     def __init__(self, model: nn.Module, clock: StepClock, sink: Sink,
                  layers: list[tuple[Layer, nn.Module | ParameterRow]], layer_order: ExecutionOrder,
-                 blocks: list[tuple[Block, nn.Module, nn.Module | None]], block_order: ExecutionOrder) -> None:
+                 blocks: list[tuple[Block, nn.Module, nn.Module | None]], block_order: ExecutionOrder,
+                 staging: Staging) -> None:
         self.planned: list[tuple[nn.Module, str, Any]] = []  # (module, "pre" or "forward", probe)
         for layer, module in layers:
             if isinstance(module, ParameterRow):  # norms only, written at the step's end
                 continue
             self.planned.append((module, "forward", LayerProbe(clock, sink, layer_order, layer.row,
-                                                               layer.saturation_bounds, layer.zero_counted)))
+                                                               layer.saturation_bounds, layer.zero_counted, staging)))
         for block, module, branch in blocks:
-            block_probe = BlockProbe(clock, sink, block_order, block, module)
+            block_probe = BlockProbe(clock, sink, block_order, block, module, staging)
             self.planned += [(module, "pre", block_probe.before), (module, "forward", block_probe)]
             if branch is not None:
-                self.planned.append((branch, "forward", BranchProbe(clock, sink, block.row)))
+                self.planned.append((branch, "forward", BranchProbe(clock, sink, block.row, staging)))
         self.always = clock.every == 1 or any(m is model and kind == "pre" for m, kind, _ in self.planned)
         self.handles: list[Any] = []
 

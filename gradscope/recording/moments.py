@@ -83,10 +83,15 @@ def activation_moments(y: Tensor, bounds: tuple[float, float] | None, count_zero
     if count_zeros or bounds is not None:
         parts.append(torch.count_nonzero(y).float() if count_zeros else mean)
     if bounds is not None:
-        middle, half = (bounds[0] + bounds[1]) / 2, (bounds[1] - bounds[0]) / 2
-        # |y - middle| >= (1 - 2 * margin) * half  <=>  within margin * range of a bound
-        parts.append(((y - middle).abs() >= (1 - 2 * SATURATION_MARGIN) * half).sum().float())
+        parts.append(saturated(y, bounds))
     return parts
+
+
+def saturated(y: Tensor, bounds: tuple[float, float]) -> Tensor:
+    """Float32 count of the elements of ``y`` within SATURATION_MARGIN of the range from a bound."""
+    middle, half = (bounds[0] + bounds[1]) / 2, (bounds[1] - bounds[0]) / 2
+    # |y - middle| >= (1 - 2 * margin) * half  <=>  within margin * range of a bound
+    return ((y - middle).abs() >= (1 - 2 * SATURATION_MARGIN) * half).sum().float()
 
 
 # Below this many elements the fixed cost of the shifted formula's extra ops outweighs its speed.

@@ -35,6 +35,7 @@ from gradscope.recording.blocks import Block
 from gradscope.recording.clock import StepClock
 from gradscope.recording.layers import ExecutionOrder
 from gradscope.recording.sink import Sink
+from gradscope.recording.traced import Staging, block_output, branch_output, layer_output, note_traced
 from gradscope.store.schema import B_GRAD_IN_SS, B_GRAD_OUT_SS, EVAL, TRAIN
 
 _MAX_NESTING = 4
@@ -133,18 +134,21 @@ class LayerProbe:
     steps it returns after one attribute test, doing no tensor work.
     """
 
-    __slots__ = ("clock", "sink", "order", "row", "bounds", "count_zeros")
+    __slots__ = ("clock", "sink", "order", "row", "bounds", "count_zeros", "staging")
 
     def __init__(self, clock: StepClock, sink: Sink, order: ExecutionOrder, row: int,
-                 bounds: tuple[float, float] | None, count_zeros: bool) -> None:
+                 bounds: tuple[float, float] | None, count_zeros: bool, staging: Staging) -> None:
         self.clock, self.sink, self.order = clock, sink, order
-        self.row, self.bounds, self.count_zeros = row, bounds, count_zeros
+        self.row, self.bounds, self.count_zeros, self.staging = row, bounds, count_zeros, staging
 
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
         clock = self.clock  # skipped AMP steps are detected by the recorder's model pre-hook, before this
         grad_on = torch.is_grad_enabled()
         if grad_on:  # lets step(loss=) tell this step from the previous one
             clock.grad_forward_seen = True
+        if torch.compiler.is_compiling():  # traced into a compiled model: every step, into the staging
+            self._traced(module, output, grad_on)
+            return
         if not clock.recording:
             return
         # Activation checkpointing recomputes forwards during backward: only a reentrant one's
@@ -167,6 +171,14 @@ class LayerProbe:
         # the step and the recorder; a non-leaf's hook goes with its graph.
         if train and y.grad_fn is not None:
             on_gradient(y, GradientProbe(sink, row, clock.step, y.output_nr))
+
+    def _traced(self, module: nn.Module, output: Any, grad_on: bool) -> None:
+        y = first_float_tensor(output)
+        if y is None or y.numel() == 0:
+            return
+        note_traced(self)
+        train = module.training and grad_on
+        layer_output(self.staging, TRAIN if train else EVAL, self.row, y, self.bounds, self.count_zeros, train)
 
 
 class GradientProbe:
@@ -196,10 +208,12 @@ class BlockProbe:
     ||dL/dx|| and ||dL/dy||. Nothing is kept once the call returns.
     """
 
-    __slots__ = ("clock", "sink", "order", "block", "seq_first", "_inputs")
+    __slots__ = ("clock", "sink", "order", "block", "row", "staging", "seq_first", "_inputs")
 
-    def __init__(self, clock: StepClock, sink: Sink, order: ExecutionOrder, block: Block, module: nn.Module) -> None:
-        self.clock, self.sink, self.order, self.block = clock, sink, order, block
+    def __init__(self, clock: StepClock, sink: Sink, order: ExecutionOrder, block: Block, module: nn.Module,
+                 staging: Staging) -> None:
+        self.clock, self.sink, self.order, self.block, self.staging = clock, sink, order, block, staging
+        self.row = block.row
         # nn.TransformerEncoderLayer and friends default to [tokens, batch, dim]
         self.seq_first = getattr(getattr(module, "self_attn", None), "batch_first", True) is False
         # A stack (blocks may nest or recurse) with one entry per call, pushed even when not
@@ -218,10 +232,15 @@ class BlockProbe:
         return False
 
     def before(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():  # the traced path takes x from the hook's args
+            return
         x = first_float_tensor(args) if self._active(module) else None
         self._inputs.append((x, x._version) if x is not None else None)
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            self._traced(module, args, output)
+            return
         entry = self._inputs.pop() if self._inputs else None
         if entry is None or not self.clock.recording:  # (the model's pre-hook may end a skipped AMP step)
             return
@@ -258,16 +277,31 @@ class BlockProbe:
         if y.grad_fn is not None:
             on_gradient(y, BlockGradientProbe(sink, row, step, B_GRAD_OUT_SS, y.output_nr))
 
+    def _traced(self, module: nn.Module, args: Any, output: Any) -> None:
+        """In a compiled graph: x from the hook's args (the pre-hook keeps nothing there)."""
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        x, y = first_float_tensor(args), first_float_tensor(output)
+        if x is None or y is None:
+            return
+        note_traced(self)
+        block_output(self.staging, self, self.block.row, x, y, self.seq_first)
+
 
 class BranchProbe:
     """Forward hook on a block's residual branch F: ||F(x)||^2 for branch_ratio."""
 
-    __slots__ = ("clock", "sink", "row")
+    __slots__ = ("clock", "sink", "row", "staging")
 
-    def __init__(self, clock: StepClock, sink: Sink, row: int) -> None:
-        self.clock, self.sink, self.row = clock, sink, row
+    def __init__(self, clock: StepClock, sink: Sink, row: int, staging: Staging) -> None:
+        self.clock, self.sink, self.row, self.staging = clock, sink, row, staging
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            f = first_float_tensor(output)
+            if f is not None and module.training and torch.is_grad_enabled():
+                branch_output(self.staging, self.row, f)
+            return
         if not (self.clock.recording and module.training and torch.is_grad_enabled()):
             return
         if _in_backward() and checkpoint_pass() is not RECOMPUTE:

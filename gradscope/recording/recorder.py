@@ -12,7 +12,6 @@ nothing waits for the device.
 from __future__ import annotations
 
 import os
-import platform
 import sys
 import warnings
 from pathlib import Path
@@ -36,13 +35,14 @@ from gradscope.recording.exchange import Exchange
 from gradscope.recording.hooks import ProbeHooks
 from gradscope.recording.layers import ExecutionOrder, Layer, ModuleFilter, Ownership, ParameterRow, select_layers
 from gradscope.recording.parameters import ParameterNorms
-from gradscope.recording.processes import Holding, detect, fsdp1_segments, unwrap, user_class
+from gradscope.recording.processes import Holding, detect, fsdp1_segments, unwrap
+from gradscope.recording.run_meta import run_meta
 from gradscope.recording.sink import Sink
-from gradscope.store.meta import SCHEMA_VERSION, describe_optimizer, now
+from gradscope.recording.traced import Staging
+from gradscope.store.meta import now
 from gradscope.store.parts import AttributionJob, FlushJob
 from gradscope.store.schema import ACCURACY, EVAL_ACCURACY, EVAL_LOSS, LOSS
 from gradscope.store.writer import NoWriter, RunWriter
-from gradscope.version import __version__
 
 _OPEN = termination.OPEN
 
@@ -164,6 +164,7 @@ class Recorder:
             self._batcher = Batcher(self._buffer, self.layers, self.device) if batching_enabled(self.device) else None
             self._loss_scale = LossScale(scaler, optimizer, self._buffer.step, self._buffer.counts)
             self._sink = Sink(self._clock, self._buffer, self._batcher, self._loss_scale, on_full=self._buffer_full)
+            self._staging = Staging(len(self.layers), len(self.blocks), self.device)  # probes traced by Dynamo
             self._parameters = ParameterNorms(model, chosen, optimizer, self.device,
                                               Holding(model, self.processes), ownership)
             self._parameters_checked = False
@@ -190,7 +191,7 @@ class Recorder:
         self._writer = self._open_run(overwrite)
 
         self._probes = ProbeHooks(model, self._clock, self._sink, chosen, self._layer_order, chosen_blocks,
-                                  self._block_order)
+                                  self._block_order, self._staging)
         self._handles: list[Any] = []  # the model's and the optimizer's hooks, attached throughout
         try:
             if self._compiled:
@@ -309,6 +310,8 @@ class Recorder:
             self._sink.scratch.release()
         finally:
             try:
+                if status == "finished" and self._staging.used and self._staging.holds_any():
+                    self._staging.fold(self._buffer, self._sink.slot())  # what ran since the last step's end
                 slots = len(self._buffer.slot_steps)
                 if status != "finished" and self._step_in_progress():
                     self._dropped_step = self._clock.step
@@ -387,7 +390,8 @@ class Recorder:
             return
         self._forwards_open += 1
         clock = self._clock
-        clock.scaler_skipped()  # ends a step the GradScaler skipped
+        if clock.scaler_skipped() and self._staging.used:  # ended a step the GradScaler skipped
+            self._staging.zero()
         if torch.is_grad_enabled():
             clock.grad_forward_seen = True
         self._probes.sync(clock.recording)  # a step the GradScaler skipped may have begun a recorded one
@@ -413,6 +417,12 @@ class Recorder:
         return self._clock.step in self._buffer.slots and (self._forwards_open > 0 or self._clock.grad_forward_seen)
 
     def _advance(self) -> None:
+        staging = self._staging
+        if staging.used:  # traced probes measure every step: kept only where the step has a slot
+            slot = self._buffer.slots.get(self._clock.step)
+            if slot is not None and not self._clock.recording:  # (a recorded step's end folded it)
+                staging.fold(self._buffer, slot)  # an evaluation's, off the schedule
+            staging.zero()
         self._clock.advance()
         if self._compiled and not self._probes.always:
             self._probes.pin()
@@ -463,6 +473,8 @@ class Recorder:
     def _end_step(self, slot: int) -> None:
         """A recorded step's end: what the probes measured written, then the parameters."""
         self._sink.commit()
+        if self._staging.used:
+            self._staging.fold(self._buffer, slot)
         self._sink.scratch.release()  # in case the forward ended somewhere the model's hook did not see
         if not self._parameters_checked:  # fully_shard after watch() swaps the parameters
             self._parameters_checked = True
@@ -477,7 +489,7 @@ class Recorder:
         """Refuse a recorded step that trained watched layers (their parameters have gradients)
         while none of their probes ran: hooks a compiled model never runs (``recording.compilation``)."""
         counts = self._buffer.counts
-        if counts.act_calls[slot].any() or counts.block_calls[slot].any():
+        if self._staging.used or counts.act_calls[slot].any() or counts.block_calls[slot].any():
             self._hooks_ran = True
         elif (counts.grad_rows[slot] & self._probed).any():
             self._refusal = hooks_never_ran(self._clock.step, self.path)
@@ -552,40 +564,7 @@ class Recorder:
         self._writer.submit_meta(self._meta("running"))
 
     def _meta(self, status: str, errors: list[str] | None = None) -> dict[str, Any]:
-        self._layer_order.assign_depths(self.layers)
-        self._block_order.assign_depths(self.blocks)
-        for layer in self.layers:
-            layer.calls = int(self._calls[layer.row])
-        for block in self.blocks:
-            block.calls = int(self._block_calls[block.row])
-        depth = getattr(self.model, "depth", None)
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "gradscope_version": __version__,
-            "run": self.path.name,
-            "status": status,
-            "started_at": self._started_at,
-            "updated_at": now(),
-            "model": {"class": user_class(self.model).__name__,
-                      "depth": depth if isinstance(depth, int) else None,
-                      "registry_name": getattr(self.model, "gradscope_name", None),
-                      "config": getattr(self.model, "gradscope_config", None),
-                      "parameters": sum(map(self._ownership.numel, self._ownership.parameters(self.model)))},
-            "layers": [layer.to_json() for layer in self.layers],
-            "blocks": [block.to_json() for block in self.blocks],
-            "attribution": self._attribution.config.describe() if self._attribution else None,
-            "task": None,
-            "optimizer": describe_optimizer(self.optimizer),
-            "schedule": {"every": self.every, "flush_every": self.flush_every,
-                         "last_step": self._clock.step, "dropped_step": self._dropped_step},
-            "errors": errors or [],
-            "env": {"torch": torch.__version__, "python": platform.python_version(),
-                    "device": str(self.device), "world_size": self.processes.world_size,
-                    "processes": {**self.processes.describe(), "per_rank": self.per_rank}
-                    if self.processes.several else None,
-                    "amp_scaler": self.scaler is not None},
-            **self._extra_meta,
-        }
+        return run_meta(self, status, errors)
 
     def _remove_hooks(self) -> None:
         handles, self._handles = self._handles, []

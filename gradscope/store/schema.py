@@ -260,6 +260,8 @@ def merge_partial(accumulators: tuple[Accumulator, ...], a: Any, b: Any, n_a: An
 def _ratio(part: Any, whole: Any) -> Any:
     if isinstance(whole, (int, float)):
         return part / whole if whole else 0.0
+    if not isinstance(whole, np.ndarray):  # a device tensor (counts the traced probes keep)
+        return (part / whole.clamp_min(1)) * (whole > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(whole > 0, part / np.where(whole > 0, whole, 1), 0.0)
 

@@ -1,0 +1,197 @@
+"""Probes inside a compiled model: statistics traced into the graph and kept in a staging buffer.
+
+Under Dynamo a probe must not read a Python value that changes from step to step (the step, the
+``every`` schedule, the host counts, the slot): each read becomes a guard, and the model would
+recompile every step until Dynamo's cache limit. So where ``torch.compiler.is_compiling()`` the
+probes take this path. Their statistics are ops of the traced graph (Inductor fuses them into the
+kernels that produce the tensors) and land in ``Staging``, a fixed device buffer with device counts:
+several calls merge there by Chan's update on the device, and dL/dy comes from a tensor hook
+traced into the backward. Outside the graph the recorder folds the staging into the step's slot
+at a recorded step's end and zeroes it at every step's end, so the schedule is data, never a guard.
+What needs Python (a layer's place in the execution order, why a block is not compared with the
+identity) runs once, while tracing (``note_traced``, ``explain_traced``).
+
+What this path cannot see: a block that modifies its input in place but returns another tensor
+(its input is read after the change), and the forwards that activation checkpointing recomputes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from gradscope.recording.device_counts import count_shapes, count_width
+from gradscope.recording.identity import identity_terms, sample_squares, token_cosines, token_direction_sums
+from gradscope.recording.moments import saturated
+from gradscope.store.schema import (
+    ACT_ABSMAX,
+    ACT_MEAN,
+    ACT_VAR,
+    ACTIVATION,
+    B_BRANCH_SS,
+    B_COS_SUM,
+    B_DIFF_SS,
+    B_GRAD_IN_SS,
+    B_GRAD_OUT_SS,
+    B_TOKEN_COS_SUM,
+    BLOCK,
+    GRAD_OUT_SS,
+    LAYER,
+    PHASES,
+    TRAIN,
+    merge_partial,
+)
+
+if TYPE_CHECKING:
+    from gradscope.recording.buffer import StatsBuffer
+
+@torch.compiler.assume_constant_result
+def note_traced(probe: Any) -> int:
+    """While Dynamo traces ``probe`` (it takes the result as a constant and never replays the call,
+    so nothing read here becomes a guard): the probe's row takes its place in the execution order,
+    and the staging is in use. Only the probe is passed: a value read from it under Dynamo may be
+    a lazy constant, which this call could not take."""
+    probe.order.note(probe.row)
+    probe.staging.used = True
+    return 0
+
+
+@torch.compiler.assume_constant_result
+def explain_traced(probe: Any, before: Any = None, after: Any = None) -> int:
+    """While Dynamo traces a block: why it is not compared with the identity (the first reason
+    stays): it changes the shape ``before`` -> ``after`` per sample, or (without them) it returned
+    its input, modified in place."""
+    block = probe.block
+    if block.reason is None:
+        block.reason = (f"changes shape: {tuple(before)} -> {tuple(after)} per sample" if before is not None
+                        else "modifies its input in place")
+    return 0
+
+
+class Staging:
+    """One step's statistics measured by the traced probes, on the device, at fixed addresses."""
+
+    def __init__(self, layers: int, blocks: int, device: torch.device) -> None:
+        self.layers, self.blocks = layers, blocks
+        self.layer = torch.zeros(len(PHASES), layers, LAYER.width, device=device)
+        self.block = torch.zeros(blocks, BLOCK.width, device=device)
+        self.width = count_width(layers, blocks)
+        self.counts = torch.zeros(self.width, dtype=torch.int64, device=device)
+        for name, shape, offset, size in count_shapes(layers, blocks):
+            setattr(self, name, self.counts[offset:offset + size].view(shape))
+        if device.type == "cuda":  # CUDA graphs (mode="reduce-overhead") replay writes to fixed addresses
+            for t in (self.layer, self.block, self.counts):
+                torch._dynamo.mark_static_address(t)
+        self.used = False  # set while tracing: some probe was traced into a compiled graph
+
+    def holds_any(self) -> bool:
+        """Whether some traced probe ran since the last step's end (waits for the device: at close only)."""
+        return bool(self.counts.any())
+
+    def zero(self) -> None:
+        """At every step's end (the traced probes measure every step; only recorded ones are kept)."""
+        self.layer.zero_()
+        self.block.zero_()
+        self.counts.zero_()
+
+    def fold(self, buffer: StatsBuffer, slot: int) -> None:
+        """Merge the staging into ``slot``, beside what the eager probes wrote there (a model may run
+        both ways in one step); the counts go to the buffer's device counts, read at the flush."""
+        host = buffer.counts
+        dst, src = buffer.layer[slot], self.layer
+        k = len(ACTIVATION)
+        n_host = torch.as_tensor(host.act_n[slot], device=dst.device)
+        eager = (n_host > 0).unsqueeze(-1)
+        merged = torch.stack(merge_partial(ACTIVATION, dst[..., ACT_MEAN:k].unbind(-1),
+                                           src[..., ACT_MEAN:k].unbind(-1), n_host, self.act_n), -1)
+        dst[..., ACT_MEAN:k] = torch.where(eager, merged, src[..., ACT_MEAN:k])  # (a row's stale values unread)
+        gradients = torch.as_tensor(host.grad_calls[slot] > 0, device=dst.device)
+        dst[TRAIN, :, GRAD_OUT_SS] = torch.where(gradients, dst[TRAIN, :, GRAD_OUT_SS], 0) + src[TRAIN, :, GRAD_OUT_SS]
+        if self.blocks:
+            buffer.block[slot] += self.block  # pure sums, zeroed when the slot opened
+        buffer.device_counts_of(self.width)[slot] += self.counts
+
+
+# ---------------------------------------------------------------------- what the traced probes measure
+
+
+def layer_output(staging: Staging, phase: int, row: int, y: Tensor, bounds: tuple[float, float] | None,
+                 count_zeros: bool, train: bool) -> None:
+    """A watched layer's output ``y`` in a traced graph: its moments merged into the staging and,
+    in training, a tensor hook for ||dL/dy||^2."""
+    yd = y.detach()
+    yf = yd if yd.dtype == torch.float32 else yd.float()
+    var, mean = torch.var_mean(yf, correction=0)
+    parts = [mean, var, yf.abs().amax()]
+    if count_zeros or bounds is not None:
+        parts.append((yd != 0).sum().float() if count_zeros else mean)
+    if bounds is not None:
+        parts.append(saturated(yd, bounds))
+    n, k = yd.numel(), len(parts)
+    cell, seen = staging.layer[phase, row], staging.act_n[phase, row]
+    # Chan's update against the calls already staged (``schema.merge_partial``, written out: Dynamo
+    # traces this once per layer, and the generic loop costs it several times as long)
+    w_old = seen / (seen + n)
+    w_new = 1 - w_old
+    delta = mean - cell[ACT_MEAN]
+    merged = [cell[ACT_MEAN] * w_old + mean * w_new,
+              cell[ACT_VAR] * w_old + var * w_new + delta * delta * (w_old * w_new),
+              torch.maximum(cell[ACT_ABSMAX], parts[2])]
+    merged += [cell[ACT_MEAN + i] + parts[i] for i in range(3, k)]
+    cell[ACT_MEAN:ACT_MEAN + k] = torch.stack(merged)
+    seen += n
+    staging.act_calls[phase, row] += 1
+    if train and y.requires_grad and not y.is_leaf:
+        y.register_hook(_squares_into(staging.layer[TRAIN, row, GRAD_OUT_SS], staging.grad_n[row],
+                                      staging.grad_calls[row]))
+
+
+def block_output(staging: Staging, probe: Any, row: int, x: Tensor, y: Tensor, seq_first: bool) -> None:
+    """A block call in a traced graph: compared with the identity where ``y`` has ``x``'s shape
+    (else the reason is noted while tracing), token cosines, and hooks for dL/dx and dL/dy."""
+    staging.block_calls[row] += 1
+    pair = False
+    if x.shape != y.shape:
+        explain_traced(probe, x.shape[1:], y.shape[1:])
+    elif y is x:
+        explain_traced(probe)
+    else:
+        pair = y.numel() > 0
+    tokens = y.dim() == 3 and y.shape[1 - seq_first] > 1
+    xs, ys = (t.detach().transpose(0, 1) if seq_first and t.dim() == 3 else t.detach() for t in (x, y))
+    if pair:
+        terms = identity_terms(sample_squares(xs, ys))  # [samples, 3]
+        staging.block[row, B_DIFF_SS:B_COS_SUM + 1] += terms.sum(0)
+        staging.block_samples[row] += xs.shape[0] if xs.dim() else 1
+    if tokens:
+        norms = torch.linalg.vector_norm(token_direction_sums(ys), dim=-1)
+        staging.block[row, B_TOKEN_COS_SUM] += token_cosines(norms, ys.shape[1]).sum()
+        staging.block_tokens[row] += ys.shape[0]
+    if x.requires_grad and not x.is_leaf and y is not x:
+        x.register_hook(_squares_into(staging.block[row, B_GRAD_IN_SS], None, staging.block_grad_in[row]))
+    if y.requires_grad and not y.is_leaf:
+        y.register_hook(_squares_into(staging.block[row, B_GRAD_OUT_SS], None, staging.block_grad_out[row]))
+
+
+def branch_output(staging: Staging, row: int, f: Tensor) -> None:
+    """A block's residual-branch output F(x) in a traced graph: ||F(x)||^2."""
+    ff = f.detach()
+    ff = ff if ff.dtype == torch.float32 else ff.float()
+    staging.block[row, B_BRANCH_SS] += ff.square().sum()
+    staging.block_branch[row] += 1
+
+
+def _squares_into(total: Tensor, elements: Tensor | None, calls: Tensor) -> Callable[[Tensor], None]:
+    """A tensor hook adding ||grad||^2 to ``total`` (and the element and call counts); returns None,
+    so the gradient passes on untouched."""
+    def hook(grad: Tensor) -> None:
+        g = grad.detach()
+        total.add_((g if g.dtype == torch.float32 else g.float()).square().sum())
+        if elements is not None:
+            elements.add_(g.numel())
+        calls.add_(1)
+
+    return hook
