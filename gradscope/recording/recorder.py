@@ -310,8 +310,9 @@ class Recorder:
             self._sink.scratch.release()
         finally:
             try:
-                if status == "finished" and self._staging.used and self._staging.holds_any():
-                    self._staging.fold(self._buffer, self._sink.slot())  # what ran since the last step's end
+                staging = self._staging
+                if status == "finished" and self._clock.recording and staging.used and staging.holds_any():
+                    staging.fold(self._buffer, self._sink.slot())  # what ran since the last step's end
                 slots = len(self._buffer.slot_steps)
                 if status != "finished" and self._step_in_progress():
                     self._dropped_step = self._clock.step
@@ -417,12 +418,8 @@ class Recorder:
         return self._clock.step in self._buffer.slots and (self._forwards_open > 0 or self._clock.grad_forward_seen)
 
     def _advance(self) -> None:
-        staging = self._staging
-        if staging.used:  # traced probes measure every step: kept only where the step has a slot
-            slot = self._buffer.slots.get(self._clock.step)
-            if slot is not None and not self._clock.recording:  # (a recorded step's end folded it)
-                staging.fold(self._buffer, slot)  # an evaluation's, off the schedule
-            staging.zero()
+        if self._staging.used:  # traced probes measure every step; a recorded step's end kept it
+            self._staging.zero()
         self._clock.advance()
         if self._compiled and not self._probes.always:
             self._probes.pin()

@@ -98,16 +98,17 @@ class Staging:
         self.counts.zero_()
 
     def fold(self, buffer: StatsBuffer, slot: int) -> None:
-        """Merge the staging into ``slot``, beside what the eager probes wrote there (a model may run
-        both ways in one step); the counts go to the buffer's device counts, read at the flush."""
+        """Merge the staging into a recorded step's ``slot``, beside what the eager probes wrote there
+        (a model may run both ways in one step); the counts go to the buffer's device counts, read
+        at the flush."""
         host = buffer.counts
         dst, src = buffer.layer[slot], self.layer
         k = len(ACTIVATION)
         n_host = torch.as_tensor(host.act_n[slot], device=dst.device)
-        eager = (n_host > 0).unsqueeze(-1)
         merged = torch.stack(merge_partial(ACTIVATION, dst[..., ACT_MEAN:k].unbind(-1),
                                            src[..., ACT_MEAN:k].unbind(-1), n_host, self.act_n), -1)
-        dst[..., ACT_MEAN:k] = torch.where(eager, merged, src[..., ACT_MEAN:k])  # (a row's stale values unread)
+        # a row no eager probe wrote holds stale values: the staging's alone
+        dst[..., ACT_MEAN:k] = torch.where((n_host > 0).unsqueeze(-1), merged, src[..., ACT_MEAN:k])
         gradients = torch.as_tensor(host.grad_calls[slot] > 0, device=dst.device)
         dst[TRAIN, :, GRAD_OUT_SS] = torch.where(gradients, dst[TRAIN, :, GRAD_OUT_SS], 0) + src[TRAIN, :, GRAD_OUT_SS]
         if self.blocks:

@@ -1,0 +1,222 @@
+"""The traced path: probes compiled into the model's graph, with no break and no recompile.
+
+Under Dynamo the probes write into a staging buffer (``recording.traced``) instead of reading the
+step and the schedule, so a compiled model keeps one graph from its first step on, and the
+recorder folds the staging into the recorded steps' slots outside it. Dynamo's ``eager`` backend
+(the graph as Dynamo traced it) and ``aot_eager`` (plus AOTAutograd's functionalised forward and
+backward, what Inductor receives) keep the tests fast; ``test_compiled`` runs Inductor.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import gradscope
+from gradscope.lab import models
+from gradscope.testing import assert_no_hooks, assert_same_parameters
+from gradscope.testing.training import reference_batches, small_overrides
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+SMALL = {"resnet": {"input_size": 8}, "mlp": {"depth": 4, "width": 32}}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.config.error_on_recompile = False
+    torch._dynamo.reset()
+
+
+def _loss(out, y):
+    return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def _train(model, data, run=None, every=1, backend=None, fullgraph=False, warm_up=None):
+    """Train on ``data`` (watched into ``run`` when given, compiled with ``backend`` when given);
+    from step ``warm_up`` on, any recompilation raises."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rec = gradscope.watch(model, run, optimizer=opt, every=every, flush_every=3) if run else None
+    runner = torch.compile(model, backend=backend, fullgraph=fullgraph) if backend else model
+    for step, (x, y) in enumerate(data):
+        if step == warm_up:
+            torch._dynamo.config.error_on_recompile = True
+        opt.zero_grad()
+        loss = _loss(runner(x), y)
+        loss.backward()
+        if rec:
+            rec.step(loss=loss)
+        opt.step()
+    torch._dynamo.config.error_on_recompile = False
+    if rec:
+        rec.close()
+        return gradscope.load_run(run)
+    return None
+
+
+def _table(run, table):
+    frame = getattr(run, table)
+    keys = [k for k in ("step", "phase", "layer", "block") if k in frame.columns]
+    return frame.set_index(keys).sort_index()
+
+
+def _assert_same_figures(expected, actual):
+    """Every float column of the layer and block tables within 1e-5 (a mean near 0 against its
+    layer's spread: a LayerNorm's output mean is a rounding error either way)."""
+    for table in ("layers", "blocks"):
+        a, b = _table(expected, table), _table(actual, table)
+        assert a.index.equals(b.index), table
+        for column in a.columns:
+            if a[column].dtype.kind != "f":
+                assert a[column].equals(b[column]), column
+                continue
+            x, y = a[column].to_numpy(float), b[column].to_numpy(float)
+            atol = np.nan_to_num(a["act_std"].to_numpy(float)) * 1e-6 if column == "act_mean" else 1e-7
+            close = (np.abs(y - x) <= atol + 1e-5 * np.abs(x)) | (np.isnan(x) & np.isnan(y))
+            assert close.all(), f"{table}.{column}: {x[~close][:4]} recorded as {y[~close][:4]}"
+
+
+@pytest.mark.parametrize("name", ["mlp_residual", "resnet20", "transformer_lm_pre", "transformer_lm_post"])
+def test_reference_models_compile_whole_and_never_recompile(tmp_path, name):
+    """fullgraph=True raises at the first graph break; after warm-up, recompiling raises too.
+    every=10 over 25 steps: steps 0, 10 and 20 are recorded, from the same graph."""
+    overrides = small_overrides(name, SMALL)
+    torch.manual_seed(0)
+    model = models.create(name, **overrides)
+    data = reference_batches(name, 1, **overrides) * 25
+    run = _train(model, data, tmp_path / "r", every=10, backend="eager", fullgraph=True, warm_up=2)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert run.meta["status"] == "finished"
+    assert sorted(run.layers.step.unique()) == [0, 10, 20]
+    train = run.layers[run.layers.phase == "train"]
+    assert train.act_std.notna().all() and train.grad_out_norm.notna().all()  # the staging reached every row
+    if run.meta["blocks"]:
+        assert run.blocks.grad_out_norm.notna().all()
+    assert_no_hooks(model)
+
+
+@pytest.mark.parametrize(("name", "every", "backend"), [
+    ("resnet20", 1, "aot_eager"), ("transformer_lm_pre", 1, "eager"), ("transformer_lm_post", 3, "aot_eager")])
+def test_traced_figures_match_eager(tmp_path, name, every, backend):
+    """Layers and blocks (identity closeness, token cosines, gradients) as the eager probes record
+    them; parameters bit-identical to the same compiled training unwatched."""
+    overrides = small_overrides(name, SMALL)
+    data = reference_batches(name, 7, **overrides)
+    torch.manual_seed(0)
+    eager_model = models.create(name, **overrides)
+    compiled_model, unwatched = copy.deepcopy(eager_model), copy.deepcopy(eager_model)
+    eager = _train(eager_model, data, tmp_path / "eager", every=every)
+    compiled = _train(compiled_model, data, tmp_path / "compiled", every=every, backend=backend)
+    torch._dynamo.reset()
+    _train(unwatched, data, backend=backend)
+
+    assert compiled.meta["status"] == "finished"
+    assert sorted(compiled.layers.step.unique()) == list(range(0, 7, every))
+    _assert_same_figures(eager, compiled)
+    assert compiled.meta["layers"] == eager.meta["layers"]  # depth (execution order) and calls
+    assert compiled.meta["blocks"] == eager.meta["blocks"]  # and why a block is not compared
+    assert_same_parameters(unwatched, compiled_model, f"{name} compiled with {backend}, watched or not")
+
+
+def test_evaluations_on_and_off_the_schedule_as_eager(tmp_path):
+    """Eval forwards of a compiled model with log_eval, in a recorded step (rows of phase eval
+    there) and in one the schedule skips (its loss only), as the eager probes record them."""
+    runs = {}
+    for how in ("eager", "compiled"):
+        torch.manual_seed(0)
+        model = models.create("mlp_plain", depth=3, width=16, input_size=4)
+        runner = torch.compile(model, backend="eager") if how == "compiled" else model
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        data = reference_batches("mlp_plain", 4, depth=3, width=16, input_size=4)
+        with gradscope.watch(model, tmp_path / how, optimizer=opt, every=3) as rec:
+            for step, (x, y) in enumerate(data):
+                opt.zero_grad()
+                _loss(runner(x), y).backward()
+                opt.step()
+                if step in (0, 2):  # now in step 1, which the schedule skips, and in step 3
+                    model.eval()
+                    with torch.no_grad():
+                        rec.log_eval(loss=_loss(runner(x), y))
+                    model.train()
+        runs[how] = gradscope.load_run(tmp_path / how)
+    eager, compiled = runs["eager"], runs["compiled"]
+    assert sorted(compiled.layers.step.unique()) == [0, 3]
+    assert set(compiled.layers[compiled.layers.step == 3].phase) == {"train", "eval"}
+    assert compiled.scalars.set_index("step").eval_loss.dropna().index.tolist() == [1, 3]
+    _assert_same_figures(eager, compiled)
+
+
+def test_a_step_run_partly_eager_merges_both(tmp_path):
+    """The same step's forwards through the compiled model and through the model itself (eager
+    probes) merge into one row per layer: moments by Chan's rule, counts added."""
+    torch.manual_seed(0)
+    model = models.create("mlp_plain", depth=3, width=16, input_size=4)
+    reference = copy.deepcopy(model)
+    runner = torch.compile(model, backend="eager")
+    (x1, y1), (x2, y2) = reference_batches("mlp_plain", 2, depth=3, width=16, input_size=4)
+    for m, first, run in ((model, runner, "mixed"), (reference, reference, "eager")):
+        with gradscope.watch(m, tmp_path / run) as rec:
+            (_loss(first(x1), y1) + _loss(m(x2), y2)).backward()
+            rec.step()
+    _assert_same_figures(gradscope.load_run(tmp_path / "eager"), gradscope.load_run(tmp_path / "mixed"))
+    assert gradscope.load_run(tmp_path / "mixed").meta["layers"][0]["calls"] == 2
+
+
+def test_gpt2_from_transformers_gains_no_graph_break(tmp_path):
+    """A config-built GPT-2 (no download): whatever breaks its graph unwatched (transformers'
+    own logging, say), watching adds no break of gradscope's and no recompile after warm-up."""
+    transformers = pytest.importorskip("transformers")
+    breaks = {}
+    for watched in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                                         bos_token_id=0, eos_token_id=0)
+        model = transformers.GPT2LMHeadModel(config)
+        ids = torch.randint(0, 64, (4, 16))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        rec = gradscope.watch(model, tmp_path / "r", optimizer=opt, every=3) if watched else None
+        runner = torch.compile(model, backend="eager")
+        for step in range(7):
+            torch._dynamo.config.error_on_recompile = step >= 2
+            opt.zero_grad()
+            runner(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()
+            opt.step()
+        torch._dynamo.config.error_on_recompile = False
+        breaks[watched] = {reason.split("\n")[0] for reason in counters["graph_break"]}
+        if rec:
+            rec.close()
+    assert breaks[True] <= breaks[False]
+    run = gradscope.load_run(tmp_path / "r")
+    assert run.meta["status"] == "finished"
+    assert sorted(run.layers.step.unique()) == [0, 3, 6]
+    assert [b["name"] for b in run.meta["blocks"]] == ["transformer.h.0", "transformer.h.1"]
+    assert run.blocks.id_rel_residual.notna().all()
+
+
+def test_model_compile_fullgraph_records_as_eager(tmp_path):
+    """model.compile(fullgraph=True), watched before: one graph, the figures of eager."""
+    torch.manual_seed(0)
+    model = models.create("mlp_residual", depth=3, width=16, input_size=4)
+    reference = copy.deepcopy(model)
+    data = reference_batches("mlp_residual", 4, depth=3, width=16, input_size=4)
+    eager = _train(reference, data, tmp_path / "eager", every=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gradscope.watch(model, tmp_path / "c", optimizer=opt, every=2) as rec:
+        model.compile(backend="eager", fullgraph=True)
+        for x, y in data:
+            opt.zero_grad()
+            loss = _loss(model(x), y)
+            loss.backward()
+            rec.step(loss=loss)
+            opt.step()
+    _assert_same_figures(eager, gradscope.load_run(tmp_path / "c"))
+    assert_same_parameters(reference, model, "model.compile(fullgraph=True)")
