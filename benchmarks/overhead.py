@@ -47,6 +47,9 @@ stopped when one fails, after ``--timeout`` seconds, or when the launcher exits.
     python benchmarks/overhead.py [--device cpu|cuda] [--steps 100] [--only resnet20]
                                   [--variants every,naive] [--skip-memory] [--skip-load]
     python benchmarks/overhead.py --nproc 2 --only resnet20 [--steps 90] [--threads 1] [--timeout 1200]
+    python benchmarks/overhead.py --compile [reduce-overhead] [--only resnet20] [--steps 100]
+
+With ``--compile`` it times compiled steps instead (``compiled_overhead.py``).
 """
 
 from __future__ import annotations
@@ -718,6 +721,10 @@ def main() -> None:
                         help="with --nproc: seconds before every process is stopped")
     parser.add_argument("--only", default=None, help="run workloads whose name contains this")
     parser.add_argument("--variants", default=None, help="comma-separated fragments of variant names to run")
+    parser.add_argument("--compile", nargs="?", const="default", default=None,
+                        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                        help="time torch.compile'd steps (Inductor, this mode) with gradscope against without it "
+                             "(benchmarks/compiled_overhead.py)")
     parser.add_argument("--skip-load", action="store_true", help="skip the load_run timing")
     parser.add_argument("--skip-fixed", action="store_true", help="skip the per-layer fixed cost")
     parser.add_argument("--skip-memory", action="store_true", help="skip the CPU peak-memory child")
@@ -745,6 +752,11 @@ def main() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     warnings.filterwarnings("ignore")
     workloads = CUDA_WORKLOADS if device.type == "cuda" else CPU_WORKLOADS
+    if args.compile:
+        import compiled_overhead
+
+        compiled_overhead.main(args, device, workloads)
+        return
     if args.memory_child:
         import json
 

@@ -179,3 +179,31 @@ def test_modules_called_through_forward_are_refused_not_recorded_empty(tmp_path)
     with pytest.raises(RuntimeError, match=r"\.forward\(\)"):
         rec.step()
     assert gradscope.load_run(tmp_path / "r").meta["status"] == "failed"
+
+
+def test_a_sibling_instance_compiled_first_is_refused_or_recorded_with_hook_guards(tmp_path):
+    """Dynamo does not guard on module hooks: a second instance of a class whose first instance
+    was compiled and called runs that code, without gradscope's hooks. Refused, saying so; with
+    ``skip_nnmodule_hook_guards = False`` Dynamo recompiles for the hooks and the step is recorded."""
+    x, y = next(iter(batches("mlp", steps=1)))
+    for guards in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        first, second = TinyMLP(), TinyMLP()
+        old = torch._dynamo.config.skip_nnmodule_hook_guards
+        torch._dynamo.config.skip_nnmodule_hook_guards = not guards
+        try:
+            torch.compile(first, backend="eager")(x)
+            rec = gradscope.watch(second, tmp_path / f"guards-{guards}")
+            torch.nn.functional.cross_entropy(torch.compile(second, backend="eager")(x), y).backward()
+            if not guards:
+                with pytest.raises(RuntimeError, match="another instance of its class"):
+                    rec.step()
+                continue
+            rec.step()
+            rec.close()
+        finally:
+            torch._dynamo.config.skip_nnmodule_hook_guards = old
+        run = gradscope.load_run(tmp_path / "guards-True")
+        assert run.meta["status"] == "finished"
+        assert run.layers.act_std.notna().all()

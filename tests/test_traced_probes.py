@@ -83,10 +83,11 @@ def _assert_same_figures(expected, actual):
             assert close.all(), f"{table}.{column}: {x[~close][:4]} recorded as {y[~close][:4]}"
 
 
-@pytest.mark.parametrize("name", ["mlp_residual", "resnet20", "transformer_lm_pre", "transformer_lm_post"])
+@pytest.mark.parametrize("name", ["mlp_residual", "transformer_lm_pre", "transformer_lm_post"])
 def test_reference_models_compile_whole_and_never_recompile(tmp_path, name):
     """fullgraph=True raises at the first graph break; after warm-up, recompiling raises too.
-    every=10 over 25 steps: steps 0, 10 and 20 are recorded, from the same graph."""
+    every=10 over 25 steps: steps 0, 10 and 20 are recorded, from the same graph. (resnet20:
+    in test_traced_figures_match_eager.)"""
     overrides = small_overrides(name, SMALL)
     torch.manual_seed(0)
     model = models.create(name, **overrides)
@@ -103,22 +104,29 @@ def test_reference_models_compile_whole_and_never_recompile(tmp_path, name):
 
 
 @pytest.mark.parametrize(("name", "every", "backend"), [
-    ("resnet20", 1, "aot_eager"), ("transformer_lm_pre", 1, "eager"), ("transformer_lm_post", 3, "aot_eager")])
+    ("resnet20", 1, "eager"), ("transformer_lm_pre", 10, "eager"), ("transformer_lm_post", 3, "aot_eager")])
 def test_traced_figures_match_eager(tmp_path, name, every, backend):
     """Layers and blocks (identity closeness, token cosines, gradients) as the eager probes record
-    them; parameters bit-identical to the same compiled training unwatched."""
+    them, from one graph (fullgraph=True) that never recompiles after warm-up; parameters
+    bit-identical to the same compiled training unwatched (Dynamo's eager backend runs the
+    model's own ops, so there: to the eager training)."""
     overrides = small_overrides(name, SMALL)
-    data = reference_batches(name, 7, **overrides)
+    steps = 11 if every == 10 else 7
+    data = reference_batches(name, steps, **overrides)
     torch.manual_seed(0)
     eager_model = models.create(name, **overrides)
     compiled_model, unwatched = copy.deepcopy(eager_model), copy.deepcopy(eager_model)
     eager = _train(eager_model, data, tmp_path / "eager", every=every)
-    compiled = _train(compiled_model, data, tmp_path / "compiled", every=every, backend=backend)
-    torch._dynamo.reset()
-    _train(unwatched, data, backend=backend)
+    compiled = _train(compiled_model, data, tmp_path / "compiled", every=every, backend=backend, fullgraph=True,
+                      warm_up=2)
+    if backend == "eager":
+        unwatched = eager_model
+    else:
+        torch._dynamo.reset()
+        _train(unwatched, data, backend=backend)
 
     assert compiled.meta["status"] == "finished"
-    assert sorted(compiled.layers.step.unique()) == list(range(0, 7, every))
+    assert sorted(compiled.layers.step.unique()) == list(range(0, steps, every))
     _assert_same_figures(eager, compiled)
     assert compiled.meta["layers"] == eager.meta["layers"]  # depth (execution order) and calls
     assert compiled.meta["blocks"] == eager.meta["blocks"]  # and why a block is not compared

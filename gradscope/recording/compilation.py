@@ -3,9 +3,12 @@
 Facts (torch 2.13, docs/design.md "Compiled models"): Dynamo traces the module hooks present at
 a compiled model's first call into its code and does not guard on them, so hooks added later
 never run and nothing warns; removing one makes Dynamo recompile, after which re-added hooks
-never run either. So once a model is compiled the probes stay attached (the ``every`` schedule
-is then tested inside the probes), and a recorded step whose watched parameters have gradients
-while no probe ran is refused with the reason, instead of recording nothing.
+never run either. Another instance of the same class, compiled and called first, hands its code
+(compiled without hooks) to this one too: Dynamo does not guard on hooks
+(``torch._dynamo.config.skip_nnmodule_hook_guards``). So once a model is compiled the probes
+stay attached (traced, they measure every step: ``recording.traced``), and a recorded step whose
+watched parameters have gradients while no probe ran is refused with the reason, instead of
+recording nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ def hooks_never_ran(step: int, path: Any) -> str:
     """The refusal when a recorded step trained the watched layers but none of their hooks ran."""
     return (f"gradscope: in step {step} the watched layers' parameters have gradients, but none of "
             "gradscope's hooks on them ran. The model was most likely compiled (torch.compile or "
-            "model.compile()) and called before watch(): Dynamo never runs hooks added after a compiled "
-            "model's first call. Call gradscope.watch() before the compiled model's first call (or "
-            "torch._dynamo.reset() before watch()). Hooks also never run for modules called through "
-            f".forward() instead of module(...). The run at {path} is marked failed.")
+            "model.compile()) and called before watch(), or another instance of its class was compiled and "
+            "called first: Dynamo does not guard on module hooks, so it runs code compiled without them. "
+            "Call gradscope.watch() before any compiled call (or torch._dynamo.reset() before watch()), or set "
+            "torch._dynamo.config.skip_nnmodule_hook_guards = False to make Dynamo recompile for hooks. "
+            "Hooks also never run for modules called through .forward() instead of module(...). "
+            f"The run at {path} is marked failed.")

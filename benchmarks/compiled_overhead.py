@@ -1,0 +1,77 @@
+"""Compiled training steps with gradscope against the same compiled steps without it.
+
+``overhead.py --compile [MODE]`` runs this: each variant (none, gradscope every=1, every=10)
+trains its own copy of the model, watched first and then compiled with ``torch.compile(model,
+mode=MODE)`` (Inductor), timed in the interleaved blocks of ``overhead.py`` and divided step by
+step by the ``none`` copy's step, compiled the same way. Inside a compiled
+model gradscope's probes are ops of the graph (``gradscope/recording/traced.py``): they run on
+every step, and a recorded step adds only the fold into its slot and the parameter norms.
+
+It also counts the kernels Inductor generated for each variant's forward and backward
+(``torch._inductor.metrics.generated_kernel_count``, with Inductor's caches off so every graph is
+generated): the difference is the kernels of gradscope's own; each statistic not among them was
+fused into a kernel the model has anyway. Memory is not measured here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import overhead as base
+import torch
+
+
+def bench_compiled(name: str, spec: Any, device: torch.device, steps: int, tmp: Path,
+                   mode: str) -> tuple[list[tuple], dict[str, int]]:
+    """Ratio rows as ``overhead.ratio_rows`` gives them, and Inductor's kernel count per variant."""
+    import torch._inductor.metrics as metrics
+
+    torch._inductor.config.fx_graph_cache = False  # count generated kernels, not cache hits
+    # Dynamo does not guard on hooks by default: the watched copies would run the code compiled
+    # for the first copy, without its hooks (gradscope refuses such a step)
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    torch._functorch.config.enable_autograd_cache = False
+    make, make_batch, autocast = spec
+    torch.manual_seed(0)
+    template = make().to(device)
+    batch = make_batch(device)
+    chosen: list[base.Variant] = [base.Nothing(), base.Gradscope(1), base.Gradscope(10)]
+    kernels: dict[str, int] = {}
+    with contextlib.ExitStack() as stack:
+        runners = []
+        for v in chosen:
+            model = copy.deepcopy(template)
+            opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+            after_backward = stack.enter_context(v.attach(model, opt, tmp))  # watched before the first call
+            compiled = torch.compile(model, mode=None if mode == "default" else mode)
+            metrics.reset()
+            # warm-up as overhead.py's: compiles, and puts each block's recorded step at its 6th
+            base.time_steps(compiled, opt, batch, base.BLOCK + (base.BLOCK - base.RECORDED_AT), device, autocast,
+                            after_backward)
+            kernels[v.name] = metrics.generated_kernel_count
+            runners.append((v, compiled, opt, after_backward))
+        blocks, peaks = base.interleave(runners, batch, steps, device, autocast, None)
+    return base.ratio_rows(name, chosen, blocks, peaks), kernels
+
+
+def main(args: Any, device: torch.device, workloads: dict[str, Any]) -> None:
+    mode = args.compile
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
+    print(f"device: {device} ({where}); {base.versions()}")
+    print(f"torch.compile(mode={mode!r}); timed steps per variant {args.steps}, interleaved in blocks of "
+          f"{base.BLOCK}; each step over the compiled step without gradscope")
+    print(f"{'workload':24} {'variant':48} {'step ms':>9} {'x time':>7}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, spec in workloads.items():
+            if args.only and args.only not in name:
+                continue
+            rows, kernels = bench_compiled(name, spec, device, args.steps, Path(tmp), mode)
+            for row in rows:
+                print(f"{row[0]:24} {row[1] + row[6]:48} {row[2]:9.2f} {row[3]:7.3f}", flush=True)
+            plain = kernels["none"]
+            print(f"{name:24} Inductor kernels, forward and backward: none {plain}, "
+                  + ", ".join(f"{v} {k} ({k - plain:+d})" for v, k in kernels.items() if v != "none"), flush=True)
