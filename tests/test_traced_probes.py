@@ -104,7 +104,7 @@ def test_reference_models_compile_whole_and_never_recompile(tmp_path, name):
 
 
 @pytest.mark.parametrize(("name", "every", "backend"), [
-    ("resnet20", 1, "eager"), ("transformer_lm_pre", 10, "eager"), ("transformer_lm_post", 3, "aot_eager")])
+    ("resnet20", 1, "eager"), ("transformer_lm_pre", 10, "eager"), ("mlp_residual", 3, "aot_eager")])
 def test_traced_figures_match_eager(tmp_path, name, every, backend):
     """Layers and blocks (identity closeness, token cosines, gradients) as the eager probes record
     them, from one graph (fullgraph=True) that never recompiles after warm-up; parameters
