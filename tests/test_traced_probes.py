@@ -83,11 +83,11 @@ def _assert_same_figures(expected, actual):
             assert close.all(), f"{table}.{column}: {x[~close][:4]} recorded as {y[~close][:4]}"
 
 
-@pytest.mark.parametrize("name", ["mlp_residual", "transformer_lm_pre", "transformer_lm_post"])
+@pytest.mark.parametrize("name", ["transformer_lm_post"])
 def test_reference_models_compile_whole_and_never_recompile(tmp_path, name):
     """fullgraph=True raises at the first graph break; after warm-up, recompiling raises too.
-    every=10 over 25 steps: steps 0, 10 and 20 are recorded, from the same graph. (resnet20:
-    in test_traced_figures_match_eager.)"""
+    every=10 over 25 steps: steps 0, 10 and 20 are recorded, from the same graph. (resnet20,
+    transformer_lm_pre and mlp_residual compile with fullgraph=True in test_traced_figures_match_eager.)"""
     overrides = small_overrides(name, SMALL)
     torch.manual_seed(0)
     model = models.create(name, **overrides)
@@ -177,35 +177,43 @@ def test_a_step_run_partly_eager_merges_both(tmp_path):
     assert gradscope.load_run(tmp_path / "mixed").meta["layers"][0]["calls"] == 2
 
 
-def test_gpt2_from_transformers_gains_no_graph_break(tmp_path):
-    """A config-built GPT-2 (no download): whatever breaks its graph unwatched (transformers'
-    own logging, say), watching adds no break of gradscope's and no recompile after warm-up."""
+def test_gpt2_from_transformers_compiles_whole_watched(tmp_path):
+    """A config-built GPT-2 (no download), watched, compiles into one graph (fullgraph=True) and
+    never recompiles after warm-up. transformers' own warnings would break the graph, watched or
+    not: Dynamo is told to ignore logging calls, as its hint says."""
+    import logging
+
     transformers = pytest.importorskip("transformers")
-    breaks = {}
-    for watched in (False, True):
-        torch._dynamo.reset()
-        counters.clear()
-        torch.manual_seed(0)
-        config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
-                                         bos_token_id=0, eos_token_id=0)
-        model = transformers.GPT2LMHeadModel(config)
-        ids = torch.randint(0, 64, (4, 16))
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        rec = gradscope.watch(model, tmp_path / "r", optimizer=opt, every=3) if watched else None
-        runner = torch.compile(model, backend="eager")
+    ignored = torch._dynamo.config.ignore_logging_functions
+    methods = {getattr(logging.Logger, name, None) for name in ("warning", "info", "debug", "warning_once")}
+    added = methods - ignored - {None}
+    ignored |= added
+    try:
+        _train_gpt2(transformers, tmp_path)
+    finally:
+        ignored -= added
+
+
+def _train_gpt2(transformers, tmp_path):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0, use_cache=False)
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 64, (4, 16))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradscope.watch(model, tmp_path / "r", optimizer=opt, every=3):
+        runner = torch.compile(model, backend="eager", fullgraph=True)
         for step in range(7):
             torch._dynamo.config.error_on_recompile = step >= 2
             opt.zero_grad()
             runner(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()
             opt.step()
         torch._dynamo.config.error_on_recompile = False
-        breaks[watched] = {reason.split("\n")[0] for reason in counters["graph_break"]}
-        if rec:
-            rec.close()
-    assert breaks[True] <= breaks[False]
+    assert counters["stats"]["unique_graphs"] == 1
     run = gradscope.load_run(tmp_path / "r")
     assert run.meta["status"] == "finished"
     assert sorted(run.layers.step.unique()) == [0, 3, 6]
+    assert run.layers[run.layers.phase == "train"].grad_out_norm.notna().all()
     assert [b["name"] for b in run.meta["blocks"]] == ["transformer.h.0", "transformer.h.1"]
     assert run.blocks.id_rel_residual.notna().all()
 

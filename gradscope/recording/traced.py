@@ -4,10 +4,11 @@ Under Dynamo a probe must not read a Python value that changes from step to step
 ``every`` schedule, the host counts, the slot): each read becomes a guard, and the model would
 recompile every step until Dynamo's cache limit. So where ``torch.compiler.is_compiling()`` the
 probes take this path. Their statistics are ops of the traced graph (Inductor fuses them into the
-kernels that produce the tensors) and land in ``Staging``, a fixed device buffer with device counts:
-several calls merge there by Chan's update on the device, and dL/dy comes from a tensor hook
-traced into the backward. Outside the graph the recorder folds the staging into the step's slot
-at a recorded step's end and zeroes it at every step's end, so the schedule is data, never a guard.
+kernels that produce the tensors, where those are its own rather than library calls) and land in
+``Staging``, a fixed device buffer with device counts: several calls merge there by Chan's update
+on the device, and dL/dy comes from a tensor hook traced into the backward. Outside the graph
+the recorder folds the staging into the step's slot at a recorded step's end and zeroes it at
+every step's end, so the schedule is data, never a guard.
 What needs Python (a layer's place in the execution order, why a block is not compared with the
 identity) runs once, while tracing (``note_traced``, ``explain_traced``).
 
@@ -47,6 +48,7 @@ from gradscope.store.schema import (
 
 if TYPE_CHECKING:
     from gradscope.recording.buffer import StatsBuffer
+
 
 @torch.compiler.assume_constant_result
 def note_traced(probe: Any) -> int:
