@@ -120,7 +120,7 @@ class StatsBuffer:
         copies (None where copies are synchronous); the rest move down to slot 0."""
         counts = self.counts.take(upto)
         buffers: tuple[Tensor, ...] = (self.layer, self.step, self.block)
-        if self.device_counts is not None:  # a flush may wait for the device (this is one)
+        if self.device_counts is not None:  # a flush may wait for the device: on CUDA, this one does
             add_device_counts(counts, self.device_counts[:upto].cpu().numpy(), self.layers, self.blocks)
             buffers += (self.device_counts,)
         layer_host, step_host, block_host = (to_host(b[:upto]) for b in buffers[:3])

@@ -50,7 +50,8 @@ class ProbeHooks:
 
     def pin(self) -> None:
         """Keep the probes attached from now on: the model is compiled, and Dynamo never runs hooks
-        added after its first call (``recording.compilation``); the probes test the schedule."""
+        added after its first call (``recording.compilation``). Eager calls test the schedule;
+        traced ones measure every step into the staging (``recording.traced``)."""
         self.always = True
         self.sync(True)
 

@@ -285,7 +285,7 @@ class BlockProbe:
         if x is None or y is None:
             return
         note_traced(self)
-        block_output(self.staging, self, self.block.row, x, y, self.seq_first)
+        block_output(self.staging, self, self.row, x, y, self.seq_first)
 
 
 class BranchProbe:

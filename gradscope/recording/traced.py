@@ -19,11 +19,12 @@ What this path cannot see: a block that modifies its input in place but returns 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from gradscope.recording.buffer import StatsBuffer, device_index
 from gradscope.recording.device_counts import count_shapes, count_width
 from gradscope.recording.identity import identity_terms, sample_squares, token_cosines, token_direction_sums
 from gradscope.recording.moments import saturated
@@ -45,9 +46,6 @@ from gradscope.store.schema import (
     TRAIN,
     merge_partial,
 )
-
-if TYPE_CHECKING:
-    from gradscope.recording.buffer import StatsBuffer
 
 
 @torch.compiler.assume_constant_result
@@ -106,13 +104,19 @@ class Staging:
         host = buffer.counts
         dst, src = buffer.layer[slot], self.layer
         k = len(ACTIVATION)
-        n_host = torch.as_tensor(host.act_n[slot], device=dst.device)
-        merged = torch.stack(merge_partial(ACTIVATION, dst[..., ACT_MEAN:k].unbind(-1),
-                                           src[..., ACT_MEAN:k].unbind(-1), n_host, self.act_n), -1)
-        # a row no eager probe wrote holds stale values: the staging's alone
-        dst[..., ACT_MEAN:k] = torch.where((n_host > 0).unsqueeze(-1), merged, src[..., ACT_MEAN:k])
-        gradients = torch.as_tensor(host.grad_calls[slot] > 0, device=dst.device)
-        dst[TRAIN, :, GRAD_OUT_SS] = torch.where(gradients, dst[TRAIN, :, GRAD_OUT_SS], 0) + src[TRAIN, :, GRAD_OUT_SS]
+        if host.act_n[slot].any():  # eager probes wrote some rows: merged (their counts copied without a wait)
+            n_host = device_index(host.act_n[slot], dst.device)
+            merged = torch.stack(merge_partial(ACTIVATION, dst[..., ACT_MEAN:k].unbind(-1),
+                                               src[..., ACT_MEAN:k].unbind(-1), n_host, self.act_n), -1)
+            # a row no eager probe wrote holds stale values: the staging's alone
+            dst[..., ACT_MEAN:k] = torch.where((n_host > 0).unsqueeze(-1), merged, src[..., ACT_MEAN:k])
+        else:
+            dst[..., ACT_MEAN:k] = src[..., ACT_MEAN:k]
+        grad_out, staged = dst[TRAIN, :, GRAD_OUT_SS], src[TRAIN, :, GRAD_OUT_SS]
+        if host.grad_calls[slot].any():
+            grad_out.copy_(torch.where(device_index(host.grad_calls[slot], dst.device) > 0, grad_out, 0) + staged)
+        else:
+            grad_out.copy_(staged)
         if self.blocks:
             buffer.block[slot] += self.block  # pure sums, zeroed when the slot opened
         buffer.device_counts_of(self.width)[slot] += self.counts
