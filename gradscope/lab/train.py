@@ -32,8 +32,8 @@ from gradscope.lab import distributed, models
 from gradscope.lab.tasks import DEFAULT_TASK, Task, check_task, get_task
 from gradscope.lab.tasks.sequences import IGNORE
 from gradscope.recording.attribution import Attribution
+from gradscope.recording.entry import watch
 from gradscope.recording.layers import with_activations
-from gradscope.recording.recorder import watch
 
 PROBE_SIZE = 64  # held-out samples in the attribution probe batch
 

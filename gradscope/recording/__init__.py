@@ -7,6 +7,7 @@ the reports or the lab.
 """
 
 from gradscope.recording.attribution import Attribution
-from gradscope.recording.recorder import Recorder, watch
+from gradscope.recording.entry import watch
+from gradscope.recording.recorder import Recorder
 
 __all__ = ["Attribution", "Recorder", "watch"]

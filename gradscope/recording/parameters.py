@@ -113,6 +113,17 @@ class ParameterNorms:
         grad_col.zero_().index_add_(0, rows, grad_sq.index_select(0, take))
         return grad_sq.sum(), rows_with_grad
 
+    def global_grad_ss(self) -> Tensor:
+        """The squared global gradient norm as it is now (this rank's share in several processes):
+        after ``write_norms`` read the gradients before a framework clipped them."""
+        with torch.no_grad():
+            if self._plain:
+                grads = [p.grad for p in self.params if p.grad is not None and not p.grad.is_sparse]
+            else:
+                local_grad = self.holding.local_grad  # type: ignore[union-attr]
+                grads = [local_grad(p) for p in self.params if p.grad is not None and not p.grad.is_sparse]
+            return squared_norms(grads, self.device).sum()
+
     def _grad_index(self, has_grad: tuple[bool, ...]) -> tuple[Tensor, Tensor, np.ndarray]:
         where = np.cumsum(has_grad) - 1  # position of each parameter's grad in the grad list
         keep = [k for k, i in enumerate(self.owned) if has_grad[i]]

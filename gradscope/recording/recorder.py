@@ -34,6 +34,7 @@ from gradscope.recording.compilation import compiled, hooks_never_ran
 from gradscope.recording.exchange import Exchange
 from gradscope.recording.hooks import ProbeHooks
 from gradscope.recording.layers import ExecutionOrder, Layer, ModuleFilter, Ownership, ParameterRow, select_layers
+from gradscope.recording.optimizers import unwrap_optimizer
 from gradscope.recording.parameters import ParameterNorms
 from gradscope.recording.processes import Holding, detect, fsdp1_segments, unwrap
 from gradscope.recording.run_meta import run_meta
@@ -41,61 +42,18 @@ from gradscope.recording.sink import Sink
 from gradscope.recording.traced import Staging
 from gradscope.store.meta import now
 from gradscope.store.parts import AttributionJob, FlushJob
-from gradscope.store.schema import ACCURACY, EVAL_ACCURACY, EVAL_LOSS, LOSS
+from gradscope.store.schema import (
+    ACCURACY,
+    EVAL_ACCURACY,
+    EVAL_LOSS,
+    GRAD_GLOBAL_SS,
+    GRAD_POST_CLIP_SS,
+    GRAD_PRE_CLIP_SS,
+    LOSS,
+)
 from gradscope.store.writer import NoWriter, RunWriter
 
 _OPEN = termination.OPEN
-
-
-def watch(
-    model: nn.Module,
-    run: str | os.PathLike[str] | None = None,
-    *,
-    every: int = 1,
-    optimizer: torch.optim.Optimizer | None = None,
-    scaler: Any = None,
-    modules: ModuleFilter | None = None,
-    blocks: ModuleFilter | None = None,
-    flush_every: int = 50,
-    overwrite: bool = False,
-    device: torch.device | str | None = None,
-    meta: dict[str, Any] | None = None,
-    attribution: Attribution | None = None,
-    per_rank: bool = False,
-) -> Recorder:
-    """Start recording ``model``'s gradient flow into the run directory ``run``.
-
-    Args:
-        model: any ``nn.Module``; its forward, backward and the optimizer are left untouched.
-        run: directory to write (default ``runs/<ModelClass>-<timestamp>``).
-        every: record steps 0, every, 2*every, ...; other steps cost one Python test per hook.
-        optimizer: mark a step at each ``optimizer.step()`` and read learning rates from it.
-            Without it, call ``rec.step()`` after each ``backward()``.
-        scaler: a ``torch.amp.GradScaler`` in use; gradient statistics are unscaled.
-        modules: which modules to watch: glob(s) on qualified names, module types, or a
-            predicate ``(name, module) -> bool``. Default: every leaf module owning parameters.
-        blocks: which modules to compare with the identity (same forms as ``modules``).
-            Default: the blocks a reference model declares, else repeated sibling modules
-            in ``nn.Sequential``/``nn.ModuleList`` containers; ``[]`` for none.
-        flush_every: recorded steps written to disk at a time (the device holds one more).
-        overwrite: replace an existing gradscope run at ``run`` instead of refusing (never a
-            directory without a gradscope meta.json, nor a run another writer holds).
-        device: where statistics live (default: the device of the model's first parameter).
-        meta: extra JSON-serialisable facts for ``meta.json`` (e.g. ``{"task": {...}}``).
-        attribution: an ``Attribution`` to compute Captum attribution flow over the watched
-            blocks on a probe batch at checkpoints (see ``gradscope.recording.attribution``).
-        per_rank: in a multi-process job, also write each rank's own statistics (the
-            ``*_by_rank`` tables, with a ``rank`` column) beside the merged ones.
-
-    Under ``torchrun`` call it on every rank alike (DDP, FSDP2/HSDP, FSDP1 models): rank 0 writes
-    the run, merged over the ranks at each flush, so call ``flush()``/``close()`` on every rank.
-
-    Returns:
-        The ``Recorder``; use it as a context manager or call ``close()``.
-    """
-    return Recorder(model, run, every=every, optimizer=optimizer, scaler=scaler, modules=modules,
-                    blocks=blocks, flush_every=flush_every, overwrite=overwrite, device=device, meta=meta,
-                    attribution=attribution, per_rank=per_rank)
 
 
 class Recorder:
@@ -131,7 +89,10 @@ class Recorder:
         if run is not None and str(run) == "":
             raise ValueError("gradscope.watch: run= is empty; name a directory (or leave it out: runs/<model>-<time>)")
         self.model, self.every, self.flush_every = model, every, flush_every
+        optimizer, self._optimizer_wrappers = unwrap_optimizer(optimizer)  # accelerate's, Lightning's
         self.optimizer, self.scaler = optimizer, scaler
+        self._gradients_read: bool | None = None  # read_gradients(clipped=) in this step
+        self._gradient_stage = "optimizer.step()" if optimizer is not None else "step()"  # for meta.json
         self._extra_meta = checked_meta(meta)
         self.device = checked_device(device, model)
         self._closed = True  # until fully set up, so a failed __init__ leaves nothing to close
@@ -220,20 +181,23 @@ class Recorder:
         """The step training is in (0 for the first)."""
         return self._clock.step
 
-    def step(self, loss: Tensor | float | None = None, accuracy: Tensor | float | None = None) -> None:
+    def step(self, loss: Tensor | float | None = None, accuracy: Tensor | float | None = None, *,
+             grad_norm_pre_clip: Tensor | float | None = None) -> None:
         """Mark the end of a training step (without ``optimizer=``) and record its scalars.
 
         With ``optimizer=`` the optimizer marks steps and this only records ``loss`` and
         ``accuracy``, for the step whose training forward ran last, so it may be called before
-        or after ``optimizer.step()``.
+        or after ``optimizer.step()``. ``grad_norm_pre_clip``: the global norm a clip returned
+        (``clip_grad_norm_``'s result), kept as ``grad_norm_pre_clip`` (once: it is global already).
         """
         self._check_open()
         clock = self._clock
+        scalars = (loss, accuracy, grad_norm_pre_clip)
         if self.optimizer is None:
             if clock.recording:
                 slot = self._sink.slot()
                 self._end_step(slot)
-                self._record_scalars(slot, loss, accuracy)
+                self._record_scalars(slot, *scalars)
             self._advance()
             self._attribute_if_due()
             return
@@ -242,12 +206,35 @@ class Recorder:
             return  # not a recorded step
         slot = self._sink.slot() if step == clock.step else self._buffer.slots.get(step)
         if slot is not None:
-            self._record_scalars(slot, loss, accuracy)
+            self._record_scalars(slot, *scalars)
         elif step >= 0 and not self._late_scalars_dropped:
             self._late_scalars_dropped = True
             warnings.warn(f"gradscope: step(loss=...) for step {step} came after that step was flushed; "
                           "it was dropped (call step() before optimizer.step() to avoid this)",
                           RuntimeWarning, stacklevel=2)
+
+    def read_gradients(self, *, clipped: bool) -> None:
+        """Take this step's gradient statistics now, before ``optimizer.step()``: for a framework
+        callback that runs between the backward and the update (``gradscope.integrations``).
+
+        ``clipped`` says whether the framework has clipped them yet (meta.json's ``gradients``).
+        After ``clipped=False`` the global norm is read again at ``optimizer.step()``, so the run
+        holds it on both sides of the clip. Needs ``optimizer=``: its step still ends the step, or,
+        where an AMP scaler skips it, the next training forward does.
+        """
+        self._check_open()
+        if self.optimizer is None:
+            raise RuntimeError("gradscope: read_gradients() needs watch(optimizer=...); without it, step() "
+                               "reads the gradients and ends the step")
+        if self._gradients_read is not None:
+            return  # once per step
+        self._gradients_read = bool(clipped)
+        self._gradient_stage = "post-clip" if clipped else "pre-clip"
+        if self._clock.recording:
+            slot = self._sink.slot()
+            self._end_step(slot)
+            self._sink.scalar(slot, GRAD_POST_CLIP_SS if clipped else GRAD_PRE_CLIP_SS,
+                              self._buffer.step[slot, GRAD_GLOBAL_SS])
 
     def log_eval(self, loss: Tensor | float | None = None, accuracy: Tensor | float | None = None) -> None:
         """Record held-out loss/accuracy at the step training is in: between two steps, the one
@@ -393,6 +380,9 @@ class Recorder:
         clock = self._clock
         if clock.scaler_skipped() and self._staging.used:  # ended a step the GradScaler skipped
             self._staging.zero()
+        if self._gradients_read is not None and torch.is_grad_enabled():
+            self._advance()  # gradients were read, and the optimizer skipped its step (an AMP scaler found inf)
+            self._attribute_if_due()
         if torch.is_grad_enabled():
             clock.grad_forward_seen = True
         self._probes.sync(clock.recording)  # a step the GradScaler skipped may have begun a recorded one
@@ -403,8 +393,12 @@ class Recorder:
             self._sink.end_forward()
 
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self._clock.recording:
+        if not self._clock.recording:
+            return
+        if self._gradients_read is None:
             self._end_step(self._sink.slot())
+        elif not self._gradients_read:  # read before the clip: now the norm the update uses
+            self._sink.scalar(self._sink.slot(), GRAD_POST_CLIP_SS, self._parameters.global_grad_ss())
 
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._advance()
@@ -418,6 +412,7 @@ class Recorder:
         return self._clock.step in self._buffer.slots and (self._forwards_open > 0 or self._clock.grad_forward_seen)
 
     def _advance(self) -> None:
+        self._gradients_read = None
         if self._staging.used:  # traced probes measure every step; a recorded step's end kept it
             self._staging.zero()
         self._clock.advance()
@@ -508,9 +503,13 @@ class Recorder:
         every = probe.config.every
         self._next_attribution = (self._clock.step // every + 1) * every
 
-    def _record_scalars(self, slot: int, loss: Any, accuracy: Any) -> None:
+    def _record_scalars(self, slot: int, loss: Any, accuracy: Any, grad_norm_pre_clip: Any = None) -> None:
         for column, value in ((LOSS, loss), (ACCURACY, accuracy)):
             self._sink.scalar(slot, column, value)
+        if grad_norm_pre_clip is not None and self.processes.writes:  # global on every rank: counted once
+            norm = grad_norm_pre_clip.detach().float() if isinstance(grad_norm_pre_clip, Tensor) \
+                else float(grad_norm_pre_clip)
+            self._sink.scalar(slot, GRAD_PRE_CLIP_SS, norm * norm)
 
     def _flush(self, upto: int, commit: bool = True, limit: int | None = None) -> None:
         """Hand slots [0, upto) and finished attribution checkpoints to the writer; keep the rest.

@@ -84,13 +84,13 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def describe_optimizer(optimizer: Any) -> dict[str, Any] | None:
-    """The optimizer's class and JSON-safe defaults, for meta.json."""
+def describe_optimizer(optimizer: Any, wrappers: list[str] | None = None) -> dict[str, Any] | None:
+    """The optimizer's class and JSON-safe defaults, for meta.json (and the wrappers around it)."""
     if optimizer is None:
         return None
     defaults = {k: v for k, v in optimizer.defaults.items() if _json_safe(v)}
     return {"class": type(optimizer).__name__, "defaults": defaults,
-            "param_groups": len(optimizer.param_groups)}
+            "param_groups": len(optimizer.param_groups), "wrapped_by": list(wrappers or [])}
 
 
 def _json_safe(value: Any) -> bool:

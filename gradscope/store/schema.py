@@ -165,6 +165,13 @@ ACCUMULATORS: tuple[Accumulator, ...] = (
     Accumulator("eval_loss", "scalars", Merge.WEIGHTED, "step_set", "written by log_eval(loss=)", "held-out loss"),
     Accumulator("eval_accuracy", "scalars", Merge.WEIGHTED, "step_set", "written by log_eval(accuracy=)",
                 "held-out accuracy"),
+    # where a framework clips: the global norm on both sides of the clip (one of them is grad_global_ss's)
+    Accumulator("grad_pre_clip_ss", "scalars", Merge.SUM, "step_set",
+                "read_gradients(clipped=False), or step(grad_norm_pre_clip=)^2 on rank 0",
+                "sum over all parameters of ||p.grad||^2 before clipping", ranks=Ranks.SHARDS),
+    Accumulator("grad_post_clip_ss", "scalars", Merge.SUM, "step_set",
+                "read_gradients(clipped=True), or at optimizer.step() after read_gradients(clipped=False)",
+                "sum over all parameters of ||p.grad||^2 after clipping", ranks=Ranks.SHARDS),
 )
 
 
@@ -190,8 +197,9 @@ GRAD_OUT_SS, PARAM_SS, GRAD_SS = (LAYER.index[n] for n in ("grad_out_ss", "param
 B_DIFF_SS, B_INPUT_SS, B_COS_SUM, B_GRAD_IN_SS, B_GRAD_OUT_SS, B_BRANCH_SS, B_TOKEN_COS_SUM = (
     BLOCK.index[n] for n in ("diff_ss", "input_ss", "cos_sum", "grad_in_ss", "grad_out_ss", "branch_ss",
                              "token_cos_sum"))
-LOSS, ACCURACY, GRAD_GLOBAL_SS, LOSS_SCALE, EVAL_LOSS, EVAL_ACCURACY = (STEP.index[n] for n in (
-    "loss", "accuracy", "grad_global_ss", "loss_scale", "eval_loss", "eval_accuracy"))
+LOSS, ACCURACY, GRAD_GLOBAL_SS, LOSS_SCALE, EVAL_LOSS, EVAL_ACCURACY, GRAD_PRE_CLIP_SS, GRAD_POST_CLIP_SS = (
+    STEP.index[n] for n in ("loss", "accuracy", "grad_global_ss", "loss_scale", "eval_loss", "eval_accuracy",
+                            "grad_pre_clip_ss", "grad_post_clip_ss"))
 class HostCounts:
     """The ``COUNTS`` of every buffer slot, as numpy arrays named after them (``counts.act_n``).
 
@@ -488,6 +496,10 @@ COLUMNS: tuple[Column, ...] = (
     Column("loss_scale", "scalars", "float64", "AMP loss scale", _scalar("loss_scale")),
     Column("eval_loss", "scalars", "float64", "held-out loss", _scalar("eval_loss")),
     Column("eval_accuracy", "scalars", "float64", "held-out accuracy", _scalar("eval_accuracy")),
+    Column("grad_norm_pre_clip", "scalars", "float64", "global gradient norm before a framework clipped it",
+           lambda f: _sqrt(f.acc("grad_pre_clip_ss"))),
+    Column("grad_norm_post_clip", "scalars", "float64", "global gradient norm after clipping (what the update used)",
+           lambda f: _sqrt(f.acc("grad_post_clip_ss"))),
     # attribution: computed on the device by recording.attribution, stored as they are
     Column("attr_sum", "attribution", "float32", "signed attribution of the block's output"),
     Column("attr_abs", "attribution", "float32", "absolute attribution of the block's output"),

@@ -1,0 +1,34 @@
+"""The optimizer behind a framework's wrapper, whose step hooks mark gradscope's steps.
+
+Trainers hand out wrappers: accelerate's ``AcceleratedOptimizer`` (an ``Optimizer`` subclass
+that never ran ``Optimizer.__init__``, so it has no hook registries) and Lightning's
+``LightningOptimizer``. Each calls its wrapped optimizer's ``step()``, so hooks on the innermost
+one fire once per real update, and not at all when an AMP scaler skips it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+#: Attributes wrappers keep their optimizer under: accelerate's, then Lightning's.
+_WRAPPED = ("optimizer", "_optimizer")
+
+
+def unwrap_optimizer(optimizer: Any) -> tuple[torch.optim.Optimizer | None, list[str]]:
+    """The innermost optimizer with its own step hooks, and the wrapper classes peeled off."""
+    if optimizer is None:
+        return None, []
+    wrappers: list[str] = []
+    current = optimizer
+    for _ in range(8):  # wrappers of wrappers, but never a cycle
+        if isinstance(current, torch.optim.Optimizer) and hasattr(current, "_optimizer_step_pre_hooks"):
+            return current, wrappers
+        inner = next((getattr(current, name) for name in _WRAPPED if getattr(current, name, None) is not None), None)
+        if inner is None or inner is current:
+            break
+        wrappers.append(type(current).__name__)
+        current = inner
+    raise TypeError(f"gradscope.watch: optimizer= must be a torch.optim.Optimizer or a wrapper holding one as "
+                    f".optimizer or ._optimizer (accelerate, Lightning); got {type(optimizer).__name__}")
