@@ -26,6 +26,7 @@ ALLOWED = {
     "gradscope.recording": {"gradscope.store", "gradscope.version"},
     "gradscope.analysis": {"gradscope.store", "gradscope.version"},
     "gradscope.lab": {"gradscope.recording", "gradscope.store", "gradscope.version"},
+    "gradscope.integrations": {"gradscope.recording", "gradscope.store", "gradscope.version"},
     "gradscope.testing": {"gradscope.recording", "gradscope.store", "gradscope.lab", "gradscope.version"},
     "gradscope.reports": {"gradscope", "gradscope.analysis", "gradscope.store", "gradscope.version"},
     "gradscope.cli": {"gradscope", "gradscope.analysis", "gradscope.store", "gradscope.lab", "gradscope.recording",
@@ -160,3 +161,26 @@ def test_diagnose_is_the_function_and_findings_the_module():
         importlib.import_module("gradscope.diagnose")
     findings = importlib.import_module("gradscope.analysis.findings")
     assert findings.diagnose is gradscope.diagnose
+
+
+#: Frameworks only their adapter in ``gradscope.integrations`` may import.
+FRAMEWORKS = ("lightning", "pytorch_lightning", "transformers", "accelerate", "tensorboard")
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if not n.startswith("gradscope.integrations")))
+def test_only_the_adapters_import_a_framework(name):
+    for node in ast.walk(ast.parse(MODULES[name].read_text())):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        for imported in names:
+            assert imported.split(".")[0] not in FRAMEWORKS, f"{name} imports {imported}"
+
+
+def test_importing_gradscope_imports_no_framework():
+    import subprocess
+    import sys
+
+    code = ("import sys, gradscope, gradscope.integrations; "
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"

@@ -92,6 +92,7 @@ class Recorder:
         optimizer, self._optimizer_wrappers = unwrap_optimizer(optimizer)  # accelerate's, Lightning's
         self.optimizer, self.scaler = optimizer, scaler
         self._gradients_read: bool | None = None  # read_gradients(clipped=) in this step
+        self._closure = False  # the optimizer step in progress was given a closure
         self._gradient_stage = "optimizer.step()" if optimizer is not None else "step()"  # for meta.json
         self._extra_meta = checked_meta(meta)
         self.device = checked_device(device, model)
@@ -393,16 +394,26 @@ class Recorder:
             self._sink.end_forward()
 
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        # step(closure) runs the forward and backward inside (LBFGS, Lightning): read after it
+        self._closure = callable(kwargs.get("closure", args[0] if args else None))
+        if not self._closure:
+            self._gradients_at_update()
+
+    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._closure:
+            self._gradients_at_update()
+        self._advance()
+        self._attribute_if_due()
+
+    def _gradients_at_update(self) -> None:
+        """The gradients the update uses: the step's statistics, unless read earlier (then the
+        norm after the clip, if they were read before it)."""
         if not self._clock.recording:
             return
         if self._gradients_read is None:
             self._end_step(self._sink.slot())
-        elif not self._gradients_read:  # read before the clip: now the norm the update uses
+        elif not self._gradients_read:
             self._sink.scalar(self._sink.slot(), GRAD_POST_CLIP_SS, self._parameters.global_grad_ss())
-
-    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self._advance()
-        self._attribute_if_due()
 
     # ---------------------------------------------------------------- internals
 
