@@ -347,6 +347,45 @@ def report_command(run_paths: tuple[Path, ...], output: Path, title: str | None)
     click.echo(f"report written to {path}")
 
 
+@main.group("export")
+def export_group() -> None:
+    """Write recorded runs in another tool's format."""
+
+
+@export_group.command("tensorboard")
+@click.argument("run_paths", metavar="RUN...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--logdir", required=True, type=click.Path(path_type=Path), help="TensorBoard's log directory")
+@click.option("--live", is_flag=True, help="follow runs being written until they end (Ctrl-C stops)")
+@click.option("--interval", default=2.0, show_default=True, type=FiniteFloat(min=0.1), help="seconds between reads")
+@click.option("--overwrite", is_flag=True, help="replace events an earlier export wrote for the same run")
+@friendly_errors
+def export_tensorboard_command(run_paths: tuple[Path, ...], logdir: Path, live: bool, interval: float,
+                               overwrite: bool) -> None:
+    """Write each RUN's per-layer and per-block figures and scalars as TensorBoard scalars.
+
+    Tags are STATISTIC/LAYER, so TensorBoard groups them by statistic; view with
+    tensorboard --logdir LOGDIR.
+    """
+    try:
+        from gradscope.integrations import tensorboard
+    except ImportError as exc:
+        raise InputError(f"TensorBoard export needs the tensorboard package ({exc}): "
+                         "pip install 'gradscope[tensorboard]'") from None
+    writable_dir(logdir)
+    if live:
+        try:
+            written = tensorboard.follow(run_paths, logdir, interval=interval, overwrite=overwrite,
+                                         say=lambda line: click.echo(line, err=True))
+        except KeyboardInterrupt:
+            click.echo("stopped following", err=True)
+            return
+    else:
+        written = tensorboard.export(run_paths, logdir, overwrite=overwrite)
+    for name, count in written.items():
+        click.echo(f"{name}: {count} scalars written to {logdir / name}")
+    click.echo(f"view with: tensorboard --logdir {logdir}")
+
+
 @main.command("demo")
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="pair", show_default=True,
               help="pair: plain20 vs resnet20; degradation: 20 and 56 layers; sigmoid: deep sigmoid MLPs; "

@@ -30,7 +30,7 @@ ALLOWED = {
     "gradscope.testing": {"gradscope.recording", "gradscope.store", "gradscope.lab", "gradscope.version"},
     "gradscope.reports": {"gradscope", "gradscope.analysis", "gradscope.store", "gradscope.version"},
     "gradscope.cli": {"gradscope", "gradscope.analysis", "gradscope.store", "gradscope.lab", "gradscope.recording",
-                      "gradscope.reports", "gradscope.version"},
+                      "gradscope.reports", "gradscope.integrations", "gradscope.version"},
     "gradscope": {"gradscope.analysis", "gradscope.lab", "gradscope.recording", "gradscope.store",
                   "gradscope.version"},
 }
