@@ -11,8 +11,8 @@ from gradscope.analysis.findings import Finding, diagnose
 from gradscope.lab import models
 from gradscope.recording import Attribution, Recorder, watch
 from gradscope.recording.blocks import BlockSpec
-from gradscope.store import Run, RunError, RunNotFoundError, load_run
+from gradscope.store import Run, RunError, RunNotFoundError, Runs, load_run, load_runs
 from gradscope.version import __version__
 
 __all__ = ["Attribution", "BlockSpec", "Finding", "diagnose", "models", "Recorder", "Run", "RunError",
-           "RunNotFoundError", "__version__", "load_run", "watch"]
+           "RunNotFoundError", "Runs", "__version__", "load_run", "load_runs", "watch"]

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 from gradscope.reports import figures
 from gradscope.reports.data import ReportData, RunLike, collect, non_finite_text
 from gradscope.reports.render import Embedded, embed, environment
@@ -69,6 +70,16 @@ def dropped_note(data: ReportData, section: str) -> str:
             + "; ".join(parts) + ".") if parts else ""
 
 
+def gradient_flow_figure(layers: pd.DataFrame) -> Embedded:
+    """The report's first look at a run: how the gradient's size changes with depth."""
+    return embed(figures.gradient_flow(layers, "grad_out_rms"),
+                 "RMS of dL/dy, the gradient flowing back through each layer",
+                 "A line falling toward depth 0 means the gradient vanishes on its way to the input; "
+                 "rising means it explodes.",
+                 "Three log-scale line charts of the RMS output gradient against relative depth "
+                 "at the first, middle and last recorded step.")
+
+
 def sections(data: ReportData) -> list[Section]:
     """Every section of the report, figures rendered."""
     layers, blocks = data.layers, data.blocks
@@ -78,12 +89,7 @@ def sections(data: ReportData) -> list[Section]:
         "Line charts of training loss on a log scale and of training and held-out accuracy against step, "
         "one line per run.")])]
     out.append(Section("gradient-flow", "Gradient flow by depth", [
-        embed(figures.gradient_flow(layers, "grad_out_rms"),
-              "RMS of dL/dy, the gradient flowing back through each layer",
-              "A line falling toward depth 0 means the gradient vanishes on its way to the input; "
-              "rising means it explodes.",
-              "Three log-scale line charts of the RMS output gradient against relative depth "
-              "at the first, middle and last recorded step."),
+        gradient_flow_figure(layers),
         embed(figures.gradient_flow(layers, "grad_norm"), "norm of each layer's parameter gradient",
               "Compare how much gradient each layer's own parameters receive, early and late in the network.",
               "Three log-scale line charts of parameter-gradient norm against relative depth "

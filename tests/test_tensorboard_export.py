@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 from click.testing import CliRunner
+from gradscope.cli.main import main
 
 import gradscope
-from gradscope.cli.main import main
 from gradscope.testing import TinyMLP, batches, train
 
 pytest.importorskip("tensorboard")

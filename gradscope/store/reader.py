@@ -53,6 +53,12 @@ class Run:
     def name(self) -> str:
         return str(self.meta.get("run", self.path.name))
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: findings, the summary table and gradient flow by depth, as in the report."""
+        from gradscope.reports.notebook import runs_html  # presentation: loaded only when displayed
+
+        return runs_html([self])
+
     @property
     def status(self) -> str:
         """meta.json's status, except that ``running`` with no process holding the run's lock
@@ -218,6 +224,20 @@ def _committed_parts(meta: dict[str, Any], path: Path) -> dict[str, int]:
                                               for v in parts.values()):
         raise RunError(f"{path / META_FILE} is damaged: 'parts' should map tables to part counts")
     return parts
+
+
+class Runs(list):
+    """Runs read together (``load_runs``); Jupyter shows them side by side, as a report compares them."""
+
+    def _repr_html_(self) -> str:
+        from gradscope.reports.notebook import runs_html  # presentation: loaded only when displayed
+
+        return runs_html(list(self))
+
+
+def load_runs(*paths: str | os.PathLike[str]) -> Runs:
+    """``load_run`` of each path, in order, as a ``Runs`` list."""
+    return Runs(load_run(path) for path in paths)
 
 
 def load_run(path: str | os.PathLike[str]) -> Run:
