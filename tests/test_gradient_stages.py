@@ -129,3 +129,25 @@ def test_something_that_is_no_optimizer_is_refused(tmp_path):
     assert not (tmp_path / "r").exists()
     sgd = torch.optim.SGD(_model().parameters(), lr=0.1)
     assert unwrap_optimizer(sgd) == (sgd, [])
+
+
+def test_a_step_given_a_closure_is_read_after_its_backward(tmp_path):
+    """step(closure) runs the forward and backward inside (LBFGS; Lightning's automatic
+    optimization): the step's gradients exist only after it, not at its pre-hook."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    seen = []
+
+    def closure(i):
+        opt.zero_grad()
+        loss = model(_batch(i)).pow(2).mean()
+        loss.backward()
+        seen.append(torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item())
+        return loss
+
+    with gradscope.watch(model, tmp_path / "r", optimizer=opt):
+        for i in range(3):
+            opt.step(lambda i=i: closure(i))
+    s = gradscope.load_run(tmp_path / "r").scalars.set_index("step")
+    assert list(s.index) == [0, 1, 2]
+    assert s.grad_global_norm.tolist() == pytest.approx(seen, rel=1e-5)  # not None, not the step before's

@@ -122,6 +122,14 @@ def test_an_exception_detaches_and_marks_the_run_failed(tmp_path):
     assert sorted(run.scalars.step) == [0, 1, 2]
 
 
+def test_a_lightning_optimizer_is_unwrapped(tmp_path):
+    from gradscope.recording.optimizers import unwrap_optimizer
+
+    sgd = torch.optim.SGD(Net().parameters(), lr=0.1)
+    wrapped = pl.core.optimizer.LightningOptimizer(sgd)
+    assert unwrap_optimizer(wrapped) == (sgd, ["LightningSGD"])  # the class Lightning makes for it
+
+
 def test_model_and_optimizer_come_from_the_trainer():
     with pytest.raises(TypeError, match="optimizer= is taken from the Trainer"):
         GradScope(optimizer=None)

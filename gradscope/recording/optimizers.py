@@ -23,12 +23,14 @@ def unwrap_optimizer(optimizer: Any) -> tuple[torch.optim.Optimizer | None, list
     wrappers: list[str] = []
     current = optimizer
     for _ in range(8):  # wrappers of wrappers, but never a cycle
-        if isinstance(current, torch.optim.Optimizer) and hasattr(current, "_optimizer_step_pre_hooks"):
+        inner = next((getattr(current, name) for name in _WRAPPED
+                      if hasattr(getattr(current, name, None), "param_groups")), None)
+        if inner is not None and inner is not current:  # Lightning's also subclasses the optimizer's class
+            wrappers.append(type(current).__name__)
+            current = inner
+        elif isinstance(current, torch.optim.Optimizer) and hasattr(current, "_optimizer_step_pre_hooks"):
             return current, wrappers
-        inner = next((getattr(current, name) for name in _WRAPPED if getattr(current, name, None) is not None), None)
-        if inner is None or inner is current:
+        else:
             break
-        wrappers.append(type(current).__name__)
-        current = inner
     raise TypeError(f"gradscope.watch: optimizer= must be a torch.optim.Optimizer or a wrapper holding one as "
                     f".optimizer or ._optimizer (accelerate, Lightning); got {type(optimizer).__name__}")

@@ -395,7 +395,7 @@ class Recorder:
 
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         # step(closure) runs the forward and backward inside (LBFGS, Lightning): read after it
-        self._closure = callable(kwargs.get("closure", args[0] if args else None))
+        self._closure = callable(kwargs.get("closure", args[1] if len(args) > 1 else None))  # args[0]: the optimizer
         if not self._closure:
             self._gradients_at_update()
 
