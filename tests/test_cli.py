@@ -93,14 +93,6 @@ def test_run_then_inspect_then_damaged_run(cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end(cli, tmp_path):
-    result = cli("demo", "--quick", "--steps", "2", "--out", tmp_path, "--no-progress")
-    assert result.exit_code == 0, result.output
-    for name in ("plain20", "resnet20"):
-        assert gradscope.load_run(tmp_path / name).status == "finished"
-        assert f"model {name}" in result.output
-
-
 @pytest.mark.slow
 def test_installed_console_script(tmp_path):
     script = shutil.which("gradscope", path=str(Path(sys.executable).parent))

@@ -177,13 +177,3 @@ def test_only_the_adapters_import_a_framework(name):
                  else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
         for imported in names:
             assert imported.split(".")[0] not in FRAMEWORKS, f"{name} imports {imported}"
-
-
-def test_importing_gradscope_imports_no_framework():
-    import subprocess
-    import sys
-
-    code = ("import sys, gradscope, gradscope.integrations; "
-            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert out.stdout.strip() == "[]"

@@ -67,9 +67,13 @@ def test_runs_display_side_by_side(two_runs):
     assert len(page.images) == 1  # one figure comparing both
 
 
-def test_reading_a_run_loads_no_plotting_library(two_runs):
-    code = ("import sys, gradscope; gradscope.load_run(sys.argv[1]); "
-            "print('matplotlib' in sys.modules, 'seaborn' in sys.modules)")
+def test_reading_a_run_loads_no_plotting_library_and_no_framework(two_runs):
+    """One fresh interpreter for both checks: ``import gradscope`` (and its integrations package)
+    imports no trainer framework, and reading a run no plotting library."""
+    frameworks = ("lightning", "pytorch_lightning", "transformers", "accelerate", "tensorboard")
+    code = ("import sys, gradscope, gradscope.integrations; gradscope.load_run(sys.argv[1]); "
+            "print('matplotlib' in sys.modules, 'seaborn' in sys.modules, "
+            f"sorted(m for m in sys.modules if m.split('.')[0] in {frameworks!r}) == [])")
     out = subprocess.run([sys.executable, "-c", code, str(two_runs[1])], capture_output=True, text=True,
                          timeout=120, check=True)
-    assert out.stdout.split() == ["False", "False"]
+    assert out.stdout.split() == ["False", "False", "True"]

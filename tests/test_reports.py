@@ -199,6 +199,9 @@ def test_report_and_demo_commands(two_runs, tmp_path):
     demo = runner.invoke(main, ["demo", "--quick", "--steps", "2", "--out", str(tmp_path / "demo"), "--no-progress"])
     assert demo.exit_code == 0 and (tmp_path / "demo" / "report.html").exists()
     assert "report.html" in demo.output
+    for name in ("plain20", "resnet20"):  # the demo end to end (one demo run serves both checks)
+        assert gradscope.load_run(tmp_path / "demo" / name).status == "finished"
+        assert f"model {name}" in demo.output
     # the flagship report has every section: the demo records attribution, so its section has figures
     page = (tmp_path / "demo" / "report.html").read_text()
     attribution = page[page.index('<h2 id="attribution">'):]

@@ -84,3 +84,11 @@ def test_live_follows_a_run_until_it_ends(tmp_path):
     events = _scalars(logdir / "live")
     assert [s for s, _ in events["scalars/loss"]] == list(range(6))  # each step once
     assert result["live"] == sum(len(v) for v in events.values())
+
+
+def test_live_cli_on_a_finished_run_writes_it_once_and_returns(recorded, tmp_path):
+    result = CliRunner().invoke(main, ["export", "tensorboard", str(recorded), "--logdir", str(tmp_path / "tb"),
+                                       "--live", "--interval", "0.1"])
+    assert result.exit_code == 0, result.output
+    events = _scalars(tmp_path / "tb" / gradscope.load_run(recorded).name)
+    assert [s for s, _ in events["scalars/loss"]] == [0, 2, 4]

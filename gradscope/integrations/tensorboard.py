@@ -79,7 +79,7 @@ def follow(run_paths: Sequence[str | Path], logdir: str | Path, *, interval: flo
     past those written before. Returns the number of scalars written per run name.
     """
     start = time.monotonic()
-    pending = {Path(p): None for p in run_paths}  # path -> (writer, last step) once the run exists
+    pending = {Path(p): None for p in run_paths}  # path -> (writer, last step written) once the run exists
     written: dict[str, int] = {}
     try:
         while True:
@@ -93,13 +93,11 @@ def follow(run_paths: Sequence[str | Path], logdir: str | Path, *, interval: flo
                 if state is None:
                     state = pending[path] = (SummaryWriter(log_dir=str(writer_dir(Path(logdir), run, overwrite))), -1)
                     say(f"following {path} into {Path(logdir) / run.name}")
-                writer, last = state
-                count = _write(writer, run, after=last)
-                written[run.name] = written.get(run.name, 0) + count
-                steps = [t.step.max() for t in (run.layers, run.blocks, run.scalars, run.attribution) if len(t)]
-                pending[path] = (writer, max([last, *map(int, steps)]))
-                writer.flush()
-                running |= run.status == "running"
+                if run.status != "running":  # its lock is checked now, the tables were read before:
+                    run = load_run(path)  # read once more, all the writer wrote before it let go
+                else:
+                    running = True
+                pending[path] = _write_new(state, run, written)
             if not running or (timeout is not None and time.monotonic() - start > timeout):
                 return written
             time.sleep(interval)
@@ -107,6 +105,15 @@ def follow(run_paths: Sequence[str | Path], logdir: str | Path, *, interval: flo
         for state in pending.values():
             if state is not None:
                 state[0].close()
+
+
+def _write_new(state: tuple[SummaryWriter, int], run: Run, written: dict[str, int]) -> tuple[SummaryWriter, int]:
+    """Write ``run``'s steps past the last written; the writer and the new last step."""
+    writer, last = state
+    written[run.name] = written.get(run.name, 0) + _write(writer, run, after=last)
+    writer.flush()
+    steps = [int(t.step.max()) for t in (run.layers, run.blocks, run.scalars, run.attribution) if len(t)]
+    return writer, max([last, *steps])
 
 
 def _write(writer: SummaryWriter, run: Run, after: int) -> int:
