@@ -326,6 +326,13 @@ def _non_finite(run: Run) -> Iterable[Finding]:
     else:
         advice = ("Training diverged or overflowed; lower the learning rate or clip gradients (under AMP, a "
                   "GradScaler skips such steps by design).")
+    located = run.meta.get("nonfinite") or []  # found while recording, by pass (recording.nonfinite)
+    if located:
+        what = {"grad_out_norm": "the output gradient", "grad_norm": "the parameters' gradient"}
+        passes = [f"in the {e['phase']} pass, {what.get(e['statistic'], 'the output')} of {e['layer']} ({e['type']})"
+                  for e in located]
+        advice = (f"Where it started, at step {located[0]['step']}: the first watched layer to go non-finite was, "
+                  f"{'; and '.join(passes)}; every later layer of a pass inherits it. {advice}")
     yield Finding(
         "non_finite", "critical", f"Non-finite values (NaN or inf) from step {first}",
         f"{'; '.join(parts)}. {advice}", _label(run),

@@ -32,6 +32,7 @@ def watch(
     meta: dict[str, Any] | None = None,
     attribution: Attribution | None = None,
     per_rank: bool = False,
+    on_nonfinite: str = "warn",
 ) -> Recorder:
     """Start recording ``model``'s gradient flow into the run directory ``run``.
 
@@ -57,6 +58,9 @@ def watch(
             blocks on a probe batch at checkpoints (see ``gradscope.recording.attribution``).
         per_rank: in a multi-process job, also write each rank's own statistics (the
             ``*_by_rank`` tables, with a ``rank`` column) beside the merged ones.
+        on_nonfinite: at the flush that first holds a NaN or inf in a watched layer's output or
+            output gradient: ``"warn"`` naming the step, pass, layer and statistic (also kept in
+            meta.json's ``nonfinite``), ``"raise"`` (``FloatingPointError``) or ``"ignore"``.
 
     Under ``torchrun`` call it on every rank alike (DDP, FSDP2/HSDP, FSDP1 models): rank 0 writes
     the run, merged over the ranks at each flush, so call ``flush()``/``close()`` on every rank.
@@ -66,4 +70,5 @@ def watch(
     """
     return Recorder(model, run, every=every, optimizer=optimizer, scaler=scaler, modules=modules,
                     blocks=blocks, flush_every=flush_every, overwrite=overwrite, device=device, meta=meta,
-                    attribution=attribution, per_rank=per_rank)
+                    attribution=attribution, per_rank=per_rank,
+                    on_nonfinite=on_nonfinite)

@@ -34,6 +34,7 @@ from gradscope.recording.compilation import compiled, hooks_never_ran
 from gradscope.recording.exchange import Exchange
 from gradscope.recording.hooks import ProbeHooks
 from gradscope.recording.layers import ExecutionOrder, Layer, ModuleFilter, Ownership, ParameterRow, select_layers
+from gradscope.recording.nonfinite import NonFiniteCheck, checked_action
 from gradscope.recording.optimizers import unwrap_optimizer
 from gradscope.recording.parameters import ParameterNorms
 from gradscope.recording.processes import Holding, detect, fsdp1_segments, unwrap
@@ -75,12 +76,14 @@ class Recorder:
         meta: dict[str, Any] | None = None,
         attribution: Attribution | None = None,
         per_rank: bool = False,
+        on_nonfinite: str = "warn",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"gradscope.watch expects an nn.Module, got {type(model).__name__}")
         for name, value in (("every", every), ("flush_every", flush_every)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"gradscope.watch: {name} must be a positive integer, got {value!r}")
+        checked_action(on_nonfinite)
         if attribution is not None and not isinstance(attribution, Attribution):
             raise TypeError("gradscope.watch: attribution must be a gradscope.Attribution, "
                             f"got {type(attribution).__name__}")
@@ -112,6 +115,7 @@ class Recorder:
             chosen_blocks = select_blocks(model, blocks)
             self.blocks: list[Block] = [block for block, _, _ in chosen_blocks]
             self._layer_order, self._block_order = ExecutionOrder(len(self.layers)), ExecutionOrder(len(self.blocks))
+            self._nonfinite = NonFiniteCheck(on_nonfinite, self.layers, self._layer_order, backward=scaler is None)
             self._calls = np.zeros(len(self.layers), np.int64)  # most calls in one recorded step
             self._block_calls = np.zeros(len(self.blocks), np.int64)
             self._probed = np.array([not isinstance(m, ParameterRow) for _, m in chosen], bool)  # module hooks
@@ -549,6 +553,7 @@ class Recorder:
             if commit:
                 raise
         steps, layer_host, step_host, block_host, counts, ready = self._buffer.take(upto)
+        found = self._nonfinite.check(steps, layer_host, counts, ready)  # this rank's own, before a merge
         by_rank = shared = None
         if self._exchange is not None and commit:
             if ready is not None:
@@ -569,6 +574,8 @@ class Recorder:
             block_names=[block.name for block in self.blocks], bounded=self._bounded,
             zero_counted=self._zero_counted, ready=ready, by_rank=by_rank, by_rank_steps=shared))
         self._writer.submit_meta(self._meta("running"))
+        if found:
+            self._nonfinite.report(self.path, may_raise=commit and not self._closed)
 
     def _meta(self, status: str, errors: list[str] | None = None) -> dict[str, Any]:
         return run_meta(self, status, errors)
