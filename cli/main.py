@@ -323,6 +323,38 @@ def inspect_command(run_path: Path, show_all: bool) -> None:
     click.echo("\n" + findings_text(gradscope.diagnose(run)), nl=False)
 
 
+@main.command("check")
+@click.argument("run_paths", metavar="RUN...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--fail-on", type=click.Choice(["critical", "warning"]), default="warning", show_default=True,
+              help="exit 1 when a finding this severe or more exists")
+@click.option("--json", "as_json", is_flag=True, help="print the findings as JSON")
+@friendly_errors
+def check_command(run_paths: tuple[Path, ...], fail_on: str, as_json: bool) -> None:
+    """Diagnose the RUN directories and exit 1 if any finding is at --fail-on or above (a CI gate).
+
+    Exit codes: 0 healthy, 1 findings at the level, 2 bad input (a missing or damaged run).
+    """
+    import dataclasses
+    import json
+
+    from gradscope.cli.summary import findings_text
+
+    import gradscope
+    from gradscope.analysis.findings import at_or_above
+
+    findings = gradscope.diagnose([gradscope.load_run(path) for path in run_paths])
+    failing = at_or_above(findings, fail_on)
+    if as_json:
+        click.echo(json.dumps({"fail_on": fail_on, "failed": bool(failing),
+                               "findings": [dataclasses.asdict(f) for f in findings]}, indent=2, default=str))
+    else:
+        click.echo(findings_text(findings), nl=False)
+        click.echo(f"{len(failing)} finding(s) at {fail_on} or above" if failing
+                   else f"healthy: no finding at {fail_on} or above")
+    if failing:
+        raise click.exceptions.Exit(1)
+
+
 @main.command("report")
 @click.argument("run_paths", metavar="RUN...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", default="report.html", show_default=True, type=click.Path(path_type=Path))

@@ -63,6 +63,13 @@ FINAL_FRACTION = 0.1
 SEVERITIES = ("critical", "warning", "info")
 
 
+def at_or_above(findings: list[Finding], level: str) -> list[Finding]:
+    """The findings as severe as ``level`` or more (``gradscope check --fail-on``, ``assert_healthy``)."""
+    if level not in SEVERITIES:
+        raise ValueError(f"severity must be one of {', '.join(SEVERITIES)}, got {level!r}")
+    return [f for f in findings if SEVERITIES.index(f.severity) <= SEVERITIES.index(level)]
+
+
 @dataclass
 class Finding:
     """One diagnosis: what, why it matters, and the numbers that support it."""

@@ -6,6 +6,7 @@ assert, in their own suites, that gradscope leaves nothing behind on their model
 gradscope's own tests train every model with one loop.
 """
 
+from gradscope.testing.health import assert_healthy
 from gradscope.testing.hooks import assert_no_hooks, hook_counts
 from gradscope.testing.models import TinyCNN, TinyMLP, TwiceCalled
 from gradscope.testing.training import (
@@ -20,5 +21,6 @@ from gradscope.testing.training import (
     train_step,
 )
 
-__all__ = ["TinyCNN", "TinyMLP", "TwiceCalled", "assert_no_hooks", "assert_same_parameters", "batches", "forward",
-           "hook_counts", "loss_of", "reference_batches", "small_overrides", "train", "train_reference", "train_step"]
+__all__ = ["TinyCNN", "TinyMLP", "TwiceCalled", "assert_healthy", "assert_no_hooks", "assert_same_parameters",
+           "batches", "forward", "hook_counts", "loss_of", "reference_batches", "small_overrides", "train",
+           "train_reference", "train_step"]
