@@ -355,6 +355,56 @@ def check_command(run_paths: tuple[Path, ...], fail_on: str, as_json: bool) -> N
         raise click.exceptions.Exit(1)
 
 
+@main.command("coord-check")
+@click.argument("model_name", metavar="MODEL")
+@click.option("--widths", default="64,128,256,512", show_default=True, help="comma-separated widths")
+@click.option("--steps", default=5, show_default=True, type=click.IntRange(min=2), help="steps recorded per width")
+@click.option("--lr", default=1e-3, show_default=True, type=FiniteFloat(min=0, min_open=True), help="Adam's lr")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="model setting, e.g. --set depth=4")
+@click.option("--max-slope", default=None, type=FiniteFloat(min=0), help="flag layers whose RMS grows faster "
+              "than width**SLOPE (default 0.25)")
+@click.option("--out", default=None, type=click.Path(path_type=Path), help="[default: runs/coord-MODEL]")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--overwrite", is_flag=True, help="replace existing runs of the same name")
+@friendly_errors
+def coord_check_command(model_name: str, widths: str, steps: int, lr: float, batch_size: int,
+                        settings: tuple[str, ...], max_slope: float | None, out: Path | None, seed: int,
+                        overwrite: bool) -> None:
+    """muP's coordinate check of a reference MODEL: its first steps at each width, and a report of
+    each layer's activation RMS against width (layers that grow with width are flagged)."""
+    import torch
+    from gradscope.cli.summary import findings_text
+
+    from gradscope import reports
+    from gradscope.analysis.coord import DEFAULT_MAX_SLOPE
+    from gradscope.coordinate_check import coord_check, width_overrides
+    from gradscope.lab import models
+
+    try:
+        sizes = [int(w) for w in widths.split(",") if w.strip()]
+    except ValueError:
+        raise InputError(f"--widths must be comma-separated integers, got {widths!r}") from None
+    if len(set(sizes)) < 2 or min(sizes) < 1:
+        raise InputError(f"--widths: give at least two different positive widths, got {widths!r}")
+    extra = parse_settings(settings)
+    models.create(model_name, **{**extra, **width_overrides(model_name, sizes[0] if sizes else 1)})  # checks all
+    out = out or Path("runs") / f"coord-{model_name}"
+    writable_dir(out)
+    check = coord_check(
+        lambda w: models.create(model_name, **{**extra, **width_overrides(model_name, w)}), sizes,
+        lambda step: models.example_input(model_name, batch=batch_size, seed=seed + 1 + step, **extra),
+        steps, out=out, name=model_name, optimizer=lambda params: torch.optim.Adam(params, lr=lr), seed=seed,
+        overwrite=overwrite, max_slope=DEFAULT_MAX_SLOPE if max_slope is None else max_slope)
+    last = check.slopes[check.slopes.step == check.slopes.step.max()]
+    click.echo(f"{model_name}: widths {', '.join(map(str, sizes))}, {steps} steps each -> {out}")
+    for row in last.sort_values("rel_depth").itertuples():
+        click.echo(f"  {row.layer:<40} act_rms ~ width^{row.slope:+.2f} at step {row.step}")
+    click.echo("\n" + findings_text(check.findings), nl=False)
+    report = reports.build(check.runs, out / "report.html", title=f"gradscope coordinate check: {model_name}")
+    click.echo(f"report written to {report}")
+
+
 @main.command("report")
 @click.argument("run_paths", metavar="RUN...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", default="report.html", show_default=True, type=click.Path(path_type=Path))

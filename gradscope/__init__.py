@@ -8,11 +8,12 @@ and ``lab`` (reference models, tasks and the trainer).
 """
 
 from gradscope.analysis.findings import Finding, diagnose
+from gradscope.coordinate_check import CoordCheck, coord_check
 from gradscope.lab import models
 from gradscope.recording import Attribution, Recorder, watch
 from gradscope.recording.blocks import BlockSpec
 from gradscope.store import Run, RunError, RunNotFoundError, Runs, load_run, load_runs
 from gradscope.version import __version__
 
-__all__ = ["Attribution", "BlockSpec", "Finding", "diagnose", "models", "Recorder", "Run", "RunError",
-           "RunNotFoundError", "Runs", "__version__", "load_run", "load_runs", "watch"]
+__all__ = ["Attribution", "BlockSpec", "CoordCheck", "Finding", "Recorder", "Run", "RunError", "RunNotFoundError",
+           "Runs", "__version__", "coord_check", "diagnose", "load_run", "load_runs", "models", "watch"]

@@ -21,6 +21,7 @@ from gradscope.reports.data import ReportData, RunLike, collect, non_finite_text
 from gradscope.reports.render import Embedded, embed, environment
 
 from gradscope import __version__, diagnose
+from gradscope.analysis.coord import coord_table
 
 
 @dataclass
@@ -102,6 +103,15 @@ def sections(data: ReportData) -> list[Section]:
               "log colour scale.")
         for label in data.labels if (layers.run == label).any()
     ], intro="" if len(layers) else "No training step recorded yet."))
+    coord = coord_table(data.runs)
+    if len(coord):
+        out.append(Section("coord-check", "Coordinate check: activation size against width", [
+            embed(figures.coord_check(rows), group,
+                  "As in muP's coordinate check (Yang et al. 2021, Fig. 5): under a width-stable parameterisation "
+                  "every line stays flat after the first steps; lines rising to the right grow with width.",
+                  f"Log-log line charts of each layer's activation RMS against width for {group}, one panel per "
+                  "step from initialisation, coloured by depth.")
+            for group, rows in coord.groupby("group", sort=True)]))
     out.append(Section("activations", "Activation statistics by depth", [embed(
         figures.activation_std_by_depth(layers), "",
         "As in He et al. 2015 Fig. 7: after training, residual networks' responses are smaller than plain ones'.",

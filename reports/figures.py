@@ -255,3 +255,24 @@ def attribution_by_depth(attribution: pd.DataFrame, column: str, title: str, log
         ax.set(xlabel="relative block depth", ylabel=column)
     _legend_outside(fig, axes)
     return fig
+
+
+def coord_check(table: pd.DataFrame, steps: int = 4) -> Figure:
+    """muP's coordinate check (Yang et al. 2021, Fig. 5): each layer's activation RMS against
+    width, one panel per step (up to ``steps``, from initialisation), colour by depth."""
+    shown = sorted(table.step.unique())[:steps]
+    fig, axes = _figure(max(len(shown), 1))
+    finite = table[np.isfinite(table.act_rms.astype(float)) & (table.act_rms > 0)]
+    for ax, step in zip(axes, shown):
+        rows = finite[finite.step == step]
+        if len(rows):
+            sns.lineplot(data=rows, x="width", y="act_rms", hue="rel_depth", units="layer", estimator=None,
+                         palette="viridis", hue_norm=(0, 1), marker="o", legend=False, ax=ax)
+            ax.set(xscale="log", yscale="log")
+        else:
+            _empty(ax)
+        ax.set(title=f"step {step}", xlabel="width", ylabel="activation RMS")
+    if not shown:
+        _empty(axes[0])
+    fig.suptitle("one line per layer; colour: depth (dark = input side, yellow = output)", fontsize="small")
+    return fig

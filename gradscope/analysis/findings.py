@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gradscope.analysis.coord import growing_layers
 from gradscope.store import Run, load_run
 from gradscope.store.meta import PARAMETER_TYPE
 
@@ -539,6 +540,26 @@ def _degradation(runs: Sequence[Run], findings: list[Finding]) -> Iterable[Findi
             f"{_label(shallow)} vs {_label(deep)}", evidence)
 
 
+def _width_growth(runs: Sequence[Run]) -> Iterable[Finding]:
+    """Coordinate checks (``gradscope.coord_check``) whose layers' activations grow with width."""
+    for check in growing_layers(runs):
+        flagged = check["layers"]
+        if not flagged:
+            continue
+        named = ", ".join(f"{f['layer']} (width^{_fmt(f['slope'])} at step {f['step']})"
+                          for f in flagged[:_SPELLED_OUT])
+        more = f" and {len(flagged) - _SPELLED_OUT} more" if len(flagged) > _SPELLED_OUT else ""
+        yield Finding(
+            "width_growth", "warning", "Activations grow with width (coordinate check)",
+            f"across widths {', '.join(map(str, check['widths']))}, the output RMS of {named}{more} grows faster than "
+            f"width^{_fmt(check['max_slope'])} once training starts: an update moves these layers' outputs by about "
+            "lr x fan-in, so wider models take larger steps there and hyperparameters tuned at one width will not "
+            "transfer. Under a width-stable parameterisation (muP: a 1/width readout, per-layer learning rates) "
+            "each stays flat.", check["group"],
+            {"widths": len(check["widths"]), "layers_growing": len(flagged), "steepest_slope": flagged[0]["slope"]},
+            layers=[f["layer"] for f in flagged], steps=sorted({f["step"] for f in flagged}))
+
+
 def _as_runs(runs: Run | str | os.PathLike[str] | Sequence[Run | str | os.PathLike[str]]) -> list[Run]:
     if isinstance(runs, (Run, str, os.PathLike)):
         runs = [runs]
@@ -553,4 +574,5 @@ def diagnose(runs: Run | str | os.PathLike[str] | Sequence[Run | str | os.PathLi
     loaded = _as_runs(runs)
     findings = [f for run in loaded for rule in RULES for f in rule(run)]
     findings += list(_degradation(loaded, findings))
+    findings += list(_width_growth(loaded))
     return sorted(findings, key=lambda f: (SEVERITIES.index(f.severity), f.run))
