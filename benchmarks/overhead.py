@@ -477,6 +477,26 @@ def time_load_run(tmp: Path, steps: int = 10_000) -> tuple[float, int]:
     return time.perf_counter() - start, len(run.layers)
 
 
+def time_nonfinite_check(steps: int = 50, layers: int = 200) -> float:
+    """Milliseconds the first-non-finite check costs at one flush of ``steps`` recorded steps of
+    ``layers`` layers: numpy on the host over the flushed statistics, no device work at all
+    (``recording.nonfinite``; the gradscope variants above include it at their flushes)."""
+    import numpy as np
+
+    from gradscope.recording.layers import Layer
+    from gradscope.recording.nonfinite import first_nonfinite
+    from gradscope.store.schema import LAYER, HostCounts
+
+    counts = HostCounts(steps, layers)
+    counts.act_n[:], counts.grad_n[:], counts.grad_rows[:] = 10, 10, True
+    host = np.random.default_rng(0).random((steps, 2, layers, LAYER.width), dtype=np.float32)
+    table = [Layer(f"l{i}", "Linear", 1, i) for i in range(layers)]
+    start = time.perf_counter()
+    for _ in range(20):
+        first_nonfinite(list(range(steps)), host, counts, list(range(layers)), table)
+    return (time.perf_counter() - start) / 20 * 1e3
+
+
 # ------------------------------------------------------------------------------------ several processes
 
 DDP_VARIANTS = "gradscope every="  # default under --nproc: none against gradscope every=1 and every=10
@@ -791,6 +811,8 @@ def main() -> None:
         if not args.skip_load:
             seconds, rows = time_load_run(Path(tmp))
             print(f"load_run, resnet110, 10,000 recorded steps ({rows:,} layer rows): {seconds:.2f} s (target 3 s)")
+        print(f"first-non-finite check, host, per flush of 50 recorded steps x 200 layers: "
+              f"{time_nonfinite_check():.2f} ms (no device work)")
 
 
 if __name__ == "__main__":
