@@ -388,7 +388,9 @@ def coord_check_command(model_name: str, widths: str, steps: int, lr: float, bat
     if len(set(sizes)) < 2 or min(sizes) < 1:
         raise InputError(f"--widths: give at least two different positive widths, got {widths!r}")
     extra = parse_settings(settings)
-    models.create(model_name, **{**extra, **width_overrides(model_name, sizes[0] if sizes else 1)})  # checks all
+    for size in sizes:  # every width's settings, before anything is recorded
+        width_overrides(model_name, size)
+    models.create(model_name, **{**extra, **width_overrides(model_name, sizes[0])})  # the model and its settings
     out = out or Path("runs") / f"coord-{model_name}"
     writable_dir(out)
     check = coord_check(

@@ -151,3 +151,23 @@ def test_a_step_given_a_closure_is_read_after_its_backward(tmp_path):
     s = gradscope.load_run(tmp_path / "r").scalars.set_index("step")
     assert list(s.index) == [0, 1, 2]
     assert s.grad_global_norm.tolist() == pytest.approx(seen, rel=1e-5)  # not None, not the step before's
+
+
+def test_a_closure_run_several_times_is_one_step(tmp_path):
+    """LBFGS (or SAM) runs its closure, forward and backward, several times inside one step."""
+    model = _model()
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=4)
+
+    def closure(i, rec):
+        opt.zero_grad()
+        loss = model(_batch(i)).pow(2).mean()
+        loss.backward()
+        rec.read_gradients(clipped=False)
+        return loss
+
+    with gradscope.watch(model, tmp_path / "r", optimizer=opt) as rec:
+        for i in range(2):
+            opt.step(lambda i=i: closure(i, rec))
+    run = gradscope.load_run(tmp_path / "r")
+    assert sorted(run.scalars.step) == [0, 1] and run.meta["schedule"]["last_step"] == 2
+    assert {layer["calls"] for layer in run.meta["layers"]} == {4}  # every forward of the step, in it

@@ -110,3 +110,26 @@ def test_a_bad_action_is_refused_before_any_file(tmp_path):
     with pytest.raises(ValueError, match="on_nonfinite must be one of warn, raise, ignore"):
         gradscope.watch(Chain(), tmp_path / "r", on_nonfinite="panic")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_parameter_no_module_owns_is_not_taken_for_the_source(tmp_path):
+    """Such a parameter has a row (norms only) but no place in a pass; NaN reaches its gradient last."""
+
+    class WithOwnParameter(Chain):
+        def __init__(self):
+            super().__init__()
+            self.offset = nn.Parameter(torch.zeros(8))
+
+        def forward(self, x):
+            return super().forward(x + self.offset)
+
+    model = WithOwnParameter()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.warns(RuntimeWarning, match=r"backward pass: layers\.3"):
+        with gradscope.watch(model, tmp_path / "r", optimizer=opt):
+            for step in range(2):
+                model.layers[3].poison = "backward" if step == 1 else None
+                model(torch.randn(4, 8)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+    assert gradscope.load_run(tmp_path / "r").meta["nonfinite"][0]["layer"] == "layers.3"

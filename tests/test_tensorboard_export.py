@@ -92,3 +92,11 @@ def test_live_cli_on_a_finished_run_writes_it_once_and_returns(recorded, tmp_pat
     assert result.exit_code == 0, result.output
     events = _scalars(tmp_path / "tb" / gradscope.load_run(recorded).name)
     assert [s for s, _ in events["scalars/loss"]] == [0, 2, 4]
+
+
+def test_steps_after_are_counted_per_table(recorded):
+    """Attribution checkpoints may be flushed ahead of the other tables: each table keeps its own place."""
+    run = gradscope.load_run(recorded)
+    events = list(tensorboard.scalar_events(run, after={"layers": 10, "blocks": 10, "attribution": 10}))
+    assert events and {tag.split("/")[0] for tag, _, _ in events} == {"scalars"}
+    assert sorted({step for _, _, step in events}) == [0, 2, 4]

@@ -45,7 +45,9 @@ class GradScopeCallback(TrainerCallback):
                  else "at on_pre_optimizer_step (max_grad_norm=0: no clip)",
                  "loss": "the Trainer's logged loss (its mean since its previous log)"}
         meta = {**self.watch_kwargs.get("meta", {}), "integration": facts}
-        self.recorder = watch(model, self.run, optimizer=optimizer, **{**self.watch_kwargs, "meta": meta})
+        scaler = getattr(optimizer, "scaler", None)  # accelerate's fp16 GradScaler: gradients carry its scale
+        self.recorder = watch(model, self.run, optimizer=optimizer, scaler=scaler,
+                              **{**self.watch_kwargs, "meta": meta})
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.recorder is not None:

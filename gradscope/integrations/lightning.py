@@ -49,7 +49,8 @@ class GradScope(pl.Callback):
                  "gradient_clip_val": trainer.gradient_clip_val,
                  "gradients": "unscaled, before clipping: as Lightning passes them to on_before_optimizer_step"}
         meta = {**self.watch_kwargs.get("meta", {}), "integration": facts}
-        self.recorder = watch(pl_module, self.run, optimizer=trainer.optimizers[0],
+        scaler = getattr(trainer.precision_plugin, "scaler", None)  # 16-mixed: gradients carry its scale
+        self.recorder = watch(pl_module, self.run, optimizer=trainer.optimizers[0], scaler=scaler,
                               **{**self.watch_kwargs, "meta": meta})
         self._loss, self._steps_seen = None, trainer.global_step
 

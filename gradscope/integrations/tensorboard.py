@@ -24,12 +24,13 @@ from gradscope.store.schema import KEYS, columns
 EVENT_GLOB = "events.out.tfevents.*"
 
 
-def scalar_events(run: Run, after: int = -1) -> Iterator[tuple[str, float, int]]:
-    """``(tag, value, step)`` for every finite figure of ``run`` at steps after ``after``."""
+def scalar_events(run: Run, after: int | dict[str, int] = -1) -> Iterator[tuple[str, float, int]]:
+    """``(tag, value, step)`` for every finite figure of ``run`` at steps after ``after`` (one step
+    for every table, or one per table name: attribution may be flushed ahead of the others)."""
     tables = (("layers", run.layers, "layer"), ("blocks", run.blocks, "block"),
               ("attribution", run.attribution, "block"), ("scalars", run.scalars, None))
     for table, frame, key in tables:
-        frame = frame[frame.step > after]
+        frame = frame[frame.step > (after.get(table, -1) if isinstance(after, dict) else after)]
         if frame.empty:
             continue
         stats = [c.name for c in columns(table) if c.name in frame.columns and c.name not in KEYS[table]]
@@ -79,7 +80,7 @@ def follow(run_paths: Sequence[str | Path], logdir: str | Path, *, interval: flo
     past those written before. Returns the number of scalars written per run name.
     """
     start = time.monotonic()
-    pending = {Path(p): None for p in run_paths}  # path -> (writer, last step written) once the run exists
+    pending = {Path(p): None for p in run_paths}  # path -> (writer, last step written per table) once it exists
     written: dict[str, int] = {}
     try:
         while True:
@@ -91,7 +92,7 @@ def follow(run_paths: Sequence[str | Path], logdir: str | Path, *, interval: flo
                     running = True  # not started yet
                     continue
                 if state is None:
-                    state = pending[path] = (SummaryWriter(log_dir=str(writer_dir(Path(logdir), run, overwrite))), -1)
+                    state = pending[path] = (SummaryWriter(log_dir=str(writer_dir(Path(logdir), run, overwrite))), {})
                     say(f"following {path} into {Path(logdir) / run.name}")
                 if run.status != "running":  # its lock is checked now, the tables were read before:
                     run = load_run(path)  # read once more, all the writer wrote before it let go
@@ -107,16 +108,17 @@ def follow(run_paths: Sequence[str | Path], logdir: str | Path, *, interval: flo
                 state[0].close()
 
 
-def _write_new(state: tuple[SummaryWriter, int], run: Run, written: dict[str, int]) -> tuple[SummaryWriter, int]:
-    """Write ``run``'s steps past the last written; the writer and the new last step."""
+def _write_new(state: tuple[SummaryWriter, dict[str, int]], run: Run,
+               written: dict[str, int]) -> tuple[SummaryWriter, dict[str, int]]:
+    """Write ``run``'s steps past those written, table by table; the writer and the new last steps."""
     writer, last = state
     written[run.name] = written.get(run.name, 0) + _write(writer, run, after=last)
     writer.flush()
-    steps = [int(t.step.max()) for t in (run.layers, run.blocks, run.scalars, run.attribution) if len(t)]
-    return writer, max([last, *steps])
+    tables = {"layers": run.layers, "blocks": run.blocks, "scalars": run.scalars, "attribution": run.attribution}
+    return writer, {**last, **{name: int(t.step.max()) for name, t in tables.items() if len(t)}}
 
 
-def _write(writer: SummaryWriter, run: Run, after: int) -> int:
+def _write(writer: SummaryWriter, run: Run, after: int | dict[str, int]) -> int:
     count = 0
     for tag, value, step in scalar_events(run, after):
         writer.add_scalar(tag, value, global_step=step)

@@ -77,7 +77,8 @@ def first_nonfinite(steps: list[int], layer_host: np.ndarray, counts: HostCounts
                 found.append(_event(step, name, layers[row], stat, position[row]))
         if backward:
             arrived = (counts.grad_n[slot] > 0) & ~np.isfinite(layer_host[slot, TRAIN, :, GRAD_OUT_SS])
-            made = counts.grad_rows[slot] & ~np.isfinite(layer_host[slot, TRAIN, :, GRAD_SS])
+            ran = position < len(order)  # rows of parameters no module owns have no probe, no place in a pass
+            made = ran & counts.grad_rows[slot] & ~np.isfinite(layer_host[slot, TRAIN, :, GRAD_SS])
             bad = arrived | made
             if bad.any():
                 row = int(np.flatnonzero(bad)[np.argmax(position[bad])])
@@ -106,7 +107,8 @@ class NonFiniteCheck:
             return []
         if ready is not None:
             ready.synchronize()
-        self.found = first_nonfinite(steps, layer_host.numpy(), counts, self.order.rows, self.layers, self.backward)
+        host = layer_host.numpy() if hasattr(layer_host, "numpy") else np.asarray(layer_host)
+        self.found = first_nonfinite(steps, host, counts, self.order.rows, self.layers, self.backward)
         return self.found
 
     def report(self, path: Any, may_raise: bool) -> None:

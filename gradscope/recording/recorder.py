@@ -383,11 +383,12 @@ class Recorder:
             return
         self._forwards_open += 1
         clock = self._clock
-        if clock.scaler_skipped() and self._staging.used:  # ended a step the GradScaler skipped
-            self._staging.zero()
-        if self._gradients_read is not None and torch.is_grad_enabled():
+        if clock.scaler_skipped():  # ended a step the GradScaler skipped
+            self._gradients_read = None
+            if self._staging.used:
+                self._staging.zero()
+        if self._gradients_read is not None and not self._closure and torch.is_grad_enabled():
             self._advance()  # gradients were read, and the optimizer skipped its step (an AMP scaler found inf)
-            self._attribute_if_due()
         if torch.is_grad_enabled():
             clock.grad_forward_seen = True
         self._probes.sync(clock.recording)  # a step the GradScaler skipped may have begun a recorded one
@@ -404,8 +405,9 @@ class Recorder:
             self._gradients_at_update()
 
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self._closure:
+        if self._closure:  # (a closure may run several forwards: LBFGS, SAM; all are this step's)
             self._gradients_at_update()
+            self._closure = False
         self._advance()
         self._attribute_if_due()
 
@@ -553,7 +555,7 @@ class Recorder:
             if commit:
                 raise
         steps, layer_host, step_host, block_host, counts, ready = self._buffer.take(upto)
-        found = self._nonfinite.check(steps, layer_host, counts, ready)  # this rank's own, before a merge
+        found = self._nonfinite.check(steps, layer_host, counts, ready) if self._exchange is None else []
         by_rank = shared = None
         if self._exchange is not None and commit:
             if ready is not None:
@@ -565,6 +567,7 @@ class Recorder:
                 return  # not rank 0: nothing to write
             steps, layer_host, step_host, block_host, counts, shared, by_rank = merged
             ready = None
+            found = self._nonfinite.check(steps, layer_host, counts, None)  # rank 0, over every rank's data
         self._calls = np.maximum(self._calls, counts.act_calls.max(axis=(0, 1), initial=0))
         if self.blocks:
             self._block_calls = np.maximum(self._block_calls, counts.block_calls.max(axis=0, initial=0))
@@ -575,7 +578,8 @@ class Recorder:
             zero_counted=self._zero_counted, ready=ready, by_rank=by_rank, by_rank_steps=shared))
         self._writer.submit_meta(self._meta("running"))
         if found:
-            self._nonfinite.report(self.path, may_raise=commit and not self._closed)
+            # several processes only warn: a raise on rank 0 alone would leave the others in a collective
+            self._nonfinite.report(self.path, may_raise=commit and not self._closed and self._exchange is None)
 
     def _meta(self, status: str, errors: list[str] | None = None) -> dict[str, Any]:
         return run_meta(self, status, errors)

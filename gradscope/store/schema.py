@@ -497,7 +497,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("eval_loss", "scalars", "float64", "held-out loss", _scalar("eval_loss")),
     Column("eval_accuracy", "scalars", "float64", "held-out accuracy", _scalar("eval_accuracy")),
     Column("grad_norm_pre_clip", "scalars", "float64", "global gradient norm before a framework clipped it",
-           lambda f: _sqrt(f.acc("grad_pre_clip_ss"))),
+           lambda f: _sqrt(f.acc("grad_pre_clip_ss")) / f.grad_scale),  # read when grad_global_ss was
     Column("grad_norm_post_clip", "scalars", "float64", "global gradient norm after clipping (what the update used)",
            lambda f: _sqrt(f.acc("grad_post_clip_ss"))),
     # attribution: computed on the device by recording.attribution, stored as they are
