@@ -60,7 +60,9 @@ def watch(
             ``*_by_rank`` tables, with a ``rank`` column) beside the merged ones.
         on_nonfinite: at the flush that first holds a NaN or inf in a watched layer's output or
             output gradient: ``"warn"`` naming the step, pass, layer and statistic (also kept in
-            meta.json's ``nonfinite``), ``"raise"`` (``FloatingPointError``) or ``"ignore"``.
+            meta.json's ``nonfinite``), ``"raise"`` (``FloatingPointError``; with several processes,
+            rank 0 checks the merged data and warns: one rank raising would strand the others) or
+            ``"ignore"``.
 
     Under ``torchrun`` call it on every rank alike (DDP, FSDP2/HSDP, FSDP1 models): rank 0 writes
     the run, merged over the ranks at each flush, so call ``flush()``/``close()`` on every rank.
