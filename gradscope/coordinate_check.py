@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from gradscope.analysis.coord import DEFAULT_MAX_SLOPE, coord_table, growing_layers, width_slopes
 from gradscope.analysis.findings import Finding, diagnose
 from gradscope.lab.models.registry import entry
-from gradscope.recording import watch
+from gradscope.lab.train import record_steps
 from gradscope.store import Run, load_run
 
 
@@ -63,16 +63,8 @@ def coord_check(factory: Callable[[int], nn.Module], widths: Sequence[int],
     for width, path in zip(widths, paths):
         torch.manual_seed(seed)
         model = factory(width)
-        opt = make_optimizer(model.parameters())
-        with watch(model, path, optimizer=opt, overwrite=overwrite,
-                   meta={"coord_check": {"group": name, "width": width, "steps": steps}}) as rec:
-            for step in range(steps):
-                inputs, targets = batch_fn(step)
-                opt.zero_grad()
-                loss = loss_fn(model(inputs), targets)
-                loss.backward()
-                rec.step(loss=loss)
-                opt.step()
+        record_steps(model, path, make_optimizer(model.parameters()), batch_fn, loss_fn, steps, overwrite=overwrite,
+                     meta={"coord_check": {"group": name, "width": width, "steps": steps}})
     runs = [load_run(path) for path in paths]
     table = coord_table(runs)
     return CoordCheck(runs, table, width_slopes(table), growing_layers(runs, max_slope), diagnose(runs))

@@ -15,6 +15,7 @@ from typing import Any
 import transformers
 from transformers import TrainerCallback
 
+from gradscope.integrations.watch_arguments import checked, with_facts
 from gradscope.recording import Recorder, watch
 
 
@@ -27,10 +28,7 @@ class GradScopeCallback(TrainerCallback):
     """
 
     def __init__(self, run: str | Path | None = None, **watch_kwargs: Any) -> None:
-        for reserved in ("model", "optimizer", "scaler"):
-            if reserved in watch_kwargs:
-                raise TypeError(f"GradScopeCallback: {reserved}= is taken from the Trainer, not given")
-        self.run, self.watch_kwargs = run, watch_kwargs
+        self.run, self.watch_kwargs = run, checked("GradScopeCallback", watch_kwargs)
         self.recorder: Recorder | None = None
         self._clips = False
 
@@ -44,10 +42,9 @@ class GradScopeCallback(TrainerCallback):
                  "gradients": "after clipping, at on_pre_optimizer_step" if self._clips
                  else "at on_pre_optimizer_step (max_grad_norm=0: no clip)",
                  "loss": "the Trainer's logged loss (its mean since its previous log)"}
-        meta = {**self.watch_kwargs.get("meta", {}), "integration": facts}
         scaler = getattr(optimizer, "scaler", None)  # accelerate's fp16 GradScaler: gradients carry its scale
         self.recorder = watch(model, self.run, optimizer=optimizer, scaler=scaler,
-                              **{**self.watch_kwargs, "meta": meta})
+                              **with_facts(self.watch_kwargs, facts))
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.recorder is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from gradscope.integrations.watch_arguments import checked, with_facts
 from gradscope.recording import Recorder, watch
 
 try:
@@ -32,10 +33,7 @@ class GradScope(pl.Callback):
     """
 
     def __init__(self, run: str | Path | None = None, **watch_kwargs: Any) -> None:
-        for reserved in ("model", "optimizer", "scaler"):
-            if reserved in watch_kwargs:
-                raise TypeError(f"GradScope: {reserved}= is taken from the Trainer, not given")
-        self.run, self.watch_kwargs = run, watch_kwargs
+        self.run, self.watch_kwargs = run, checked("GradScope", watch_kwargs)
         self.recorder: Recorder | None = None
         self._loss: Any = None  # the micro-batch losses of the step in progress (Lightning divides each)
         self._steps_seen = 0
@@ -48,10 +46,9 @@ class GradScope(pl.Callback):
                  "accumulate_grad_batches": trainer.accumulate_grad_batches,
                  "gradient_clip_val": trainer.gradient_clip_val,
                  "gradients": "unscaled, before clipping: as Lightning passes them to on_before_optimizer_step"}
-        meta = {**self.watch_kwargs.get("meta", {}), "integration": facts}
         scaler = getattr(trainer.precision_plugin, "scaler", None)  # 16-mixed: gradients carry its scale
         self.recorder = watch(pl_module, self.run, optimizer=trainer.optimizers[0], scaler=scaler,
-                              **{**self.watch_kwargs, "meta": meta})
+                              **with_facts(self.watch_kwargs, facts))
         self._loss, self._steps_seen = None, trainer.global_step
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:

@@ -93,6 +93,22 @@ def lr_factor(recipe: Recipe, steps: int) -> Callable[[int], float]:
     return lambda s: 1.0
 
 
+def record_steps(model: nn.Module, run: str | Path, optimizer: torch.optim.Optimizer,
+                 batch_fn: Callable[[int], tuple[Any, Tensor]], loss_fn: Callable[[Any, Tensor], Tensor], steps: int,
+                 **watch_kwargs: Any) -> Path:
+    """Train ``model`` ``steps`` plain steps under ``watch()`` (``batch_fn(step)`` gives inputs and
+    targets): the loop of the analyses that record a user's model (health check, coordinate check)."""
+    with watch(model, run, optimizer=optimizer, **watch_kwargs) as rec:
+        for step in range(steps):
+            inputs, targets = batch_fn(step)
+            optimizer.zero_grad()
+            loss = loss_fn(model(inputs), targets)
+            loss.backward()
+            rec.step(loss=loss)
+            optimizer.step()
+    return Path(run)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradscope.analysis.findings import Finding, at_or_above, diagnose
-from gradscope.recording import watch
+from gradscope.lab.train import record_steps
 from gradscope.store import load_run
 
 
@@ -37,14 +37,7 @@ def assert_healthy(model: nn.Module, batch_fn: Callable[[int], tuple[Any, Tensor
     opt = optimizer(trained.parameters()) if optimizer is not None else torch.optim.SGD(trained.parameters(), lr=0.1)
     with tempfile.TemporaryDirectory(prefix="gradscope-health-") as tmp:
         path = Path(tmp) / type(model).__name__.lower()
-        with watch(trained, path, optimizer=opt, every=every, **watch_kwargs) as rec:
-            for step in range(steps):
-                inputs, targets = batch_fn(step)
-                opt.zero_grad()
-                loss = loss_fn(trained(inputs), targets)
-                loss.backward()
-                rec.step(loss=loss)
-                opt.step()
+        record_steps(trained, path, opt, batch_fn, loss_fn, steps, every=every, **watch_kwargs)
         findings = diagnose(load_run(path))
     failing = at_or_above(findings, fail_on)
     if failing:
