@@ -4,9 +4,11 @@
 device; ``gradscope.load_run(path)`` reads a recorded run back as pandas DataFrames;
 ``gradscope.diagnose(runs)`` states what the data shows. The package is in layers
 (docs/design.md): ``recording`` (the hot path), ``store`` (the run format), ``analysis``,
-and ``lab`` (reference models, tasks and the trainer).
+and ``lab`` (reference models, tasks and the trainer); ``gradscope.analyses`` runs the published
+analyses of why residual networks train (shattering, lesion, noise scale) on any model.
 """
 
+from gradscope import analyses
 from gradscope.analysis.findings import Finding, diagnose
 from gradscope.coordinate_check import CoordCheck, coord_check
 from gradscope.lab import models
@@ -16,4 +18,4 @@ from gradscope.store import Run, RunError, RunNotFoundError, Runs, load_run, loa
 from gradscope.version import __version__
 
 __all__ = ["Attribution", "BlockSpec", "CoordCheck", "Finding", "Recorder", "Run", "RunError", "RunNotFoundError",
-           "Runs", "__version__", "coord_check", "diagnose", "load_run", "load_runs", "models", "watch"]
+           "Runs", "analyses", "__version__", "coord_check", "diagnose", "load_run", "load_runs", "models", "watch"]

@@ -27,13 +27,14 @@ ALLOWED = {
     "gradscope.analysis": {"gradscope.store", "gradscope.version"},
     "gradscope.lab": {"gradscope.recording", "gradscope.store", "gradscope.version"},
     "gradscope.integrations": {"gradscope.recording", "gradscope.store", "gradscope.version"},
+    "gradscope.analyses": {"gradscope.recording", "gradscope.store", "gradscope.version"},
     "gradscope.testing": {"gradscope.recording", "gradscope.store", "gradscope.lab", "gradscope.analysis",
                           "gradscope.version"},
     "gradscope.reports": {"gradscope", "gradscope.analysis", "gradscope.store", "gradscope.version"},
-    "gradscope.cli": {"gradscope", "gradscope.analysis", "gradscope.store", "gradscope.lab", "gradscope.recording",
-                      "gradscope.reports", "gradscope.integrations", "gradscope.version"},
-    "gradscope": {"gradscope.analysis", "gradscope.lab", "gradscope.recording", "gradscope.store",
-                  "gradscope.version"},
+    "gradscope.cli": {"gradscope", "gradscope.analyses", "gradscope.analysis", "gradscope.store", "gradscope.lab",
+                      "gradscope.recording", "gradscope.reports", "gradscope.integrations", "gradscope.version"},
+    "gradscope": {"gradscope.analyses", "gradscope.analysis", "gradscope.lab", "gradscope.recording",
+                  "gradscope.store", "gradscope.version"},
 }
 #: Upward imports made only inside a function, named here with why: a run read in Jupyter
 #: renders itself with the report's figures, loaded when a notebook displays it.

@@ -53,7 +53,7 @@ def checked_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
 #: meta.json keys gradscope writes; ``meta=`` may add others, and fill ``task`` (None otherwise).
 OWN_META_KEYS = frozenset({"schema_version", "gradscope_version", "run", "status", "started_at", "updated_at",
                             "model", "layers", "blocks", "attribution", "optimizer", "gradients", "nonfinite",
-                            "schedule", "errors", "env", "parts"})
+                            "noise_scale", "schedule", "errors", "env", "parts"})
 
 
 def default_run_path(model: nn.Module) -> Path:

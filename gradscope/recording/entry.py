@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradscope.recording import termination
 from gradscope.recording.attribution import Attribution
 from gradscope.recording.layers import ModuleFilter
 from gradscope.recording.recorder import Recorder
@@ -33,6 +34,7 @@ def watch(
     attribution: Attribution | None = None,
     per_rank: bool = False,
     on_nonfinite: str = "warn",
+    noise_scale: bool = False,
 ) -> Recorder:
     """Start recording ``model``'s gradient flow into the run directory ``run``.
 
@@ -63,6 +65,9 @@ def watch(
             meta.json's ``nonfinite``), ``"raise"`` (``FloatingPointError``; with several processes,
             rank 0 checks the merged data and warns: one rank raising would strand the others) or
             ``"ignore"``.
+        noise_scale: also take each backward pass's own gradient norm (micro-batches under
+            gradient accumulation, each rank's under DDP) for the gradient noise scale
+            (``gradscope.analyses.noise_scale``): a hook per parameter, on recorded steps.
 
     Under ``torchrun`` call it on every rank alike (DDP, FSDP2/HSDP, FSDP1 models): rank 0 writes
     the run, merged over the ranks at each flush, so call ``flush()``/``close()`` on every rank.
@@ -73,4 +78,13 @@ def watch(
     return Recorder(model, run, every=every, optimizer=optimizer, scaler=scaler, modules=modules,
                     blocks=blocks, flush_every=flush_every, overwrite=overwrite, device=device, meta=meta,
                     attribution=attribution, per_rank=per_rank,
-                    on_nonfinite=on_nonfinite)
+                    on_nonfinite=on_nonfinite, noise_scale=noise_scale)
+
+
+def recorder_of(model: nn.Module) -> Recorder | None:
+    """The open recorder watching ``model`` or a module inside it (an analysis pauses it)."""
+    mine = {id(m) for m in model.modules()}
+    for rec in list(termination.OPEN):
+        if not rec.closed and mine & {id(m) for m in rec.model.modules()}:
+            return rec
+    return None

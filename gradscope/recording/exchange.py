@@ -6,7 +6,7 @@ here runs at ``watch()``, at a flush or at ``close()``, on host copies the flush
   layers), and none trains on when rank 0 could not open the run.
 - At each flush: one ``gather`` to rank 0 of the flushed steps' statistics, accumulators and
   host counts packed in one float64 tensor (exact for counts below 2**53). Rank 0 merges them
-  by the schema's rules (``schema.merge_ranks``). Steps are those of the schedule, which every
+  by the schema's rules (``rank_merge.merge_ranks``). Steps are those of the schedule, which every
   rank holds; a step only one rank holds (an evaluation logged off the schedule) is its own.
 - At a failure: no collective (the other ranks may be stuck in the model's own); a rank that
   fails leaves a note in the job's key-value store (``torch.distributed``'s, which torchrun
@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from gradscope.recording.processes import Processes
-from gradscope.store.schema import BLOCK, COUNTS, LAYER, STEP, HostCounts, merge_counts, merge_ranks
+from gradscope.store.rank_merge import merge_counts, merge_ranks
+from gradscope.store.schema import BLOCK, COUNTS, LAYER, STEP, HostCounts
 
 
 @dataclass
@@ -150,6 +151,26 @@ class Exchange:
         work.wait()  # the collective's own error, if it had one
 
     # ------------------------------------------------------------------ failures
+
+    def close_alone(self, status: str, held_steps: list[int], failure: str | None, lost: list[str]
+                    ) -> tuple[str, int]:
+        """A recorder closing after an error or an interruption: no collective (the others may be
+        stuck in the model's own, or gone), so unmerged steps are lost, and said to be (in
+        ``lost``). A failed rank tells rank 0, which names it. Returns the status and the slots
+        left to write (none: every slot held is of a step not merged)."""
+        held = [step for step in held_steps if step >= self.merged_below]
+        if held:
+            why = status if self.connected() else "after the process group was destroyed"
+            lost.append(f"steps {held[0]}-{held[-1]} not written: they are merged over the ranks at a flush, "
+                        f"and rank {self.processes.rank} closed ({why}) before one")
+            status = "failed" if status == "finished" else status
+        if status == "failed":
+            self.note_failure(failure or "failed")
+        if self.processes.writes:
+            notes = self.failures()
+            lost.extend(notes)
+            status = "failed" if notes else status
+        return status, 0
 
     def note_failure(self, message: str) -> None:
         """Tell the other ranks (through the job's store) that this one failed; best effort."""

@@ -34,6 +34,7 @@ from gradscope.recording.compilation import compiled, hooks_never_ran
 from gradscope.recording.exchange import Exchange
 from gradscope.recording.hooks import ProbeHooks
 from gradscope.recording.layers import ExecutionOrder, Layer, ModuleFilter, Ownership, ParameterRow, select_layers
+from gradscope.recording.microbatches import MicroBatchNorms
 from gradscope.recording.nonfinite import NonFiniteCheck, checked_action
 from gradscope.recording.optimizers import unwrap_optimizer
 from gradscope.recording.parameters import ParameterNorms
@@ -41,8 +42,9 @@ from gradscope.recording.processes import Holding, detect, fsdp1_segments, unwra
 from gradscope.recording.run_meta import run_meta
 from gradscope.recording.sink import Sink
 from gradscope.recording.traced import Staging
+from gradscope.store.appending import analysis_table
 from gradscope.store.meta import now
-from gradscope.store.parts import AttributionJob, FlushJob
+from gradscope.store.parts import AttributionJob, FlushJob, TableJob
 from gradscope.store.schema import (
     ACCURACY,
     EVAL_ACCURACY,
@@ -77,6 +79,7 @@ class Recorder:
         attribution: Attribution | None = None,
         per_rank: bool = False,
         on_nonfinite: str = "warn",
+        noise_scale: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"gradscope.watch expects an nn.Module, got {type(model).__name__}")
@@ -130,6 +133,8 @@ class Recorder:
             self._batcher = Batcher(self._buffer, self.layers, self.device) if batching_enabled(self.device) else None
             self._loss_scale = LossScale(scaler, optimizer, self._buffer.step, self._buffer.counts)
             self._sink = Sink(self._clock, self._buffer, self._batcher, self._loss_scale, on_full=self._buffer_full)
+            self._micro = MicroBatchNorms(model, self._clock, self._buffer, self._sink.slot, self.device) \
+                if noise_scale else None
             self._staging = Staging(len(self.layers), len(self.blocks), self.device)  # probes traced by Dynamo
             self._parameters = ParameterNorms(model, chosen, optimizer, self.device,
                                               Holding(model, self.processes), ownership)
@@ -241,6 +246,16 @@ class Recorder:
             self._sink.scalar(slot, GRAD_POST_CLIP_SS if clipped else GRAD_PRE_CLIP_SS,
                               self._buffer.step[slot, GRAD_GLOBAL_SS])
 
+    def paused(self) -> Any:
+        """A context inside which nothing is recorded: for an analysis run on the model between steps."""
+        return self._clock.paused()
+
+    def write_table(self, table: str, frame: Any) -> None:
+        """Store an analysis's rows (``gradscope.analyses``) in this run, in order with its flushes."""
+        self._check_open()
+        self._writer.submit(TableJob(table, analysis_table(table, frame)))
+        self._writer.submit_meta(self._meta("running"))
+
     def log_eval(self, loss: Tensor | float | None = None, accuracy: Tensor | float | None = None) -> None:
         """Record held-out loss/accuracy at the step training is in: between two steps, the one
         about to begin (the model as the last step left it), like the eval forward's own rows.
@@ -311,7 +326,8 @@ class Recorder:
                     slots -= 1
                 lost: list[str] = [self._refusal] if self._refusal else []
                 if self._exchange is not None and (status != "finished" or not self._exchange.connected()):
-                    status, slots = self._close_alone(status, slots, lost)
+                    status, slots = self._exchange.close_alone(status, self._buffer.slot_steps[:slots], self._failure,
+                                                               lost)
                 try:
                     self._flush(slots, commit=status == "finished", limit=self._clock.step + 1)
                 except Exception as exc:  # e.g. a CUDA error that broke the device: the steps held there are
@@ -459,26 +475,6 @@ class Recorder:
         if len(scheduled) > self.flush_every:
             self._flush(scheduled[-1], limit=held[scheduled[-1]])
 
-    def _close_alone(self, status: str, slots: int, lost: list[str]) -> tuple[str, int]:
-        """Closing after an error or an interruption with several processes: no collective (the
-        others may be stuck in the model's own, or gone), so unmerged steps are lost, and said
-        to be. A failed rank tells rank 0, which names it."""
-        assert self._exchange is not None
-        merged_below = self._exchange.merged_below
-        held = [step for step in self._buffer.slot_steps[:slots] if step >= merged_below]
-        if held:
-            why = status if self._exchange.connected() else "after the process group was destroyed"
-            lost.append(f"steps {held[0]}-{held[-1]} not written: they are merged over the ranks at a flush, "
-                        f"and rank {self.processes.rank} closed ({why}) before one")
-            status = "failed" if status == "finished" else status
-        if status == "failed":
-            self._exchange.note_failure(self._failure or "failed")
-        if self.processes.writes:
-            notes = self._exchange.failures()
-            lost.extend(notes)
-            status = "failed" if notes else status
-        return status, 0  # every slot held is of a step not merged
-
     def _end_step(self, slot: int) -> None:
         """A recorded step's end: what the probes measured written, then the parameters."""
         self._sink.commit()
@@ -490,6 +486,8 @@ class Recorder:
             if self._parameters.replaced() and self._exchange is not None:
                 self.processes = detect(self._wrapped, self.model)
         self._parameters.record(self._buffer, slot)
+        if self._micro is not None:
+            self._micro.end_step(slot)
         self._loss_scale.note_parameter_gradients(slot)
         if not self._hooks_ran:
             self._check_hooks_ran(slot)
@@ -589,6 +587,8 @@ class Recorder:
         for handle in handles:
             handle.remove()
         self._probes.remove()
+        if self._micro is not None:
+            self._micro.remove()
 
     def _check_open(self) -> None:
         if self._closed:

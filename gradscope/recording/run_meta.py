@@ -43,6 +43,7 @@ def run_meta(rec: Any, status: str, errors: list[str] | None = None) -> dict[str
         "optimizer": describe_optimizer(rec.optimizer, rec._optimizer_wrappers),
         "gradients": rec._gradient_stage,
         "nonfinite": [event.to_json() for event in rec._nonfinite.found] or None,
+        "noise_scale": rec._micro is not None,
         "schedule": {"every": rec.every, "flush_every": rec.flush_every,
                      "last_step": rec._clock.step, "dropped_step": rec._dropped_step},
         "errors": errors or [],

@@ -112,3 +112,14 @@ class AttributionJob:
         }
         cols.update({c.name: pa.array(values[:, i]) for i, c in enumerate(schema.columns("attribution"))})
         return {"attribution": pa.table(cols)}
+
+
+@dataclass
+class TableJob:
+    """An analysis's rows (``gradscope.analyses``) for a run a recorder is writing."""
+
+    table: str
+    data: pa.Table
+
+    def tables(self) -> dict[str, pa.Table]:
+        return {self.table: self.data}

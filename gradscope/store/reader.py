@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from gradscope.store.lock import writer_alive
 from gradscope.store.meta import META_FILE, RunError, read_meta
-from gradscope.store.schema import KEYS, TABLES, frame_dtypes
+from gradscope.store.schema import ANALYSES, KEYS, TABLES, frame_dtypes
 
 _READERS = 4  # threads decoding Parquet parts in load_run
 
@@ -48,6 +48,10 @@ class Run:
     layers_by_rank: pd.DataFrame = field(default_factory=lambda: _empty(SCHEMAS["layers_by_rank"]), repr=False)
     blocks_by_rank: pd.DataFrame = field(default_factory=lambda: _empty(SCHEMAS["blocks_by_rank"]), repr=False)
     scalars_by_rank: pd.DataFrame = field(default_factory=lambda: _empty(SCHEMAS["scalars_by_rank"]), repr=False)
+    #: what ``gradscope.analyses`` stored (empty where an analysis was not run)
+    shattering: pd.DataFrame = field(default_factory=lambda: _empty(SCHEMAS["shattering"]), repr=False)
+    lesion: pd.DataFrame = field(default_factory=lambda: _empty(SCHEMAS["lesion"]), repr=False)
+    noise_scale: pd.DataFrame = field(default_factory=lambda: _empty(SCHEMAS["noise_scale"]), repr=False)
 
     @property
     def name(self) -> str:
@@ -104,7 +108,7 @@ def _is_string(t: pa.DataType) -> bool:
 
 
 #: Arrow type tests for the pandas dtypes of the schema (``frame_dtypes``); the rest are floats.
-_KINDS = {"int64": pa.types.is_integer, "object": _is_string}
+_KINDS = {"int64": pa.types.is_integer, "object": _is_string, "bool": pa.types.is_boolean}
 
 
 def _check_part(part: Path, table_name: str, table: pa.Table) -> pa.Table:
@@ -210,6 +214,14 @@ def _join_names(table: pa.Table | None, schema: dict[str, str], names: pd.DataFr
     return _frame(table, schema)
 
 
+def _analysis_frame(table: pa.Table | None, name: str) -> pd.DataFrame:
+    """An analysis table: an analysis run again at a step replaces its earlier rows there (parts
+    are read in the order they were written, so the last one wins)."""
+    frame = _frame(table, SCHEMAS[name])
+    frame = frame.drop_duplicates(subset=list(KEYS[name]), keep="last")
+    return frame.sort_values(["step", "order"] if name == "lesion" else ["step"], kind="stable", ignore_index=True)
+
+
 def _part_number(part: Path) -> int:
     number = part.name[len("part-"):-len(".parquet")]
     return int(number) if number.isdigit() else -1
@@ -272,5 +284,6 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     scalars = _frame(tables["scalars"], STEP_SCHEMA).sort_values("step", kind="stable", ignore_index=True)
     by_rank["scalars_by_rank"] = _frame(tables["scalars_by_rank"], SCHEMAS["scalars_by_rank"]).sort_values(
         ["step", "rank"], kind="stable", ignore_index=True)
+    analyses = {name: _analysis_frame(tables[name], name) for name in ANALYSES}
     return Run(path=path, meta=meta, layers=layers, blocks=blocks, scalars=scalars,
-               layer_table=layer_table, block_table=block_table, attribution=attribution, **by_rank)
+               layer_table=layer_table, block_table=block_table, attribution=attribution, **by_rank, **analyses)

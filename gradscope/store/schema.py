@@ -118,6 +118,9 @@ COUNTS: tuple[Count, ...] = (
     Count("block_branch", "block", "int64", Merge.SUM, "residual-branch outputs F(x) seen"),
     Count("block_branch_dropped", "block", "bool", Merge.MAX, "a held F(x) was changed in place: branch_ratio lost"),
     Count("block_tokens", "block", "int64", Merge.SUM, "samples with a token cosine"),
+    Count("micro_batches", "step", "int64", Merge.SUM, "backward passes whose gradient norm was taken "
+          "(watch(noise_scale=True)), over every rank"),
+    Count("micro_samples", "step", "int64", Merge.SUM, "samples in those backward passes' forwards"),
 )
 COUNT = {c.name: c for c in COUNTS}
 
@@ -172,6 +175,11 @@ ACCUMULATORS: tuple[Accumulator, ...] = (
     Accumulator("grad_post_clip_ss", "scalars", Merge.SUM, "step_set",
                 "read_gradients(clipped=True), or at optimizer.step() after read_gradients(clipped=False)",
                 "sum over all parameters of ||p.grad||^2 after clipping", ranks=Ranks.SHARDS),
+    # watch(noise_scale=True): each backward's own gradient, before it is added to .grad
+    Accumulator("grad_small_ss", "scalars", Merge.SUM, "step_set",
+                "per backward: sum over parameters of ||gradient it brought||^2; x k^2 at the step's end "
+                "(k backwards on the rank), so each is on the scale of the update's gradient",
+                "sum over the step's small batches (micro-batches of every rank) of |G_small|^2"),
 )
 
 
@@ -200,6 +208,7 @@ B_DIFF_SS, B_INPUT_SS, B_COS_SUM, B_GRAD_IN_SS, B_GRAD_OUT_SS, B_BRANCH_SS, B_TO
 LOSS, ACCURACY, GRAD_GLOBAL_SS, LOSS_SCALE, EVAL_LOSS, EVAL_ACCURACY, GRAD_PRE_CLIP_SS, GRAD_POST_CLIP_SS = (
     STEP.index[n] for n in ("loss", "accuracy", "grad_global_ss", "loss_scale", "eval_loss", "eval_accuracy",
                             "grad_pre_clip_ss", "grad_post_clip_ss"))
+GRAD_SMALL_SS = STEP.index["grad_small_ss"]
 class HostCounts:
     """The ``COUNTS`` of every buffer slot, as numpy arrays named after them (``counts.act_n``).
 
@@ -280,87 +289,6 @@ def _maximum(x: Any, y: Any) -> Any:
     import torch  # device tensors (the schema itself needs no torch)
 
     return torch.maximum(x, y)
-
-
-# ------------------------------------------------------------------------- merging ranks
-
-
-def cell_count(layout: Layout, counts: Any, i: int) -> np.ndarray:
-    """The count of accumulator ``i``'s cells as float64, shaped like them (layer counts kept
-    per layer only are the train phase's; a step scalar's count is its written-flag)."""
-    if layout is STEP:
-        return counts.step_set[:, i].astype(np.float64)
-    name = layout.accumulators[i].count
-    c = getattr(counts, name).astype(np.float64)
-    if layout is LAYER and COUNT[name].per == "layer":
-        out = np.zeros((c.shape[0], len(PHASES), c.shape[1]))
-        out[:, TRAIN] = np.nan_to_num(c)
-        return out
-    return np.nan_to_num(c)
-
-
-def merge_ranks(layout: Layout, bufs: list[np.ndarray], counts: list[Any]) -> np.ndarray:
-    """One table's accumulators of every rank (``bufs[r]``: ``[slots, ..., width]``, with
-    ``counts[r]`` its host counts) merged by their declared rules, as if one process had seen
-    every rank's data.
-
-    Cells a rank did not write (count 0) take no part, whatever the buffer held there. Sums add,
-    maxima take the max, means and variances merge count-weighted (Chan's update, rank by rank).
-    ``Ranks.DATA_GRADIENT`` accumulators are then divided by world^2 (see ``Ranks``).
-    """
-    width = layout.width
-    out = bufs[0].astype(np.float64)
-    n_out = [cell_count(layout, counts[0], i) for i in range(width)]
-    for buf, rank_counts in zip(bufs[1:], counts[1:]):
-        b = buf.astype(np.float64)
-        n_b = [cell_count(layout, rank_counts, i) for i in range(width)]
-        merged = np.empty_like(out)
-        for i, acc in enumerate(layout.accumulators):
-            na, nb = n_out[i], n_b[i]
-            has_a, has_b = na > 0, nb > 0
-            x, y = np.where(has_a, out[..., i], 0.0), np.where(has_b, b[..., i], 0.0)
-            if acc.merge is Merge.SUM:
-                value = x + y
-            elif acc.merge in (Merge.MAX, Merge.MIN):
-                pick = np.maximum if acc.merge is Merge.MAX else np.minimum
-                value = np.where(has_a & has_b, pick(x, y), np.where(has_a, x, y))
-            else:
-                w_a, w_b = _ratio(na, na + nb), _ratio(nb, na + nb)
-                value = x * w_a + y * w_b
-                if acc.merge is Merge.WEIGHTED_VARIANCE:
-                    m = layout.index[acc.mean]  # type: ignore[index]
-                    delta = np.where(has_b, b[..., m], 0.0) - np.where(has_a, out[..., m], 0.0)
-                    value = value + delta * delta * (w_a * w_b)
-            merged[..., i] = value
-        out = merged
-        n_out = [a + c for a, c in zip(n_out, n_b)]
-    world = len(bufs)
-    for i, acc in enumerate(layout.accumulators):
-        if acc.ranks is Ranks.DATA_GRADIENT:
-            out[..., i] /= world * world
-    return out
-
-
-def merge_counts(counts: list[Any]) -> HostCounts:
-    """Every rank's host counts merged by their declared rules (``over_ranks`` where given;
-    flags: any; learning rates: the first known)."""
-    first = counts[0]
-    out = HostCounts(0, first.layers, first.blocks)
-    out.slots = first.slots
-    for count in COUNTS:
-        values = [getattr(c, count.name) for c in counts]
-        if count.over_ranks is Merge.MAX:
-            merged = np.max(values, axis=0)
-        elif count.merge is Merge.SUM and count.dtype != "bool":
-            merged = np.sum(values, axis=0).astype(count.dtype)
-        elif count.dtype == "float64":
-            merged = values[0].copy()
-            for v in values[1:]:
-                merged = np.where(np.isnan(merged), v, merged)
-        else:
-            merged = np.any(values, axis=0)
-        setattr(out, count.name, merged)
-    return out
 
 
 # ------------------------------------------------------------------------------ finalising
@@ -500,6 +428,13 @@ COLUMNS: tuple[Column, ...] = (
            lambda f: _sqrt(f.acc("grad_pre_clip_ss")) / f.grad_scale),  # read when grad_global_ss was
     Column("grad_norm_post_clip", "scalars", "float64", "global gradient norm after clipping (what the update used)",
            lambda f: _sqrt(f.acc("grad_post_clip_ss"))),
+    Column("grad_small_sq", "scalars", "float64", "mean over the step's small batches of |G_small|^2 "
+           "(watch(noise_scale=True); gradscope.analyses.noise_scale)",
+           lambda f: _div(f.acc("grad_small_ss"), f.counts.micro_batches.astype(np.float64)) / f.scale ** 2),
+    Column("batch_small", "scalars", "float64", "samples in one small batch (a micro-batch of one rank)",
+           lambda f: _div(f.counts.micro_samples.astype(np.float64), f.counts.micro_batches.astype(np.float64))),
+    Column("batch_big", "scalars", "float64", "samples in the step's batch, over micro-batches and ranks",
+           lambda f: np.where(f.counts.micro_batches > 0, f.counts.micro_samples.astype(np.float64), np.nan)),
     # attribution: computed on the device by recording.attribution, stored as they are
     Column("attr_sum", "attribution", "float32", "signed attribution of the block's output"),
     Column("attr_abs", "attribution", "float32", "absolute attribution of the block's output"),
@@ -507,11 +442,38 @@ COLUMNS: tuple[Column, ...] = (
     Column("skip_attr", "attribution", "float32", "attribution through the skip path"),
     Column("branch_share", "attribution", "float32", "the branch's share of the absolute attribution"),
     Column("skip_share", "attribution", "float32", "the skip's share of the absolute attribution"),
+    # analyses (gradscope.analyses): computed once per checkpoint or run, stored as they are
+    Column("autocorr_lag1", "shattering", "float64", "lag-1 autocorrelation of dL/dx along the line (1: smooth, "
+           "0: white noise; Balduzzi et al. 2017)"),
+    Column("spectrum_slope", "shattering", "float64", "slope of log power on log frequency of dL/dx along the line "
+           "(0: white noise, -2: brown noise)"),
+    Column("grad_norm_mean", "shattering", "float64", "mean over the points of ||dL/dx||"),
+    Column("points", "shattering", "int64", "inputs on the line"),
+    Column("line", "shattering", "object", "where the line runs (its two ends)"),
+    Column("residual", "lesion", "bool", "the block adds its input back (False: plain, or not known)"),
+    Column("order", "lesion", "int64", "the block's place among the blocks, in execution order"),
+    Column("loss", "lesion", "float64", "loss with the block replaced by the identity (NaN: not replaceable)"),
+    Column("accuracy", "lesion", "float64", "accuracy with the block replaced by the identity"),
+    Column("base_loss", "lesion", "float64", "loss of the whole model on the same batch"),
+    Column("base_accuracy", "lesion", "float64", "accuracy of the whole model on the same batch"),
+    Column("loss_increase", "lesion", "float64", "loss - base_loss (Veit et al. 2016)"),
+    Column("reason", "lesion", "object", "why the block was not replaced (it changes the shape)"),
+    Column("b_small", "noise_scale", "float64", "samples in one small batch (a micro-batch of one rank)"),
+    Column("b_big", "noise_scale", "float64", "samples in the step's whole batch"),
+    Column("g_small_sq", "noise_scale", "float64", "mean over the small batches of |G_small|^2"),
+    Column("g_big_sq", "noise_scale", "float64", "|G_big|^2: the squared norm of the step's gradient"),
+    Column("g_sq", "noise_scale", "float64", "unbiased estimate of |G|^2 (McCandlish et al. 2018, A.1)"),
+    Column("trace_sigma", "noise_scale", "float64", "unbiased estimate of tr(Sigma), per-example noise"),
+    Column("g_sq_smooth", "noise_scale", "float64", "g_sq, exponentially smoothed over the recorded steps"),
+    Column("trace_sigma_smooth", "noise_scale", "float64", "trace_sigma, smoothed alike"),
+    Column("b_simple", "noise_scale", "float64", "trace_sigma_smooth / g_sq_smooth: the simple noise scale"),
 )
 #: Tables of each rank's own statistics, before merging (``watch(per_rank=True)``): the columns
 #: of the merged table they follow, and a ``rank`` key.
 BY_RANK = {"layers_by_rank": "layers", "blocks_by_rank": "blocks", "scalars_by_rank": "scalars"}
-TABLES = ("layers", "blocks", "scalars", "attribution", *BY_RANK)
+#: Tables the analyses write (gradscope.analyses), once asked: never by the recording hot path.
+ANALYSES = ("shattering", "lesion", "noise_scale")
+TABLES = ("layers", "blocks", "scalars", "attribution", *BY_RANK, *ANALYSES)
 
 
 def columns(table: str) -> tuple[Column, ...]:
@@ -528,6 +490,9 @@ KEYS = {
     "layers_by_rank": {"step": "int64", "rank": "int64", "phase": "object", "layer": "object"},
     "blocks_by_rank": {"step": "int64", "rank": "int64", "block": "object"},
     "scalars_by_rank": {"step": "int64", "rank": "int64"},
+    "shattering": {"step": "int64"},
+    "lesion": {"step": "int64", "block": "object"},
+    "noise_scale": {"step": "int64"},
 }
 
 

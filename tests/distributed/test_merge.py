@@ -1,4 +1,4 @@
-"""The merge over ranks (``schema.merge_ranks``, ``merge_counts``) on numbers made here: every
+"""The merge over ranks (``rank_merge.merge_ranks``, ``merge_counts``) on numbers made here: every
 rank's accumulators merged equal the statistics of all the data at once."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import torch
 
 from gradscope.recording.moments import activation_moments
 from gradscope.recording.processes import user_name
+from gradscope.store.rank_merge import merge_counts, merge_ranks
 from gradscope.store.schema import (
     ACT_MEAN,
     BLOCK,
@@ -19,8 +20,6 @@ from gradscope.store.schema import (
     STEP,
     TRAIN,
     HostCounts,
-    merge_counts,
-    merge_ranks,
 )
 
 
