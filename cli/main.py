@@ -8,122 +8,18 @@ head``) ends quietly with exit code 1, as click and Python do for EPIPE.
 
 from __future__ import annotations
 
-import functools
-import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+from gradscope.cli.analyse import analyse_group
+from gradscope.cli.common import FiniteFloat, InputError, friendly_errors, parse_settings, writable_dir
 
 from gradscope import __version__
 from gradscope.lab.presets import PRESETS
-
-
-class InputError(click.ClickException):
-    """A problem with what the user asked for: exit code 2, like click's usage errors."""
-
-    exit_code = 2
-
-
-def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the library's input errors into one-line messages with exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from gradscope.lab.models import UnknownModelError
-        from gradscope.lab.tasks import CifarFormatError, UnknownTaskError
-        from gradscope.store import RunError
-
-        try:
-            return fn(*args, **kwargs)
-        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
-            raise
-        except BrokenPipeError:  # the reader left (| head): not an error of the input
-            _silence_stdout()
-            raise  # click's main exits with code 1 and keeps the final flush quiet
-        except (UnknownModelError, UnknownTaskError, CifarFormatError, RunError) as exc:
-            raise InputError(str(exc)) from None
-        except FileExistsError as exc:
-            raise InputError(f"{exc} (or pass --overwrite)") from None
-        except (ValueError, TypeError) as exc:
-            raise InputError(str(exc)) from None
-        except OSError as exc:  # unwritable output and the like
-            raise InputError(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from None
-        except Exception as exc:  # a bug of ours: one line, unless GRADSCOPE_DEBUG asks for the traceback
-            if os.environ.get("GRADSCOPE_DEBUG"):
-                raise
-            if _lost_the_others(exc):
-                raise click.ClickException(f"this process lost the others of its job, most likely because one "
-                                           f"of them failed (see its messages): {str(exc).splitlines()[0]}") from None
-            raise click.ClickException(f"internal error: {type(exc).__name__}: {exc} "
-                                       "(set GRADSCOPE_DEBUG=1 for the traceback, and please report it)") from None
-
-    return wrapper
-
-
-def _lost_the_others(exc: Exception) -> bool:
-    """Whether ``exc`` is a collective failing under torchrun: mostly another process's death,
-    which gloo and NCCL report as a RuntimeError naming themselves (not a bug of ours)."""
-    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "0", "1") or not isinstance(exc, RuntimeError):
-        return False
-    distributed = sys.modules.get("torch.distributed")
-    text = str(exc).lower()
-    return (distributed is not None and isinstance(exc, getattr(distributed, "DistError", ()))) or \
-        any(word in text for word in ("gloo", "nccl", "c10d", "connection reset", "broken pipe"))
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null, so the interpreter's last flush of what is still buffered does
-    not fail on the closed pipe again (Python's docs, "Note on SIGPIPE")."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. click's test runner)
-        pass
-
-
-class FiniteFloat(click.FloatRange):
-    """A float range that also refuses nan and inf, which compare false against any bound."""
-
-    name = "finite float"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        rv = super().convert(value, param, ctx)
-        if not math.isfinite(rv):
-            self.fail(f"{value!r} is not a finite number.", param, ctx)
-        return rv
-
-
-def parse_settings(values: tuple[str, ...]) -> dict[str, Any]:
-    """``--set depth=12 --set activation=sigmoid`` -> {"depth": 12, "activation": "sigmoid"}."""
-    out: dict[str, Any] = {}
-    for item in values:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
-        for cast in (int, float):
-            try:
-                out[key] = cast(raw)
-                break
-            except ValueError:
-                continue
-        else:
-            out[key] = {"true": True, "false": False}.get(raw.lower(), raw)
-    return out
-
-
-def writable_dir(path: Path) -> Path:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot write to {path}: {exc.strerror or exc}") from None
-    if not path.is_dir():
-        raise InputError(f"cannot write to {path}: not a directory")
-    return path
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -187,6 +83,10 @@ def _train_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--attribution-method", default="grad_x_act", show_default=True,
               type=click.Choice(["grad_x_act", "integrated_gradients", "conductance"]),
               help="Captum layer method (the path-integral ones cost a pass per block)")
+@click.option("--accumulate", default=1, show_default=True, type=click.IntRange(min=1), metavar="K",
+              help="split each process's batch into K micro-batches, gradients added before the update")
+@click.option("--noise-scale", is_flag=True, help="record each micro-batch's gradient norm for `gradscope analyse "
+              "noise-scale` (needs --accumulate 2 or more, or --nproc 2 or more)")
 @click.option("--overwrite", is_flag=True, help="replace existing runs of the same name")
 @click.option("--nproc", default=1, show_default=True, type=click.IntRange(min=1), metavar="N",
               help="train data-parallel in N processes (DDP, started through torch.distributed.run); "
@@ -196,8 +96,8 @@ def _train_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def run_command(model_names: tuple[str, ...], task: str | None, steps: int, every: int, out: Path,
                 batch_size: int | None, lr: float | None, eval_every: int | None, data_dir: Path | None,
                 settings: tuple[str, ...], amp: bool, watch_activations: bool, attribution_every: int | None,
-                attribution_method: str, overwrite: bool, nproc: int, device: str, seed: int,
-                progress: bool) -> None:
+                attribution_method: str, accumulate: int, noise_scale: bool, overwrite: bool, nproc: int,
+                device: str, seed: int, progress: bool) -> None:
     """Train and record each MODEL on a built-in task, one run directory per model.
 
     \b
@@ -216,7 +116,10 @@ def run_command(model_names: tuple[str, ...], task: str | None, steps: int, ever
     processes = world.size if world is not None else nproc
     # everything that can fail is checked for every model before the first one trains (or processes start)
     dev = check_options(steps=steps, every=every, lr=lr, batch_size=batch_size, eval_every=eval_every,
-                        attribution_every=attribution_every, device=device, amp=amp)
+                        attribution_every=attribution_every, device=device, amp=amp, accumulate=accumulate)
+    if noise_scale and accumulate == 1 and processes == 1:
+        raise InputError("--noise-scale compares small batches with the step's batch: add --accumulate 2 (or more) "
+                         "or --nproc 2 (or more)")
     if world is None:
         distributed.check_launch(dev, processes)
     twice = sorted({name for name in model_names if model_names.count(name) > 1})
@@ -225,7 +128,7 @@ def run_command(model_names: tuple[str, ...], task: str | None, steps: int, ever
                          f"{out / twice[0]}, so name a model once per command")
     overrides = parse_settings(settings)
     check(model_names, task, data_dir=str(data_dir) if data_dir else None, seed=seed, overrides=overrides,
-          steps=steps, batch_size=batch_size, processes=processes)
+          steps=steps, batch_size=batch_size, processes=processes, accumulate=accumulate)
     if world is None or world.rank == 0:  # rank 0 writes the runs; the others would see its fresh directories
         for name in model_names:  # as the run writer decides, but before the first model trains
             check_replaceable(out / name, overwrite)
@@ -237,7 +140,8 @@ def run_command(model_names: tuple[str, ...], task: str | None, steps: int, ever
                        batch_size=batch_size, lr=lr, eval_every=eval_every,
                        data_dir=str(data_dir) if data_dir else None, overrides=overrides,
                        overwrite=overwrite, progress=progress, watch_activations=watch_activations,
-                       attribution_every=attribution_every, attribution_method=attribution_method)
+                       attribution_every=attribution_every, attribution_method=attribution_method,
+                       accumulate=accumulate, noise_scale=noise_scale)
         if world is None or world.rank == 0:
             click.echo(f"{name}: {result.steps} steps in {result.seconds:.1f}s, final loss {result.final_loss:.4f}, "
                        f"held-out accuracy {result.final_eval_accuracy:.3f} -> {result.run}")
@@ -306,6 +210,9 @@ def _launch(processes: int, arguments: list[str]) -> int:
         if threads is None:
             os.environ.pop("OMP_NUM_THREADS", None)
     return 0
+
+
+main.add_command(analyse_group)
 
 
 @main.command("inspect")

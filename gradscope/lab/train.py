@@ -16,8 +16,10 @@ Under torchrun (``WORLD_SIZE`` above 1) the same trainer runs in every process, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -31,9 +33,11 @@ from torch import Tensor, nn
 from gradscope.lab import distributed, models
 from gradscope.lab.tasks import DEFAULT_TASK, Task, check_task, get_task
 from gradscope.lab.tasks.sequences import IGNORE
+from gradscope.lab.trained import load_weights, save_weights
 from gradscope.recording.attribution import Attribution
 from gradscope.recording.entry import watch
 from gradscope.recording.layers import with_activations
+from gradscope.store.meta import RunError, read_meta
 
 PROBE_SIZE = 64  # held-out samples in the attribution probe batch
 
@@ -147,6 +151,24 @@ def _build(name: str, task: str | None, *, data_dir: str | None, seed: int, over
     return models.create(name, **{**overrides, **implied}), the_task
 
 
+def rebuild(run: str | os.PathLike[str], *, trained: bool, device: str | torch.device = "cpu"
+            ) -> tuple[nn.Module, Task, dict[str, Any]]:
+    """The reference model of a run ``gradscope run`` made, with its task and meta.json: as it
+    began (``trained=False``: the seeded initialisation) or as it ended (the weights it kept)."""
+    path = Path(run)
+    meta = read_meta(path)
+    model_meta, task_meta = meta.get("model") or {}, meta.get("task") or {}
+    name = model_meta.get("registry_name")
+    if not name or not task_meta.get("name"):
+        raise RunError(f"run {path} was not made by `gradscope run` (its meta.json names no reference model "
+                       "and task); call gradscope.analyses on the model in Python instead")
+    model, task = build(name, task_meta["name"], seed=int(task_meta.get("seed", 0)),
+                        overrides=model_meta.get("config") or {}, task_options=task_meta.get("options") or {})
+    if trained:
+        load_weights(model, path)
+    return model.to(device), task, meta
+
+
 def _check_settings(name: str, task: str | None, overrides: dict[str, Any], data_dir: str | None) -> str:
     """The task ``name`` trains on, once its settings and the task's name and kind are known good
     (nothing is built)."""
@@ -162,7 +184,7 @@ def _check_settings(name: str, task: str | None, overrides: dict[str, Any], data
 
 def check(names: Sequence[str], task: str | None = None, *, data_dir: str | None = None, seed: int = 0,
           overrides: dict[str, Any] | None = None, task_options: dict[str, Any] | None = None,
-          steps: int = 1, batch_size: int | None = None, processes: int = 1) -> None:
+          steps: int = 1, batch_size: int | None = None, processes: int = 1, accumulate: int = 1) -> None:
     """Raise what ``train`` would raise for any of ``names`` about its model and task, before any trains.
 
     The CLI trains several models in one command: a setting that does not fit the last one must
@@ -183,12 +205,13 @@ def check(names: Sequence[str], task: str | None = None, *, data_dir: str | None
     for name in names:
         _, the_task = _build(name, task, data_dir=data_dir, seed=seed, overrides=overrides,
                              task_options=task_options, make_task=make_task)
-        distributed.share(min(_recipe(name, steps, batch_size, None).batch_size, the_task.train_size), processes)
+        micro_batches(distributed.share(min(_recipe(name, steps, batch_size, None).batch_size, the_task.train_size),
+                                        processes), accumulate)
 
 
 def check_options(*, steps: int = 1, every: int = 1, lr: float | None = None, batch_size: int | None = None,
                   eval_every: int | None = None, eval_limit: int = 1, attribution_every: int | None = None,
-                  device: str = "auto", amp: bool = False) -> torch.device:
+                  device: str = "auto", amp: bool = False, accumulate: int = 1) -> torch.device:
     """The device to train on, once the options are known good: counts of at least 1, a learning
     rate that is a positive finite number, a device that exists, AMP only on CUDA.
 
@@ -197,7 +220,7 @@ def check_options(*, steps: int = 1, every: int = 1, lr: float | None = None, ba
     """
     for label, value, required in (("steps", steps, True), ("every", every, True), ("batch_size", batch_size, False),
                                    ("eval_every", eval_every, False), ("eval_limit", eval_limit, True),
-                                   ("attribution_every", attribution_every, False)):
+                                   ("attribution_every", attribution_every, False), ("accumulate", accumulate, True)):
         if value is None and not required:
             continue
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
@@ -284,6 +307,8 @@ def train(
     attribution_every: int | None = None,
     attribution_method: str = "grad_x_act",
     task_options: dict[str, Any] | None = None,
+    accumulate: int = 1,
+    noise_scale: bool = False,
 ) -> TrainResult:
     """Train reference model ``name`` on a built-in task for ``steps`` steps, recording the run.
 
@@ -299,9 +324,16 @@ def train(
     accuracy are the means over the processes (``watch`` merges the ranks'), and so is the
     returned loss. Every process evaluates the same held-out samples, so all agree, and passes
     the same attribution probe to ``watch``. Only rank 0 shows progress.
+
+    ``accumulate`` splits each process's batch into that many micro-batches, their gradients
+    added before the update (the same update, in more, smaller backward passes).
+    ``noise_scale`` records each micro-batch's gradient norm (``watch(noise_scale=True)``) for
+    ``gradscope.analyses.noise_scale``. When training ends the weights are kept in the run
+    (``model.safetensors``) for the other analyses.
     """
     dev = check_options(steps=steps, every=every, lr=lr, batch_size=batch_size, eval_every=eval_every,
-                        eval_limit=eval_limit, attribution_every=attribution_every, device=device, amp=amp)
+                        eval_limit=eval_limit, attribution_every=attribution_every, device=device, amp=amp,
+                        accumulate=accumulate)
     world = distributed.from_env()
     if world is not None:
         dev = distributed.device_for(dev, world)
@@ -309,7 +341,7 @@ def train(
     model.to(dev)
     recipe = _recipe(name, steps, batch_size, lr)
     batch = min(recipe.batch_size, the_task.train_size)
-    distributed.share(batch, world.size if world else 1)  # refused before any process waits for the others
+    micro_batches(distributed.share(batch, world.size if world else 1), accumulate)  # refused before any process waits
     if world is not None:  # the same initial weights everywhere (build seeded), then a random stream per rank
         torch.manual_seed(seed + world.rank)
     opt = make_optimizer(model, recipe)
@@ -322,7 +354,7 @@ def train(
     path = Path(out) / (run_name or name)
     meta = {"task": {"name": the_task.name, "description": the_task.description,
                      "train_size": the_task.train_size, "seed": seed, "options": dict(task_options or {})},
-            "recipe": {**asdict(recipe), "batch_size": batch, "steps": steps, "amp": amp}}
+            "recipe": {**asdict(recipe), "batch_size": batch, "steps": steps, "amp": amp, "accumulate": accumulate}}
     bar = _progress(steps, f"{name}", enabled=progress and (world is None or world.rank == 0))
     start = time.perf_counter()
     final_loss, final_acc = float("nan"), float("nan")
@@ -333,25 +365,20 @@ def train(
         attribution = Attribution(probe, every=attribution_every, method=attribution_method)
     net = distributed.wrap(model, dev, world)  # the model itself when training alone
     with watch(net, path, every=every, optimizer=opt, scaler=scaler, overwrite=overwrite, meta=meta,
-               modules=modules, attribution=attribution) as rec:
+               modules=modules, attribution=attribution, noise_scale=noise_scale) as rec:
         batches = the_task.batches(batch, seed=seed)
         for step in range(steps):
             x, y = next(batches)
             if world is not None:
                 x, y = distributed.slice_of(x, y, world)
             x, y = _to(x, dev), y.to(dev, non_blocking=True)
-            with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
-                out_ = _forward(net, x)
-            loss, acc = loss_and_accuracy(out_, y)  # this process's share; watch() merges them over the ranks
             opt.zero_grad(set_to_none=True)
+            loss, acc = _backward(net, x, y, accumulate, scaler, amp, amp_dtype)
+            rec.step(loss=loss, accuracy=acc)  # this process's share; watch() merges them over the ranks
             if scaler is not None:
-                scaler.scale(loss).backward()
-                rec.step(loss=loss, accuracy=acc)
                 scaler.step(opt)
                 scaler.update()
             else:
-                loss.backward()
-                rec.step(loss=loss, accuracy=acc)
                 opt.step()
             schedule.step()
             if (step + 1) % eval_every == 0 or step + 1 == steps:
@@ -368,9 +395,42 @@ def train(
                                     refresh=False)
                     bar.update((step + 1) - bar.n)
         final_loss = float(shown.detach())
+    if world is None or world.rank == 0:
+        save_weights(model, rec.path)
     if bar is not None:
         bar.close()
     return TrainResult(path, steps, time.perf_counter() - start, final_loss, final_acc)
+
+
+def micro_batches(batch: int, accumulate: int) -> int:
+    """Samples per micro-batch of a process's ``batch``, refused unless it splits evenly (so
+    that the mean of the micro-batches' mean losses is the batch's)."""
+    if batch % accumulate:
+        raise ValueError(f"a batch of {batch} samples per process does not split into {accumulate} equal "
+                         f"micro-batches: choose a batch size that is a multiple of {accumulate}")
+    return batch // accumulate
+
+
+def _backward(net: nn.Module, x: Any, y: Tensor, accumulate: int, scaler: Any, amp: bool,
+              amp_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Forward and backward over ``accumulate`` micro-batches, each loss divided by their number;
+    the mean loss and accuracy (device scalars). DDP averages over the processes once, at the last."""
+    size = len(y) // accumulate
+    loss_sum = acc_sum = torch.zeros((), device=y.device)
+    for i in range(accumulate):
+        part = slice(i * size, (i + 1) * size)
+        xi = tuple(t[part] for t in x) if isinstance(x, tuple) else x[part]
+        sync = contextlib.nullcontext() if i == accumulate - 1 or not hasattr(net, "no_sync") else net.no_sync()
+        with sync:
+            with torch.autocast(y.device.type, dtype=amp_dtype, enabled=amp):
+                out = _forward(net, xi)
+            loss, acc = loss_and_accuracy(out, y[part])
+            share = loss if accumulate == 1 else loss / accumulate
+            (scaler.scale(share) if scaler is not None else share).backward()
+        if accumulate == 1:
+            return loss, acc
+        loss_sum, acc_sum = loss_sum + loss.detach(), acc_sum + acc
+    return loss_sum / accumulate, acc_sum / accumulate
 
 
 def _head(inputs: Any, n: int) -> Any:

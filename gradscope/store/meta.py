@@ -19,6 +19,8 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 META_FILE = "meta.json"
+#: The trained model's weights, which ``gradscope run`` keeps for the analyses (safetensors: no pickle)
+MODEL_FILE = "model.safetensors"
 #: The ``type`` in the layer table of a row of parameters that no watched module owns (norms only).
 PARAMETER_TYPE = "Parameter"
 

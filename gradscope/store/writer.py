@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gradscope.store.lock import LOCK_FILE, RunLock
-from gradscope.store.meta import META_FILE, RunError, atomic_write, write_json
+from gradscope.store.meta import META_FILE, MODEL_FILE, RunError, atomic_write, write_json
 from gradscope.store.schema import TABLES
 
 
@@ -212,7 +212,7 @@ def _prepare_directory(path: Path, overwrite: bool) -> None:
                 part.unlink()
             with contextlib.suppress(OSError):
                 folder.rmdir()  # left in place when it holds anything gradscope did not write
-    for name in (META_FILE, f".{META_FILE}.tmp"):
+    for name in (META_FILE, f".{META_FILE}.tmp", MODEL_FILE, f".{MODEL_FILE}.tmp"):
         with contextlib.suppress(FileNotFoundError):
             (path / name).unlink()
 
