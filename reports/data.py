@@ -45,6 +45,10 @@ class ReportData:
     scalars: pd.DataFrame
     summaries: list[RunSummary]
     attribution: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: what ``gradscope analyse`` stored: each analysis's table of every run, with a "run" column
+    shattering: pd.DataFrame = field(default_factory=pd.DataFrame)
+    lesion: pd.DataFrame = field(default_factory=pd.DataFrame)
+    noise_scale: pd.DataFrame = field(default_factory=pd.DataFrame)
     #: per run label, the measured NaN and inf cells of each table (``findings.non_finite_cells``)
     non_finite: dict[str, dict[str, pd.DataFrame]] = field(default_factory=dict)
 
@@ -147,4 +151,5 @@ def collect(runs: Sequence[RunLike]) -> ReportData:
         scalars=stack([r.scalars for r in loaded]),
         summaries=[summarise(r, label, c) for r, label, c in zip(loaded, labels, cells)],
         attribution=stack([r.attribution for r in loaded]), non_finite=dict(zip(labels, cells)),
+        **{name: stack([getattr(r, name) for r in loaded]) for name in ("shattering", "lesion", "noise_scale")},
     )

@@ -276,3 +276,57 @@ def coord_check(table: pd.DataFrame, steps: int = 4) -> Figure:
         _empty(axes[0])
     fig.suptitle("one line per layer; colour: depth (dark = input side, yellow = output)", fontsize="small")
     return fig
+
+
+def shattering(table: pd.DataFrame) -> Figure:
+    """Lag-1 autocorrelation and spectrum slope of dL/dx along the line, per run and checkpoint."""
+    fig, axes = _figure(2)
+    frame, hue = _runs(table)
+    for ax, (column, title) in zip(axes, (("autocorr_lag1", "lag-1 autocorrelation of dL/dx (1 smooth, 0 white)"),
+                                          ("spectrum_slope", "power spectrum slope (0 white, -2 brown)"))):
+        data = frame[np.isfinite(frame[column].astype(float))] if len(frame) else frame
+        if len(data):
+            sns.lineplot(data=data, x="step", y=column, ax=ax, marker="o", **hue)
+        else:
+            _empty(ax, "not measured")
+        ax.set(title=title, xlabel="checkpoint step", ylabel=column)
+    axes[0].axhline(0.0, color="0.6", linewidth=0.8, linestyle=":")
+    _legend_outside(fig, axes)
+    return fig
+
+
+def lesion(table: pd.DataFrame) -> Figure:
+    """Loss increase with each block replaced by the identity, in execution order (log scale)."""
+    fig, axes = _figure(1)
+    frame, hue = _runs(table)
+    data = frame[frame.step == frame.groupby("run").step.transform("max")] if len(frame) else frame
+    data = _positive(data, "loss_increase") if len(data) else data
+    ax = axes[0]
+    if len(data):
+        data = data.assign(rel_order=data.order / data.groupby("run").order.transform("max").clip(lower=1))
+        sns.lineplot(data=data, x="rel_order", y="loss_increase", ax=ax, marker="o", **hue)
+        ax.set_yscale("log")
+    else:
+        _empty(ax, "no block could be replaced")
+    ax.set(title="loss increase without the block", xlabel="relative block position", ylabel="loss - base loss")
+    _legend_outside(fig, axes)
+    return fig
+
+
+def noise_scale(table: pd.DataFrame) -> Figure:
+    """B_simple over training, per run, with each run's batch size for scale (log axis)."""
+    fig, axes = _figure(1)
+    frame, hue = _runs(table)
+    data = _positive(frame, "b_simple") if len(frame) else frame
+    ax = axes[0]
+    if len(data):
+        sns.lineplot(data=data, x="step", y="b_simple", ax=ax, marker=_marker(data), **hue)
+        for run, rows in data.groupby("run", sort=False):
+            ax.axhline(float(rows.b_big.iloc[-1]), color=hue["palette"][run], linewidth=0.8, linestyle=":")
+        ax.set_yscale("log")
+    else:
+        _empty(ax, "no positive estimate yet")
+    ax.set(title="B_simple (dotted: batch size)", xlabel="step", ylabel="B_simple")
+    _legend_outside(fig, axes)
+    return fig
+
