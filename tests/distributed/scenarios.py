@@ -69,3 +69,42 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, rec, data, rank: int = 0
         if after_step is not None:
             after_step(step)
     return losses
+
+
+def noise_problem(n: int = 256, dim: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed least-squares dataset for the gradient noise scale (single- and multi-process tests)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, dim, generator=g)
+    y = x @ torch.randn(dim, 1, generator=g) + 0.5 * torch.randn(n, 1, generator=g)
+    return x, y
+
+
+def noise_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Linear(6, 1)
+
+
+def per_example_truth(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """|G|^2 and tr(Sigma) of the dataset, directly from every example's own gradient (float64)."""
+    rows = []
+    for i in range(len(x)):
+        model.zero_grad()
+        F.mse_loss(model(x[i:i + 1]), y[i:i + 1]).backward()
+        rows.append(torch.cat([p.grad.flatten() for p in model.parameters()]).double())
+    model.zero_grad()
+    per = torch.stack(rows)
+    mean = per.mean(0)
+    return float(mean.square().sum()), float((per - mean).square().sum(1).mean())
+
+
+def noise_steps(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int,
+                micro: int, size: int, seed: int) -> None:
+    """Steps of ``micro`` micro-batches of ``size`` examples drawn with replacement (so the small
+    batches are independent, as the estimators assume), each loss divided by ``micro``."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        opt.zero_grad()
+        for _ in range(micro):
+            idx = torch.randint(0, len(x), (size,), generator=g)
+            (F.mse_loss(model(x[idx]), y[idx]) / micro).backward()
+        opt.step()

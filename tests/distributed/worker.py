@@ -111,6 +111,13 @@ def scenario(name: str, out: Path, rank: int, world: int) -> dict:
             (out / f"{name}.rank{rank}.json").write_text(json.dumps(result))
             os._exit(0)  # a collective is left pending: no orderly teardown
         return {}
+    if name == "noise":  # the gradient noise scale from each rank's micro-batches, lr 0 so G stays put
+        wrapped = ddp(scenarios.noise_model())
+        opt = torch.optim.SGD(wrapped.parameters(), lr=0.0)
+        x, y = scenarios.noise_problem()
+        with gradscope.watch(wrapped, run=out / name, optimizer=opt, noise_scale=True, every=1, flush_every=250):
+            scenarios.noise_steps(wrapped, opt, x, y, steps=1000, micro=2, size=8, seed=10 + rank)
+        return {}
     if name == "disagree":  # rank 1 asks for another schedule: every rank must refuse
         try:
             gradscope.watch(model, run=out / name, every=1 + rank)

@@ -1,0 +1,257 @@
+"""The analyses (``gradscope.analyses``, ``gradscope analyse``): shattered gradients, lesions and
+the gradient noise scale, on the papers' settings, stored in runs and shown in reports."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from gradscope.cli.main import main
+from torch import nn
+
+import gradscope
+from gradscope.analyses import shattering
+from gradscope.analyses.shattering import measures
+from gradscope.lab import models
+from gradscope.lab.presets import PRESETS
+from gradscope.lab.train import rebuild, train
+from gradscope.store.lock import RunLockedError
+
+sys.path.insert(0, str(Path(__file__).parent / "distributed"))
+import scenarios  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _paper_net(name: str, seed: int) -> nn.Module:
+    """Balduzzi et al. 2017's setting: a 1-D input, 24 fully connected ReLU layers of 200 with BatchNorm."""
+    torch.manual_seed(seed)
+    return models.create(name, depth=24, width=200, in_channels=1, input_size=1, num_classes=1, norm="batch")
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------ shattering
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_plain_gradients_shatter_and_residual_ones_do_not_at_initialisation(seed):
+    line = (torch.tensor([-2.0]), torch.tensor([2.0]))
+    plain = shattering(_paper_net("mlp_plain", seed), *line)
+    residual = shattering(_paper_net("mlp_residual", seed), *line)
+    assert plain.autocorr_lag1.item() < 0.2
+    assert residual.autocorr_lag1.item() > 0.5
+    assert residual.spectrum_slope.item() < plain.spectrum_slope.item() - 0.5  # toward brown noise
+    assert plain.points.item() == residual.points.item() == 256
+
+
+def test_measures_of_white_and_brown_noise():
+    rng = np.random.default_rng(0)
+    white = rng.standard_normal((4096, 1))
+    brown = np.cumsum(white, axis=0)
+    w, b = measures(white), measures(brown)
+    assert abs(w["autocorr_lag1"]) < 0.05 and abs(w["spectrum_slope"]) < 0.2
+    assert b["autocorr_lag1"] > 0.95 and b["spectrum_slope"] == pytest.approx(-2, abs=0.3)
+
+
+def test_shattering_leaves_the_model_and_the_random_stream_as_they_were():
+    model = _paper_net("mlp_plain", 0).eval()
+    before, rng = _state(model), torch.get_rng_state()
+    shattering(model, torch.tensor([-1.0]), torch.tensor([1.0]), points=64)  # train mode inside: BN updates
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(m.training for m in model.modules())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_shattering_refuses_token_inputs():
+    with pytest.raises(ValueError, match="floating point"):
+        shattering(nn.Embedding(4, 2), torch.tensor([0]), torch.tensor([3]))
+
+
+# ---------------------------------------------------------------------------------- lesion
+
+
+@pytest.fixture(scope="module")
+def degraded(tmp_path_factory) -> Path:
+    """plain20 and resnet20 trained with the degradation preset's recipe (16x16 images, batch 32),
+    300 of its 2,000 steps."""
+    out = tmp_path_factory.mktemp("degradation")
+    preset = PRESETS["degradation"]
+    for name in ("plain20", "resnet20"):
+        train(name, task=preset.task, steps=300, every=50, out=out, batch_size=preset.batch_size, progress=False,
+              eval_limit=64, task_options=preset.task_options)
+    return out
+
+
+def test_lesion_residual_blocks_matter_10x_less_than_plain_ones(degraded):
+    result = CliRunner().invoke(main, ["analyse", "lesion", str(degraded / "plain20"), str(degraded / "resnet20"),
+                                       "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "median loss increase" in result.output
+    plain, residual = (gradscope.load_run(degraded / name).lesion for name in ("plain20", "resnet20"))
+    assert len(plain) == len(residual) == 9 and (plain.step == 300).all()
+    assert plain.residual.eq(False).all() and residual.residual.all()
+    # the two stage-opening blocks change shape: kept, with the reason, and no loss
+    assert plain.reason.notna().sum() == 2 and plain.loss[plain.reason.notna()].isna().all()
+    median_plain, median_residual = plain.loss_increase.median(), residual.loss_increase.median()
+    assert median_residual * 10 <= median_plain, (median_plain, median_residual)
+
+
+def test_lesion_rows_and_an_untouched_model():
+    torch.manual_seed(0)
+    model = models.create("mlp_residual", depth=6, width=16, in_channels=1, input_size=4, num_classes=3,
+                          norm="batch")
+    x, y = torch.randn(32, 1, 4, 4), torch.randint(0, 3, (32,))
+    before = _state(model)
+    rows = gradscope.analyses.lesion(model, x, y, step=7)
+    assert list(rows.block) == [f"blocks.{i}" for i in range(4)] and list(rows.order) == [0, 1, 2, 3]
+    assert (rows.step == 7).all() and rows.loss.notna().all() and rows.accuracy.between(0, 1).all()
+    assert np.allclose(rows.loss - rows.base_loss, rows.loss_increase)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training and not any(m._forward_hooks for m in model.modules())
+    out = model.eval()(x)  # removing the block is really removing it: the model without blocks.0
+    with torch.no_grad():
+        h = model.stem(x)
+        for block in list(model.blocks)[1:]:
+            h = block(h)
+        expected = torch.nn.functional.cross_entropy(model.head(h), y).item()
+    assert rows.loss.iloc[0] == pytest.approx(expected, rel=1e-5)
+    assert out.shape == (32, 3)
+
+
+# ------------------------------------------------------------------------------ noise scale
+
+
+def test_noise_scale_matches_the_per_example_computation(tmp_path):
+    """Micro-batch norms of gradient accumulation (4 x 8 samples) against the direct |G|^2 and
+    tr(Sigma) over every example's own gradient, on a linear model held still (lr 0)."""
+    x, y = scenarios.noise_problem()
+    model = scenarios.noise_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gradscope.watch(model, tmp_path / "run", optimizer=opt, noise_scale=True, flush_every=250):
+        scenarios.noise_steps(model, opt, x, y, steps=1000, micro=4, size=8, seed=0)
+    table = gradscope.analyses.noise_scale(tmp_path / "run")
+    assert (table.b_small == 8).all() and (table.b_big == 32).all() and len(table) == 1000
+    g_sq, trace = scenarios.per_example_truth(scenarios.noise_model(), x, y)
+    assert table.g_sq.mean() == pytest.approx(g_sq, rel=0.05)
+    assert table.trace_sigma.mean() == pytest.approx(trace, rel=0.05)
+    assert table.trace_sigma.mean() / table.g_sq.mean() == pytest.approx(trace / g_sq, rel=0.05)
+    assert table.b_simple.iloc[-1] == pytest.approx(table.trace_sigma_smooth.iloc[-1] / table.g_sq_smooth.iloc[-1])
+
+
+def test_noise_scale_is_off_unless_asked_and_leaves_no_hook(tmp_path):
+    model = scenarios.noise_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = scenarios.noise_problem()
+    with gradscope.watch(model, tmp_path / "off", optimizer=opt):
+        assert all(not p._backward_hooks for p in model.parameters())
+        scenarios.noise_steps(model, opt, x, y, steps=3, micro=2, size=4, seed=0)
+    run = gradscope.load_run(tmp_path / "off")
+    assert run.scalars.grad_small_sq.isna().all() and run.meta["noise_scale"] is False
+    with pytest.raises(ValueError, match="noise_scale=True"):
+        gradscope.analyses.noise_scale(run)
+    with gradscope.watch(model, tmp_path / "on", optimizer=opt, noise_scale=True):
+        assert all(p._backward_hooks for p in model.parameters())
+    assert all(not p._backward_hooks for p in model.parameters())
+
+
+def test_noise_scale_recording_is_an_observer(tmp_path):
+    x, y = scenarios.noise_problem()
+    finals = []
+    for watched in (False, True):
+        model = scenarios.noise_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        rec = gradscope.watch(model, tmp_path / "obs", optimizer=opt, noise_scale=True, every=2,
+                              overwrite=True) if watched else None
+        scenarios.noise_steps(model, opt, x, y, steps=8, micro=3, size=5, seed=1)
+        if rec is not None:
+            rec.close()
+        finals.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*finals))
+    recorded = gradscope.load_run(tmp_path / "obs").scalars
+    assert list(recorded.step[recorded.grad_small_sq.notna()]) == [0, 2, 4, 6]  # on recorded steps only
+
+
+# ---------------------------------------------------------------------------------- storing
+
+
+def _frame(step: int, value: float) -> pd.DataFrame:
+    return pd.DataFrame([{"step": step, "autocorr_lag1": value, "spectrum_slope": -1.0, "grad_norm_mean": 1.0,
+                          "points": 256, "line": "a -> b"}])
+
+
+def test_save_into_a_closed_run_and_a_live_one(tmp_path):
+    model = scenarios.noise_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = scenarios.noise_problem()
+    with gradscope.watch(model, tmp_path / "run", optimizer=opt) as rec:
+        scenarios.noise_steps(model, opt, x, y, steps=2, micro=1, size=4, seed=0)
+        gradscope.analyses.save(rec, "shattering", _frame(2, 0.5))  # through the recorder's writer
+        with pytest.raises(RunLockedError):  # never beside a live writer
+            gradscope.analyses.save(tmp_path / "run", "shattering", _frame(2, 0.1))
+    gradscope.analyses.save(tmp_path / "run", "shattering", _frame(5, 0.7))
+    gradscope.analyses.save(tmp_path / "run", "shattering", _frame(2, 0.9))  # the same step again: replaces
+    run = gradscope.load_run(tmp_path / "run")
+    assert list(run.shattering.step) == [2, 5] and list(run.shattering.autocorr_lag1) == [0.9, 0.7]
+    assert run.meta["parts"]["shattering"] == 3 and run.status == "finished"
+    with pytest.raises(ValueError, match="no column 'bogus'"):
+        gradscope.analyses.save(tmp_path / "run", "shattering", _frame(1, 0.0).assign(bogus=1))
+
+
+# ------------------------------------------------------------------------ command line, report
+
+
+@pytest.fixture(scope="module")
+def accumulated(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli")
+    result = CliRunner().invoke(main, ["run", "mlp_plain", "mlp_residual", "--steps", "12", "--every", "2",
+                                       "--batch-size", "32", "--accumulate", "4", "--noise-scale",
+                                       "--set", "depth=6", "--set", "width=32", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_cli_analyses_store_their_tables_and_the_report_shows_them(accumulated, tmp_path):
+    runs = [str(accumulated / "mlp_plain"), str(accumulated / "mlp_residual")]
+    for command in ("shattering", "lesion", "noise-scale"):
+        result = CliRunner().invoke(main, ["analyse", command, *runs])
+        assert result.exit_code == 0, (command, result.output)
+    run = gradscope.load_run(runs[1])
+    assert list(run.shattering.step) == [0, 12]  # at initialisation and after training
+    assert len(run.lesion) == 4 and len(run.noise_scale) == 6 and (run.noise_scale.b_big == 32).all()
+    assert (run.noise_scale.b_small == 8).all()
+    model, _, _ = rebuild(runs[1], trained=True)
+    initial, _, _ = rebuild(runs[1], trained=False)
+    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), initial.parameters()))
+    html = tmp_path / "r.html"
+    assert CliRunner().invoke(main, ["report", *runs, "-o", str(html)]).exit_code == 0
+    text = html.read_text()
+    for section in ('id="shattering"', 'id="lesion"', 'id="noise-scale"', "Balduzzi", "Veit", "McCandlish"):
+        assert section in text
+
+
+def test_cli_analyses_refuse_what_they_cannot_analyse(accumulated, tmp_path):
+    bare = tmp_path / "bare"
+    model = scenarios.noise_model()
+    with gradscope.watch(model, bare):
+        model(torch.randn(2, 6)).sum().backward()
+    parts = gradscope.load_run(accumulated / "mlp_plain").meta["parts"]
+    for command, expected in (("lesion", "not made by `gradscope run`"), ("noise-scale", "noise_scale=True"),
+                              ("shattering", "not made by `gradscope run`")):
+        result = CliRunner().invoke(main, ["analyse", command, str(accumulated / "mlp_plain"), str(bare)])
+        assert result.exit_code == 2 and expected in result.output, (command, result.output)
+        assert "Traceback" not in result.output
+    assert gradscope.load_run(accumulated / "mlp_plain").meta["parts"] == parts  # every run checked before any
+    result = CliRunner().invoke(main, ["run", "mlp_plain", "--steps", "2", "--noise-scale", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--accumulate 2" in result.output
+    result = CliRunner().invoke(main, ["run", "mlp_plain", "--steps", "2", "--accumulate", "3", "--batch-size", "32",
+                                       "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "multiple of 3" in result.output
