@@ -127,6 +127,40 @@ def test_lesion_rows_and_an_untouched_model():
     assert out.shape == (32, 3)
 
 
+class _CachingBlock(nn.Module):
+    """Returns (hidden state, cache), as a Hugging Face block does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, str]:
+        return x + self.lin(x), "cache"
+
+
+class _CachingNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([_CachingBlock(), _CachingBlock()])
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x, cache = block(x)
+            assert cache == "cache"  # the rest of a block's outputs pass through a lesion
+        return self.head(x)
+
+
+def test_lesion_of_blocks_returning_several_outputs():
+    torch.manual_seed(0)
+    model, x, y = _CachingNet(), torch.randn(16, 4), torch.randint(0, 3, (16,))
+    rows = gradscope.analyses.lesion(model, x, y)
+    assert list(rows.block) == ["blocks.0", "blocks.1"] and rows.reason.isna().all()
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model.head(model.blocks[1](x)[0]), y).item()
+    assert rows.loss.iloc[0] == pytest.approx(expected, rel=1e-5)
+
+
 # ------------------------------------------------------------------------------ noise scale
 
 

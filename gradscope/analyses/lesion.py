@@ -64,6 +64,10 @@ def lesion(model: nn.Module, inputs: Any, targets: Tensor, *, loss_fn: LossFn | 
 
 
 def _identity(module: nn.Module, args: Any, output: Any) -> Any:
+    """The block's input in place of its output (of the first output, where it returns several:
+    a Hugging Face block returns the hidden state with its attention cache)."""
+    if isinstance(output, tuple):
+        return (args[0], *output[1:])
     return args[0]
 
 
@@ -77,7 +81,8 @@ def _execution_order(model: nn.Module, inputs: Any, modules: list[nn.Module]
         if id(module) not in order:
             order[id(module)] = len(order)
             x = args[0] if args else None
-            keeps_shape[id(module)] = isinstance(x, Tensor) and isinstance(output, Tensor) and x.shape == output.shape
+            y = output[0] if isinstance(output, tuple) and output else output
+            keeps_shape[id(module)] = isinstance(x, Tensor) and isinstance(y, Tensor) and x.shape == y.shape
 
     handles = [m.register_forward_hook(note) for m in modules]
     try:
