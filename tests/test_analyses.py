@@ -195,6 +195,9 @@ def test_noise_scale_is_off_unless_asked_and_leaves_no_hook(tmp_path):
     with gradscope.watch(model, tmp_path / "on", optimizer=opt, noise_scale=True):
         assert all(p._backward_hooks for p in model.parameters())
     assert all(not p._backward_hooks for p in model.parameters())
+    with pytest.raises(FileExistsError):  # a refused run leaves no hook behind either
+        gradscope.watch(model, tmp_path / "on", optimizer=opt, noise_scale=True)
+    assert all(not p._backward_hooks for p in model.parameters()) and not model._forward_pre_hooks
 
 
 def test_noise_scale_recording_is_an_observer(tmp_path):

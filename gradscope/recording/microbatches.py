@@ -37,8 +37,13 @@ class MicroBatchNorms:
         self._pending = False  # a backward's norms are in _norms, its end callback queued
         self._samples = 0  # samples of the forwards since the last backward ended
         self._backwards: dict[int, int] = {}  # slot -> backward passes of this rank in the step
-        self._handles = [p.register_hook(partial(self._gradient, i)) for i, p in enumerate(params)]
-        self._handles.append(model.register_forward_pre_hook(self._forward))
+        self._model, self._params = model, params
+        self._handles: list[Any] = []
+
+    def attach(self) -> None:
+        """Hook every parameter and the model (after the run is open: a refused run leaves no hook)."""
+        self._handles = [p.register_hook(partial(self._gradient, i)) for i, p in enumerate(self._params)]
+        self._handles.append(self._model.register_forward_pre_hook(self._forward))
 
     def _forward(self, module: nn.Module, args: Any) -> None:
         if self._clock.recording and torch.is_grad_enabled() and not torch.compiler.is_compiling():

@@ -169,6 +169,8 @@ class Recorder:
                 self._probes.pin()
             else:
                 self._probes.sync(self._clock.recording)
+            if self._micro is not None:
+                self._micro.attach()
             self._handles.append(model.register_forward_pre_hook(self._model_pre_hook))
             self._handles.append(model.register_forward_hook(self._model_forward_end))
             if optimizer is not None:
