@@ -87,6 +87,8 @@ def _train_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="split each process's batch into K micro-batches, gradients added before the update")
 @click.option("--noise-scale", is_flag=True, help="record each micro-batch's gradient norm for `gradscope analyse "
               "noise-scale` (needs --accumulate 2 or more, or --nproc 2 or more)")
+@click.option("--shattering-every", default=None, type=click.IntRange(min=1), metavar="M",
+              help="shattered-gradient measures every M steps and at the end (models with continuous inputs)")
 @click.option("--overwrite", is_flag=True, help="replace existing runs of the same name")
 @click.option("--nproc", default=1, show_default=True, type=click.IntRange(min=1), metavar="N",
               help="train data-parallel in N processes (DDP, started through torch.distributed.run); "
@@ -96,7 +98,8 @@ def _train_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def run_command(model_names: tuple[str, ...], task: str | None, steps: int, every: int, out: Path,
                 batch_size: int | None, lr: float | None, eval_every: int | None, data_dir: Path | None,
                 settings: tuple[str, ...], amp: bool, watch_activations: bool, attribution_every: int | None,
-                attribution_method: str, accumulate: int, noise_scale: bool, overwrite: bool, nproc: int,
+                attribution_method: str, accumulate: int, noise_scale: bool, shattering_every: int | None,
+                overwrite: bool, nproc: int,
                 device: str, seed: int, progress: bool) -> None:
     """Train and record each MODEL on a built-in task, one run directory per model.
 
@@ -116,7 +119,8 @@ def run_command(model_names: tuple[str, ...], task: str | None, steps: int, ever
     processes = world.size if world is not None else nproc
     # everything that can fail is checked for every model before the first one trains (or processes start)
     dev = check_options(steps=steps, every=every, lr=lr, batch_size=batch_size, eval_every=eval_every,
-                        attribution_every=attribution_every, device=device, amp=amp, accumulate=accumulate)
+                        attribution_every=attribution_every, device=device, amp=amp, accumulate=accumulate,
+                        shattering_every=shattering_every)
     if noise_scale and accumulate == 1 and processes == 1:
         raise InputError("--noise-scale compares small batches with the step's batch: add --accumulate 2 (or more) "
                          "or --nproc 2 (or more)")
@@ -128,7 +132,8 @@ def run_command(model_names: tuple[str, ...], task: str | None, steps: int, ever
                          f"{out / twice[0]}, so name a model once per command")
     overrides = parse_settings(settings)
     check(model_names, task, data_dir=str(data_dir) if data_dir else None, seed=seed, overrides=overrides,
-          steps=steps, batch_size=batch_size, processes=processes, accumulate=accumulate)
+          steps=steps, batch_size=batch_size, processes=processes, accumulate=accumulate,
+          shattering=shattering_every is not None)
     if world is None or world.rank == 0:  # rank 0 writes the runs; the others would see its fresh directories
         for name in model_names:  # as the run writer decides, but before the first model trains
             check_replaceable(out / name, overwrite)
@@ -141,7 +146,7 @@ def run_command(model_names: tuple[str, ...], task: str | None, steps: int, ever
                        data_dir=str(data_dir) if data_dir else None, overrides=overrides,
                        overwrite=overwrite, progress=progress, watch_activations=watch_activations,
                        attribution_every=attribution_every, attribution_method=attribution_method,
-                       accumulate=accumulate, noise_scale=noise_scale)
+                       accumulate=accumulate, noise_scale=noise_scale, shattering_every=shattering_every)
         if world is None or world.rank == 0:
             click.echo(f"{name}: {result.steps} steps in {result.seconds:.1f}s, final loss {result.final_loss:.4f}, "
                        f"held-out accuracy {result.final_eval_accuracy:.3f} -> {result.run}")

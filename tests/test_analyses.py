@@ -292,3 +292,24 @@ def test_cli_analyses_refuse_what_they_cannot_analyse(accumulated, tmp_path):
     result = CliRunner().invoke(main, ["run", "mlp_plain", "--steps", "2", "--accumulate", "3", "--batch-size", "32",
                                        "--out", str(tmp_path)])
     assert result.exit_code == 2 and "multiple of 3" in result.output
+
+
+def test_shattering_checkpoints_during_training_leave_the_training_as_it_was(tmp_path):
+    """``gradscope run --shattering-every``: the measures at steps 0, 3, 6 and the end, stored in
+    the run while it is written; the trained weights equal those of the same run without them."""
+    options = dict(steps=7, every=1, batch_size=16, progress=False, eval_limit=32,
+                   overrides={"depth": 5, "width": 32, "norm": "batch"})
+    train("mlp_residual", out=tmp_path, run_name="plain-run", **options)
+    train("mlp_residual", out=tmp_path, run_name="checkpointed", shattering_every=3, **options)
+    with_checkpoints, _, _ = rebuild(tmp_path / "checkpointed", trained=True)
+    without, _, _ = rebuild(tmp_path / "plain-run", trained=True)
+    assert all(torch.equal(a, b) for a, b in zip(with_checkpoints.state_dict().values(),
+                                                 without.state_dict().values()))
+    run = gradscope.load_run(tmp_path / "checkpointed")
+    assert list(run.shattering.step) == [0, 3, 6, 7] and run.shattering.autocorr_lag1.notna().all()
+    plain = gradscope.load_run(tmp_path / "plain-run")  # the checkpoints' forwards were not recorded:
+    assert run.status == "finished" and len(run.layers) == len(plain.layers)  # the same statistics
+    pd.testing.assert_frame_equal(run.layers.drop(columns="calls", errors="ignore"),
+                                  plain.layers.drop(columns="calls", errors="ignore"))
+    with pytest.raises(ValueError, match="token ids"):
+        train("transformer_lm_pre", out=tmp_path, steps=1, shattering_every=1, progress=False)

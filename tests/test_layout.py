@@ -25,7 +25,7 @@ ALLOWED = {
     "gradscope.store": {"gradscope.version"},
     "gradscope.recording": {"gradscope.store", "gradscope.version"},
     "gradscope.analysis": {"gradscope.store", "gradscope.version"},
-    "gradscope.lab": {"gradscope.recording", "gradscope.store", "gradscope.version"},
+    "gradscope.lab": {"gradscope.analyses", "gradscope.recording", "gradscope.store", "gradscope.version"},
     "gradscope.integrations": {"gradscope.recording", "gradscope.store", "gradscope.version"},
     "gradscope.analyses": {"gradscope.recording", "gradscope.store", "gradscope.version"},
     "gradscope.testing": {"gradscope.recording", "gradscope.store", "gradscope.lab", "gradscope.analysis",

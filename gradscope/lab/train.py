@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gradscope import analyses
 from gradscope.lab import distributed, models
 from gradscope.lab.tasks import DEFAULT_TASK, Task, check_task, get_task
 from gradscope.lab.tasks.sequences import IGNORE
@@ -184,7 +185,8 @@ def _check_settings(name: str, task: str | None, overrides: dict[str, Any], data
 
 def check(names: Sequence[str], task: str | None = None, *, data_dir: str | None = None, seed: int = 0,
           overrides: dict[str, Any] | None = None, task_options: dict[str, Any] | None = None,
-          steps: int = 1, batch_size: int | None = None, processes: int = 1, accumulate: int = 1) -> None:
+          steps: int = 1, batch_size: int | None = None, processes: int = 1, accumulate: int = 1,
+          shattering: bool = False) -> None:
     """Raise what ``train`` would raise for any of ``names`` about its model and task, before any trains.
 
     The CLI trains several models in one command: a setting that does not fit the last one must
@@ -207,11 +209,14 @@ def check(names: Sequence[str], task: str | None = None, *, data_dir: str | None
                              task_options=task_options, make_task=make_task)
         micro_batches(distributed.share(min(_recipe(name, steps, batch_size, None).batch_size, the_task.train_size),
                                         processes), accumulate)
+        if shattering:
+            shattering_line(the_task, name)
 
 
 def check_options(*, steps: int = 1, every: int = 1, lr: float | None = None, batch_size: int | None = None,
                   eval_every: int | None = None, eval_limit: int = 1, attribution_every: int | None = None,
-                  device: str = "auto", amp: bool = False, accumulate: int = 1) -> torch.device:
+                  device: str = "auto", amp: bool = False, accumulate: int = 1,
+                  shattering_every: int | None = None) -> torch.device:
     """The device to train on, once the options are known good: counts of at least 1, a learning
     rate that is a positive finite number, a device that exists, AMP only on CUDA.
 
@@ -220,7 +225,8 @@ def check_options(*, steps: int = 1, every: int = 1, lr: float | None = None, ba
     """
     for label, value, required in (("steps", steps, True), ("every", every, True), ("batch_size", batch_size, False),
                                    ("eval_every", eval_every, False), ("eval_limit", eval_limit, True),
-                                   ("attribution_every", attribution_every, False), ("accumulate", accumulate, True)):
+                                   ("attribution_every", attribution_every, False), ("accumulate", accumulate, True),
+                                   ("shattering_every", shattering_every, False)):
         if value is None and not required:
             continue
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
@@ -309,6 +315,7 @@ def train(
     task_options: dict[str, Any] | None = None,
     accumulate: int = 1,
     noise_scale: bool = False,
+    shattering_every: int | None = None,
 ) -> TrainResult:
     """Train reference model ``name`` on a built-in task for ``steps`` steps, recording the run.
 
@@ -328,12 +335,14 @@ def train(
     ``accumulate`` splits each process's batch into that many micro-batches, their gradients
     added before the update (the same update, in more, smaller backward passes).
     ``noise_scale`` records each micro-batch's gradient norm (``watch(noise_scale=True)``) for
-    ``gradscope.analyses.noise_scale``. When training ends the weights are kept in the run
-    (``model.safetensors``) for the other analyses.
+    ``gradscope.analyses.noise_scale``. ``shattering_every`` stores the shattering measures
+    (``gradscope.analyses.shattering``, on the line between the first two held-out inputs) at
+    steps 0, M, 2M, ... and at the end, computed on rank 0 between steps. When training ends the
+    weights are kept in the run (``model.safetensors``) for the other analyses.
     """
     dev = check_options(steps=steps, every=every, lr=lr, batch_size=batch_size, eval_every=eval_every,
                         eval_limit=eval_limit, attribution_every=attribution_every, device=device, amp=amp,
-                        accumulate=accumulate)
+                        accumulate=accumulate, shattering_every=shattering_every)
     world = distributed.from_env()
     if world is not None:
         dev = distributed.device_for(dev, world)
@@ -363,11 +372,15 @@ def train(
     if attribution_every is not None:
         probe = (_head(the_task.test_inputs, PROBE_SIZE), the_task.test_targets[:PROBE_SIZE])
         attribution = Attribution(probe, every=attribution_every, method=attribution_method)
+    line = shattering_line(the_task, name) if shattering_every else None
+    checkpoints = line is not None and (world is None or world.rank == 0)  # rank 0 writes the run
     net = distributed.wrap(model, dev, world)  # the model itself when training alone
     with watch(net, path, every=every, optimizer=opt, scaler=scaler, overwrite=overwrite, meta=meta,
                modules=modules, attribution=attribution, noise_scale=noise_scale) as rec:
         batches = the_task.batches(batch, seed=seed)
         for step in range(steps):
+            if checkpoints and step % shattering_every == 0:  # the model as the steps before left it
+                analyses.save(rec, "shattering", analyses.shattering(model, *line, step=step))
             x, y = next(batches)
             if world is not None:
                 x, y = distributed.slice_of(x, y, world)
@@ -395,11 +408,22 @@ def train(
                                     refresh=False)
                     bar.update((step + 1) - bar.n)
         final_loss = float(shown.detach())
+        if checkpoints:
+            analyses.save(rec, "shattering", analyses.shattering(model, *line, step=steps))
     if world is None or world.rank == 0:
         save_weights(model, rec.path)
     if bar is not None:
         bar.close()
     return TrainResult(path, steps, time.perf_counter() - start, final_loss, final_acc)
+
+
+def shattering_line(task: Task, name: str) -> tuple[Tensor, Tensor]:
+    """The line the shattering checkpoints measure along: from the first held-out input to the second."""
+    inputs = task.test_inputs
+    if isinstance(inputs, tuple) or not inputs.is_floating_point():
+        raise ValueError(f"{name} reads token ids, and a line between two token sequences has no inputs in "
+                         "between: shattering needs a model with continuous inputs")
+    return inputs[0], inputs[1]
 
 
 def micro_batches(batch: int, accumulate: int) -> int:
