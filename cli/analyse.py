@@ -103,8 +103,10 @@ def lesion_command(run_paths: tuple[Path, ...], samples: int, device: str) -> No
 @_RUNS
 @click.option("--smoothing", default=0.9, show_default=True, type=FiniteFloat(min=0, max=1, max_open=True),
               help="exponential moving average factor for |G|^2 and tr(Sigma)")
+@click.option("--batch-small", default=None, type=click.IntRange(min=1), metavar="N",
+              help="samples per micro-batch, where the run could not count them (a model compiled in place)")
 @friendly_errors
-def noise_scale_command(run_paths: tuple[Path, ...], smoothing: float) -> None:
+def noise_scale_command(run_paths: tuple[Path, ...], smoothing: float, batch_small: int | None) -> None:
     """B_simple = tr(Sigma) / |G|^2 over training, from the small batches a run recorded.
 
     McCandlish et al. 2018: batches much larger than B_simple buy little per sample. Record the run
@@ -114,7 +116,8 @@ def noise_scale_command(run_paths: tuple[Path, ...], smoothing: float) -> None:
 
     from gradscope import analyses
 
-    tables = [(path, analyses.noise_scale(path, smoothing=smoothing)) for path in run_paths]  # all checked first
+    tables = [(path, analyses.noise_scale(path, smoothing=smoothing, batch_small=batch_small))
+              for path in run_paths]  # all checked first
     for path, rows in tables:
         analyses.save(path, "noise_scale", rows)
         b = rows["b_simple"].to_numpy()

@@ -313,3 +313,27 @@ def test_shattering_checkpoints_during_training_leave_the_training_as_it_was(tmp
                                   plain.layers.drop(columns="calls", errors="ignore"))
     with pytest.raises(ValueError, match="token ids"):
         train("transformer_lm_pre", out=tmp_path, steps=1, shattering_every=1, progress=False)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_noise_scale_of_compiled_models(tmp_path):
+    """torch.compile(model): the wrapper's hook counts the samples; model.compile() traces the
+    model's own hooks, so the samples are not counted and the analysis asks for batch_small."""
+    x, y = scenarios.noise_problem()
+    tables = {}
+    for how in ("wrapper", "in place"):
+        model = scenarios.noise_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        net = torch.compile(model) if how == "wrapper" else model
+        if how == "in place":
+            model.compile()
+        with gradscope.watch(net, tmp_path / how.replace(" ", "_"), optimizer=opt, noise_scale=True):
+            scenarios.noise_steps(net, opt, x, y, steps=4, micro=4, size=8, seed=0)
+        tables[how] = gradscope.load_run(tmp_path / how.replace(" ", "_"))
+    assert (tables["wrapper"].scalars.batch_small == 8).all()
+    with pytest.raises(ValueError, match="batch_small=N"):
+        gradscope.analyses.noise_scale(tables["in place"])
+    eager = gradscope.analyses.noise_scale(tables["wrapper"])
+    given = gradscope.analyses.noise_scale(tables["in place"], batch_small=8)
+    assert (given.b_big == 32).all()
+    np.testing.assert_allclose(given.g_sq, eager.g_sq, rtol=1e-4)

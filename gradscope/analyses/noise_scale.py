@@ -24,13 +24,27 @@ from gradscope.store import Run, load_run
 SMOOTHING = 0.9
 
 
-def noise_scale(run: Run | str | os.PathLike[str], *, smoothing: float = SMOOTHING) -> pd.DataFrame:
-    """B_simple over training, one row per recorded step with a small and a big batch."""
+def noise_scale(run: Run | str | os.PathLike[str], *, smoothing: float = SMOOTHING,
+                batch_small: int | None = None) -> pd.DataFrame:
+    """B_simple over training, one row per recorded step with a small and a big batch.
+
+    ``batch_small``: the samples in one micro-batch, where the recorder could not count them (a
+    model compiled in place, ``model.compile()``, runs the hook that counts them inside its graph).
+    """
     if not 0 <= smoothing < 1:
         raise ValueError(f"noise_scale: smoothing must be in [0, 1), got {smoothing}")
     run = run if isinstance(run, Run) else load_run(run)
-    s = run.scalars
-    usable = s["grad_small_sq"].notna() & (s["batch_big"] > s["batch_small"])
+    s = run.scalars.copy()
+    small = s["grad_small_sq"].notna()
+    if batch_small is not None:
+        if batch_small < 1:
+            raise ValueError(f"noise_scale: batch_small must be at least 1, got {batch_small}")
+        s["batch_small"], s["batch_big"] = float(batch_small), s["small_batches"] * batch_small
+    elif small.any() and not (s.loc[small, "batch_small"] > 0).any():
+        raise ValueError(f"run {run.path} holds small-batch gradient norms but not how many samples each had "
+                         "(a model compiled in place hides its inputs from the recorder): pass batch_small=N "
+                         "(gradscope analyse noise-scale --batch-small N)")
+    usable = small & (s["batch_big"] > s["batch_small"])
     if not usable.any():
         raise ValueError(f"run {run.path} holds no small-batch gradient norms: record it with "
                          "watch(noise_scale=True) (gradscope run --noise-scale) and either gradient "

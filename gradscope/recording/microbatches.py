@@ -26,8 +26,8 @@ class MicroBatchNorms:
     """Per recorded step: the sum over its backward passes of ||gradient||^2, how many there were
     and how many samples their forwards held (the first dimension of the model's first tensor input)."""
 
-    def __init__(self, model: nn.Module, clock: StepClock, buffer: StatsBuffer, slot: Any, device: torch.device
-                 ) -> None:
+    def __init__(self, model: nn.Module, outer: nn.Module, clock: StepClock, buffer: StatsBuffer, slot: Any,
+                 device: torch.device) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
         if any(type(p).__name__ in ("DTensor", "FlatParameter") for p in params):
             raise ValueError("gradscope.watch: noise_scale=True needs whole parameters on each rank (DDP or one "
@@ -37,13 +37,14 @@ class MicroBatchNorms:
         self._pending = False  # a backward's norms are in _norms, its end callback queued
         self._samples = 0  # samples of the forwards since the last backward ended
         self._backwards: dict[int, int] = {}  # slot -> backward passes of this rank in the step
-        self._model, self._params = model, params
+        self._outer, self._params = outer, params  # samples are counted on the outermost module, which
+        # runs eagerly also around a compiled model (torch.compile(model)'s wrapper, DDP)
         self._handles: list[Any] = []
 
     def attach(self) -> None:
         """Hook every parameter and the model (after the run is open: a refused run leaves no hook)."""
         self._handles = [p.register_hook(partial(self._gradient, i)) for i, p in enumerate(self._params)]
-        self._handles.append(self._model.register_forward_pre_hook(self._forward))
+        self._handles.append(self._outer.register_forward_pre_hook(self._forward))
 
     def _forward(self, module: nn.Module, args: Any) -> None:
         if self._clock.recording and torch.is_grad_enabled() and not torch.compiler.is_compiling():

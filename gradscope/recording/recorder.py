@@ -133,7 +133,7 @@ class Recorder:
             self._batcher = Batcher(self._buffer, self.layers, self.device) if batching_enabled(self.device) else None
             self._loss_scale = LossScale(scaler, optimizer, self._buffer.step, self._buffer.counts)
             self._sink = Sink(self._clock, self._buffer, self._batcher, self._loss_scale, on_full=self._buffer_full)
-            self._micro = MicroBatchNorms(model, self._clock, self._buffer, self._sink.slot, self.device) \
+            self._micro = MicroBatchNorms(model, wrapped, self._clock, self._buffer, self._sink.slot, self.device) \
                 if noise_scale else None
             self._staging = Staging(len(self.layers), len(self.blocks), self.device)  # probes traced by Dynamo
             self._parameters = ParameterNorms(model, chosen, optimizer, self.device,

@@ -433,6 +433,8 @@ COLUMNS: tuple[Column, ...] = (
            lambda f: _div(f.acc("grad_small_ss"), f.counts.micro_batches.astype(np.float64)) / f.scale ** 2),
     Column("batch_small", "scalars", "float64", "samples in one small batch (a micro-batch of one rank)",
            lambda f: _div(f.counts.micro_samples.astype(np.float64), f.counts.micro_batches.astype(np.float64))),
+    Column("small_batches", "scalars", "float64", "small batches in the step: backward passes over every rank",
+           lambda f: np.where(f.counts.micro_batches > 0, f.counts.micro_batches.astype(np.float64), np.nan)),
     Column("batch_big", "scalars", "float64", "samples in the step's batch, over micro-batches and ranks",
            lambda f: np.where(f.counts.micro_batches > 0, f.counts.micro_samples.astype(np.float64), np.nan)),
     # attribution: computed on the device by recording.attribution, stored as they are
