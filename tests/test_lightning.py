@@ -158,3 +158,24 @@ def test_watching_a_module_twice_through_the_callback_is_refused(tmp_path):
         pass
     with gradscope.watch(module, tmp_path / "mine"), pytest.raises(RuntimeError, match="already watched"):
         _fit(module, [GradScope(tmp_path / "r")], max_steps=1)
+
+
+def test_noise_scale_from_lightnings_gradient_accumulation(tmp_path):
+    """GradScope(noise_scale=True) with accumulate_grad_batches=4 and clipping: each micro-batch's
+    gradient (Lightning divides its loss by 4) is put back on its own scale, and the big batch's
+    norm is the pre-clip one."""
+    module = Net()
+    initial = copy.deepcopy(module.net)
+    _fit(module, [GradScope(tmp_path / "r", noise_scale=True)], max_steps=2, accumulate_grad_batches=4,
+         gradient_clip_val=0.5)
+    x, y = _loader().dataset.tensors
+    own = []
+    for i in range(4):  # step 0's micro-batches, at the initial weights
+        initial.zero_grad()
+        nn.functional.mse_loss(initial(x[16 * i:16 * (i + 1)]), y[16 * i:16 * (i + 1)]).backward()
+        own.append(sum(float(p.grad.square().sum()) for p in initial.parameters()))
+    s = gradscope.load_run(tmp_path / "r").scalars.set_index("step")
+    assert s.grad_small_sq[0] == pytest.approx(np.mean(own), rel=1e-5)
+    assert list(s.batch_small) == [16, 16] and list(s.batch_big) == [64, 64]
+    table = gradscope.analyses.noise_scale(tmp_path / "r")
+    assert table.g_big_sq.tolist() == pytest.approx(np.square(module.seen_norms).tolist(), rel=1e-5)  # pre-clip
