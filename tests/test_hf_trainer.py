@@ -49,7 +49,7 @@ def _train(tmp_path: Path, callbacks: list, accumulate: int = 1, clip: float = 0
 @pytest.mark.parametrize("accumulate", [1, 3])
 def test_trainer_records_post_clip_statistics_and_its_own_pre_clip_norm(tmp_path, accumulate):
     logs = Logs()
-    model = _train(tmp_path, [GradScopeCallback(tmp_path / "r"), logs], accumulate=accumulate)
+    model = _train(tmp_path, [GradScopeCallback(tmp_path / "r", noise_scale=True), logs], accumulate=accumulate)
     assert_no_hooks(model)  # detached at on_train_end
     run = gradscope.load_run(tmp_path / "r")
     s = run.scalars.set_index("step")
@@ -66,6 +66,14 @@ def test_trainer_records_post_clip_statistics_and_its_own_pre_clip_norm(tmp_path
     assert facts["framework"] == "transformers" and facts["gradient_accumulation_steps"] == accumulate
     first_block = next(layer for layer in run.meta["layers"] if layer["name"].startswith("transformer.h.0."))
     assert first_block["calls"] == accumulate  # micro-batches merge into their optimizer step
+    # the noise scale's small batches: each micro-batch, its samples counted from input_ids=
+    assert (s.small_batches == accumulate).all() and (s.batch_small == 4).all()
+    if accumulate == 1:
+        with pytest.raises(ValueError, match="accumulation"):
+            gradscope.analyses.noise_scale(run)
+    else:
+        table = gradscope.analyses.noise_scale(run)  # the big batch's norm: the Trainer's pre-clip one
+        assert table.g_big_sq.to_numpy() == pytest.approx(logged_norm ** 2, rel=1e-5)
 
 
 def test_training_is_unchanged_by_the_callback(tmp_path):

@@ -44,12 +44,16 @@ class MicroBatchNorms:
     def attach(self) -> None:
         """Hook every parameter and the model (after the run is open: a refused run leaves no hook)."""
         self._handles = [p.register_hook(partial(self._gradient, i)) for i, p in enumerate(self._params)]
-        self._handles.append(self._outer.register_forward_pre_hook(self._forward))
+        self._handles.append(self._outer.register_forward_pre_hook(self._forward, with_kwargs=True))
 
-    def _forward(self, module: nn.Module, args: Any) -> None:
+    def _forward(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        """Samples of a training forward: the first dimension of its first tensor argument (keyword
+        arguments too: Hugging Face models take ``input_ids=``). None found: none counted, and the
+        analysis asks for the micro-batch size."""
         if self._clock.recording and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            first = next((a for a in args if isinstance(a, Tensor)), None)
-            self._samples += int(first.shape[0]) if first is not None and first.dim() else 1
+            first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.dim()), None)
+            if first is not None:
+                self._samples += int(first.shape[0])
 
     def _gradient(self, i: int, grad: Tensor) -> None:
         if not self._clock.recording:
