@@ -14,6 +14,8 @@ from gradscope.cli.common import FiniteFloat, InputError, friendly_errors
 
 _RUNS = click.argument("run_paths", metavar="RUN...", nargs=-1, required=True, type=click.Path(path_type=Path))
 _DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]")
+_DATA_DIR = click.option("--data-dir", default=None, type=click.Path(path_type=Path),
+                         help="local CIFAR-10 folder, for runs trained on --task cifar10")
 
 
 @click.group("analyse")
@@ -21,12 +23,13 @@ def analyse_group() -> None:
     """Shattered gradients, lesions, gradient noise scale: stored in each RUN, shown by `gradscope report`."""
 
 
-def _rebuilt(run_paths: tuple[Path, ...], device: str, *, trained: bool) -> list[tuple[Path, Any, Any, dict]]:
+def _rebuilt(run_paths: tuple[Path, ...], device: str, data_dir: Path | None, *, trained: bool
+             ) -> list[tuple[Path, Any, Any, dict]]:
     """Every run's reference model (initial, or with its kept weights), checked before any analysis runs."""
     from gradscope.lab.train import rebuild, resolve_device
 
-    dev = resolve_device(device)
-    return [(path, *rebuild(path, trained=trained, device=dev)) for path in run_paths]
+    dev, where = resolve_device(device), str(data_dir) if data_dir else None
+    return [(path, *rebuild(path, trained=trained, device=dev, data_dir=where)) for path in run_paths]
 
 
 def _last_step(meta: dict[str, Any]) -> int:
@@ -38,8 +41,9 @@ def _last_step(meta: dict[str, Any]) -> int:
 @_RUNS
 @click.option("--points", default=256, show_default=True, type=click.IntRange(min=8), help="inputs on the line")
 @_DEVICE
+@_DATA_DIR
 @friendly_errors
-def shattering_command(run_paths: tuple[Path, ...], points: int, device: str) -> None:
+def shattering_command(run_paths: tuple[Path, ...], points: int, device: str, data_dir: Path | None) -> None:
     """dL/dx along the line between two held-out inputs, at initialisation and after training.
 
     Balduzzi et al. 2017: in a deep plain network the input gradient decorrelates like white noise
@@ -49,7 +53,7 @@ def shattering_command(run_paths: tuple[Path, ...], points: int, device: str) ->
 
     from gradscope import analyses
 
-    trained = _rebuilt(run_paths, device, trained=True)
+    trained = _rebuilt(run_paths, device, data_dir, trained=True)
     lines = []
     for path, _, task, _ in trained:
         inputs = task.test_inputs
@@ -57,7 +61,7 @@ def shattering_command(run_paths: tuple[Path, ...], points: int, device: str) ->
             raise InputError(f"run {path}: its model reads token ids, and a line between two token sequences has "
                              "no inputs in between; shattering needs a model with continuous inputs")
         lines.append((inputs[0], inputs[1]))
-    initial = _rebuilt(run_paths, device, trained=False)
+    initial = _rebuilt(run_paths, device, data_dir, trained=False)
     for (path, model, _, meta), (_, first, _, _), (start, end) in zip(trained, initial, lines):
         rows = pd.concat([analyses.shattering(first, start, end, points=points, step=0),
                           analyses.shattering(model, start, end, points=points, step=_last_step(meta))],
@@ -73,8 +77,9 @@ def shattering_command(run_paths: tuple[Path, ...], points: int, device: str) ->
 @click.option("--samples", default=256, show_default=True, type=click.IntRange(min=1),
               help="held-out samples the loss is measured on")
 @_DEVICE
+@_DATA_DIR
 @friendly_errors
-def lesion_command(run_paths: tuple[Path, ...], samples: int, device: str) -> None:
+def lesion_command(run_paths: tuple[Path, ...], samples: int, device: str, data_dir: Path | None) -> None:
     """The trained model's held-out loss with each block replaced by the identity, block by block.
 
     Veit et al. 2016: a residual network loses little without any one block (it acts like an
@@ -84,7 +89,7 @@ def lesion_command(run_paths: tuple[Path, ...], samples: int, device: str) -> No
 
     from gradscope import analyses
 
-    for path, model, task, meta in _rebuilt(run_paths, device, trained=True):
+    for path, model, task, meta in _rebuilt(run_paths, device, data_dir, trained=True):
         dev = next(model.parameters()).device
         inputs = task.test_inputs
         x = tuple(t[:samples].to(dev) for t in inputs) if isinstance(inputs, tuple) else inputs[:samples].to(dev)

@@ -172,8 +172,9 @@ def analysis_sections(data: ReportData) -> list[Section]:
             "Veit et al. 2016: a trained residual network loses little without any one block, because it acts like "
             "an ensemble of paths of different lengths. A plain network has one path, so removing any layer of it "
             "breaks the model and its loss jumps.",
-            "Log-scale line chart of the loss increase against the block's relative position, one line per run; "
-            "blocks that change shape cannot be replaced and are left out.")]))
+            "Line chart on a symmetric log scale (linear within 0.001 of 0) of the loss increase against the "
+            "block's relative position, one line per run; blocks that change shape cannot be replaced and are "
+            "left out.")]))
     if len(data.noise_scale):
         out.append(Section("noise-scale", "Gradient noise scale", [embed(
             figures.noise_scale(data.noise_scale), "B_simple = tr(Sigma) / |G|^2 over training",

@@ -296,16 +296,18 @@ def shattering(table: pd.DataFrame) -> Figure:
 
 
 def lesion(table: pd.DataFrame) -> Figure:
-    """Loss increase with each block replaced by the identity, in execution order (log scale)."""
+    """Loss increase with each block replaced by the identity, in execution order: a symmetric log
+    scale, since removing a residual block can lower the loss a little (an increase below 0)."""
     fig, axes = _figure(1)
     frame, hue = _runs(table)
     data = frame[frame.step == frame.groupby("run").step.transform("max")] if len(frame) else frame
-    data = _positive(data, "loss_increase") if len(data) else data
+    data = data[np.isfinite(data.loss_increase.astype(float))] if len(data) else data
     ax = axes[0]
     if len(data):
         data = data.assign(rel_order=data.order / data.groupby("run").order.transform("max").clip(lower=1))
         sns.lineplot(data=data, x="rel_order", y="loss_increase", ax=ax, marker="o", **hue)
-        ax.set_yscale("log")
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.axhline(0.0, color="0.6", linewidth=0.8, linestyle=":")
     else:
         _empty(ax, "no block could be replaced")
     ax.set(title="loss increase without the block", xlabel="relative block position", ylabel="loss - base loss")

@@ -337,3 +337,122 @@ def test_noise_scale_of_compiled_models(tmp_path):
     given = gradscope.analyses.noise_scale(tables["in place"], batch_small=8)
     assert (given.b_big == 32).all()
     np.testing.assert_allclose(given.g_sq, eager.g_sq, rtol=1e-4)
+
+
+# ------------------------------------------------ noise scale where training does something unusual
+
+
+def _micro_loop(model, opt, x, y, steps, *, scaler=None, inf_at=None, fail_at=None, extra_forward=False):
+    """Steps of 4 micro-batches of 8 (loss / 4); ``inf_at``: the first micro-batch's loss of that
+    step is inf (a GradScaler skips the step); ``fail_at``: that step's third backward raises and
+    the step is abandoned (zero_grad, no update); ``extra_forward``: a forward with autograd on
+    that no backward follows, before each step."""
+    g = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        if extra_forward:
+            model(x[:5])
+        opt.zero_grad()
+        try:
+            for k in range(4):
+                i = torch.randint(0, len(x), (8,), generator=g)
+                loss = torch.nn.functional.mse_loss(model(x[i]), y[i]) / 4
+                if step == inf_at and k == 0:
+                    loss = loss * float("inf")
+                if step == fail_at and k == 2:
+                    loss = loss + _Raise.apply(loss)
+                (scaler.scale(loss) if scaler else loss).backward()
+        except RuntimeError:
+            opt.zero_grad()
+            continue
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+
+
+class _Raise(torch.autograd.Function):
+    """A backward that fails (an out-of-memory error the loop catches)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t * 0
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("simulated out of memory")
+
+
+@pytest.mark.parametrize("case", ["skipped by the GradScaler", "failed backward", "forward without backward"])
+def test_noise_scale_counts_only_each_steps_own_micro_batches(tmp_path, case):
+    x, y = scenarios.noise_problem()
+    model = scenarios.noise_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    options = {"skipped by the GradScaler": dict(scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10), inf_at=0),
+               "failed backward": dict(fail_at=1), "forward without backward": dict(extra_forward=True)}[case]
+    with gradscope.watch(model, tmp_path / "r", optimizer=opt, every=2, noise_scale=True,
+                         scaler=options.get("scaler")):
+        _micro_loop(model, opt, x, y, 6, **options)
+    s = gradscope.load_run(tmp_path / "r").scalars
+    kept = s[s.small_batches.notna()]
+    assert len(kept) >= 2 and (kept.step % 2 == 0).all()
+    assert (kept.small_batches == 4).all() and (kept.batch_small == 8).all() and (kept.batch_big == 32).all()
+
+
+def test_noise_scale_leaves_out_steps_whose_closure_ran_several_times(tmp_path):
+    x, y = scenarios.noise_problem()
+    model = scenarios.noise_model()
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.0, max_iter=3)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x[:32]), y[:32])
+        loss.backward()
+        return loss
+
+    with pytest.warns(RuntimeWarning, match="closure several times"):
+        with gradscope.watch(model, tmp_path / "r", optimizer=opt, noise_scale=True):
+            for _ in range(2):
+                opt.step(closure)
+    s = gradscope.load_run(tmp_path / "r").scalars
+    assert s.grad_small_sq.isna().all() and s.small_batches.isna().all()
+
+
+def test_noise_scale_of_sparse_gradients(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 4, sparse=True), nn.Flatten(), nn.Linear(12, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    ids = torch.randint(0, 20, (8, 3))
+    with gradscope.watch(model, tmp_path / "r", optimizer=opt, noise_scale=True):
+        opt.zero_grad()
+        for half in (ids[:4], ids[4:]):  # repeated ids: their rows add up before the norm
+            (model(half).square().mean() / 2).backward()
+        opt.step()
+    expected = []
+    for half in (ids[:4], ids[4:]):
+        model.zero_grad()
+        model(half).square().mean().backward()
+        expected.append(sum(float(p.grad.to_dense().square().sum()) for p in model.parameters()))
+    s = gradscope.load_run(tmp_path / "r").scalars
+    assert s.grad_small_sq.iloc[0] == pytest.approx(np.mean(expected), rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_an_analysis_between_steps_of_a_model_compiled_in_place_is_not_recorded(tmp_path):
+    """model.compile() traces the probes, which measure every forward: the analysis's are dropped."""
+    x, y = torch.randn(32, 1), torch.randn(32, 1)
+    layers = {}
+    for analyse in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(1, 16), nn.ReLU(), nn.Linear(16, 1))
+        model.compile()
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        with gradscope.watch(model, tmp_path / str(analyse), optimizer=opt):
+            for step in range(3):
+                if analyse and step == 1:
+                    shattering(model, torch.tensor([-1.0]), torch.tensor([1.0]), points=64)
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+        layers[analyse] = gradscope.load_run(tmp_path / str(analyse)).layers
+    pd.testing.assert_frame_equal(layers[True], layers[False])

@@ -152,10 +152,11 @@ def _build(name: str, task: str | None, *, data_dir: str | None, seed: int, over
     return models.create(name, **{**overrides, **implied}), the_task
 
 
-def rebuild(run: str | os.PathLike[str], *, trained: bool, device: str | torch.device = "cpu"
-            ) -> tuple[nn.Module, Task, dict[str, Any]]:
+def rebuild(run: str | os.PathLike[str], *, trained: bool, device: str | torch.device = "cpu",
+            data_dir: str | None = None) -> tuple[nn.Module, Task, dict[str, Any]]:
     """The reference model of a run ``gradscope run`` made, with its task and meta.json: as it
-    began (``trained=False``: the seeded initialisation) or as it ended (the weights it kept)."""
+    began (``trained=False``: the seeded initialisation) or as it ended (the weights it kept).
+    ``data_dir``: where the task's data is, for tasks read from disk (``cifar10``)."""
     path = Path(run)
     meta = read_meta(path)
     model_meta, task_meta = meta.get("model") or {}, meta.get("task") or {}
@@ -163,7 +164,7 @@ def rebuild(run: str | os.PathLike[str], *, trained: bool, device: str | torch.d
     if not name or not task_meta.get("name"):
         raise RunError(f"run {path} was not made by `gradscope run` (its meta.json names no reference model "
                        "and task); call gradscope.analyses on the model in Python instead")
-    model, task = build(name, task_meta["name"], seed=int(task_meta.get("seed", 0)),
+    model, task = build(name, task_meta["name"], seed=int(task_meta.get("seed", 0)), data_dir=data_dir,
                         overrides=model_meta.get("config") or {}, task_options=task_meta.get("options") or {})
     if trained:
         load_weights(model, path)
@@ -410,8 +411,8 @@ def train(
         final_loss = float(shown.detach())
         if checkpoints:
             analyses.save(rec, "shattering", analyses.shattering(model, *line, step=steps))
-    if world is None or world.rank == 0:
-        save_weights(model, rec.path)
+        if world is None or world.rank == 0:  # while the run is still locked: no other writer between
+            save_weights(model, rec.path)
     if bar is not None:
         bar.close()
     return TrainResult(path, steps, time.perf_counter() - start, final_loss, final_acc)

@@ -19,13 +19,15 @@ from typing import Any
 class StepClock:
     """Step numbers and the ``every`` schedule: steps 0, every, 2*every, ... are recorded."""
 
-    __slots__ = ("every", "step", "recording", "grad_forward_seen", "_scaler", "_watch_scaler", "_scaler_states")
+    __slots__ = ("every", "step", "recording", "grad_forward_seen", "held", "_scaler", "_watch_scaler",
+                 "_scaler_states")
 
     def __init__(self, every: int, scaler: Any = None, optimizer: Any = None) -> None:
         self.every = every
         self.step = 0
         self.recording = True
         self.grad_forward_seen = False  # a forward with autograd on ran in this step
+        self.held = False  # inside paused(): the forwards are an analysis's, not training's
         self._scaler = scaler
         self._watch_scaler = scaler is not None and optimizer is not None
         self._scaler_states: Any = None
@@ -57,9 +59,10 @@ class StepClock:
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Nothing is recorded inside (attribution checkpoints run the model between steps)."""
-        saved = (self.recording, self.grad_forward_seen, self._watch_scaler, self._scaler_states)
+        saved = (self.recording, self.grad_forward_seen, self._watch_scaler, self._scaler_states, self.held)
         self.recording = self._watch_scaler = False
+        self.held = True
         try:
             yield
         finally:
-            self.recording, self.grad_forward_seen, self._watch_scaler, self._scaler_states = saved
+            self.recording, self.grad_forward_seen, self._watch_scaler, self._scaler_states, self.held = saved

@@ -34,3 +34,9 @@ def unwrap_optimizer(optimizer: Any) -> tuple[torch.optim.Optimizer | None, list
             break
     raise TypeError(f"gradscope.watch: optimizer= must be a torch.optim.Optimizer or a wrapper holding one as "
                     f".optimizer or ._optimizer (accelerate, Lightning); got {type(optimizer).__name__}")
+
+
+def has_closure(args: Any, kwargs: Any) -> bool:
+    """Whether an ``optimizer.step`` hook's call was given a closure (``args[0]`` is the optimizer):
+    the closure runs the forward and backward inside the step (LBFGS, SAM, Lightning)."""
+    return callable(kwargs.get("closure", args[1] if len(args) > 1 else None))

@@ -11,9 +11,11 @@ nothing waits for the device.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ from gradscope.recording.hooks import ProbeHooks
 from gradscope.recording.layers import ExecutionOrder, Layer, ModuleFilter, Ownership, ParameterRow, select_layers
 from gradscope.recording.microbatches import MicroBatchNorms
 from gradscope.recording.nonfinite import NonFiniteCheck, checked_action
-from gradscope.recording.optimizers import unwrap_optimizer
+from gradscope.recording.optimizers import has_closure, unwrap_optimizer
 from gradscope.recording.parameters import ParameterNorms
 from gradscope.recording.processes import Holding, detect, fsdp1_segments, unwrap
 from gradscope.recording.run_meta import run_meta
@@ -46,13 +48,11 @@ from gradscope.store.appending import analysis_table
 from gradscope.store.meta import now
 from gradscope.store.parts import AttributionJob, FlushJob, TableJob
 from gradscope.store.schema import (
-    ACCURACY,
     EVAL_ACCURACY,
     EVAL_LOSS,
     GRAD_GLOBAL_SS,
     GRAD_POST_CLIP_SS,
     GRAD_PRE_CLIP_SS,
-    LOSS,
 )
 from gradscope.store.writer import NoWriter, RunWriter
 
@@ -133,8 +133,8 @@ class Recorder:
             self._batcher = Batcher(self._buffer, self.layers, self.device) if batching_enabled(self.device) else None
             self._loss_scale = LossScale(scaler, optimizer, self._buffer.step, self._buffer.counts)
             self._sink = Sink(self._clock, self._buffer, self._batcher, self._loss_scale, on_full=self._buffer_full)
-            self._micro = MicroBatchNorms(model, wrapped, self._clock, self._buffer, self._sink.slot, self.device) \
-                if noise_scale else None
+            self._micro = MicroBatchNorms(model, wrapped, optimizer, self._clock, self._buffer, self._sink.slot,
+                                          self.device) if noise_scale else None
             self._staging = Staging(len(self.layers), len(self.blocks), self.device)  # probes traced by Dynamo
             self._parameters = ParameterNorms(model, chosen, optimizer, self.device,
                                               Holding(model, self.processes), ownership)
@@ -209,7 +209,7 @@ class Recorder:
             if clock.recording:
                 slot = self._sink.slot()
                 self._end_step(slot)
-                self._record_scalars(slot, *scalars)
+                self._sink.step_scalars(slot, *scalars, counted_here=self.processes.writes)
             self._advance()
             self._attribute_if_due()
             return
@@ -218,7 +218,7 @@ class Recorder:
             return  # not a recorded step
         slot = self._sink.slot() if step == clock.step else self._buffer.slots.get(step)
         if slot is not None:
-            self._record_scalars(slot, *scalars)
+            self._sink.step_scalars(slot, *scalars, counted_here=self.processes.writes)
         elif step >= 0 and not self._late_scalars_dropped:
             self._late_scalars_dropped = True
             warnings.warn(f"gradscope: step(loss=...) for step {step} came after that step was flushed; "
@@ -248,9 +248,14 @@ class Recorder:
             self._sink.scalar(slot, GRAD_POST_CLIP_SS if clipped else GRAD_PRE_CLIP_SS,
                               self._buffer.step[slot, GRAD_GLOBAL_SS])
 
-    def paused(self) -> Any:
-        """A context inside which nothing is recorded: for an analysis run on the model between steps."""
-        return self._clock.paused()
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Nothing is recorded inside: for an analysis or attribution run on the model between steps
+        (the probes a compiled model traces measure every forward: what they took is dropped)."""
+        with self._clock.paused():
+            yield
+        if self._staging.used:
+            self._staging.zero()
 
     def write_table(self, table: str, frame: Any) -> None:
         """Store an analysis's rows (``gradscope.analyses``) in this run, in order with its flushes."""
@@ -418,7 +423,7 @@ class Recorder:
 
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         # step(closure) runs the forward and backward inside (LBFGS, Lightning): read after it
-        self._closure = callable(kwargs.get("closure", args[1] if len(args) > 1 else None))  # args[0]: the optimizer
+        self._closure = has_closure(args, kwargs)
         if not self._closure:
             self._gradients_at_update()
 
@@ -514,19 +519,11 @@ class Recorder:
         probe = self._attribution
         if probe is None or self._clock.step < self._next_attribution:
             return
-        with self._clock.paused():
+        with self.paused():
             values = probe()
         self._attribution_done.append((self._clock.step, values))
         every = probe.config.every
         self._next_attribution = (self._clock.step // every + 1) * every
-
-    def _record_scalars(self, slot: int, loss: Any, accuracy: Any, grad_norm_pre_clip: Any = None) -> None:
-        for column, value in ((LOSS, loss), (ACCURACY, accuracy)):
-            self._sink.scalar(slot, column, value)
-        if grad_norm_pre_clip is not None and self.processes.writes:  # global on every rank: counted once
-            norm = grad_norm_pre_clip.detach().float() if isinstance(grad_norm_pre_clip, Tensor) \
-                else float(grad_norm_pre_clip)
-            self._sink.scalar(slot, GRAD_PRE_CLIP_SS, norm * norm)
 
     def _flush(self, upto: int, commit: bool = True, limit: int | None = None) -> None:
         """Hand slots [0, upto) and finished attribution checkpoints to the writer; keep the rest.

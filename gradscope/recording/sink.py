@@ -21,7 +21,7 @@ from gradscope.recording.buffer import StatsBuffer
 from gradscope.recording.clock import StepClock
 from gradscope.recording.identity import sample_squares, token_direction_sums
 from gradscope.recording.moments import Scratch, accumulate_square, activation_moments, merge_activation_
-from gradscope.store.schema import B_BRANCH_SS, B_GRAD_IN_SS, GRAD_OUT_SS, TRAIN
+from gradscope.store.schema import ACCURACY, B_BRANCH_SS, B_GRAD_IN_SS, GRAD_OUT_SS, GRAD_PRE_CLIP_SS, LOSS, TRAIN
 
 
 class Sink:
@@ -145,6 +145,17 @@ class Sink:
         else:
             dst.fill_(float(value))
         self.counts.step_set[slot, column] = True
+
+    def step_scalars(self, slot: int, loss: Any, accuracy: Any, grad_norm_pre_clip: Any = None, *,
+                     counted_here: bool = True) -> None:
+        """``step()``'s scalars. A framework's pre-clip norm is global on every rank: it is counted
+        where ``counted_here`` (rank 0), since the ranks' squared norms add up."""
+        for column, value in ((LOSS, loss), (ACCURACY, accuracy)):
+            self.scalar(slot, column, value)
+        if grad_norm_pre_clip is not None and counted_here:
+            norm = grad_norm_pre_clip.detach().float() if isinstance(grad_norm_pre_clip, Tensor) \
+                else float(grad_norm_pre_clip)
+            self.scalar(slot, GRAD_PRE_CLIP_SS, norm * norm)
 
     # ------------------------------------------------------------------ the forward's and the step's end
 
