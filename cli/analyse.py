@@ -48,23 +48,24 @@ def shattering_command(run_paths: tuple[Path, ...], points: int, device: str, da
 
     Balduzzi et al. 2017: in a deep plain network the input gradient decorrelates like white noise
     (lag-1 autocorrelation near 0, flat spectrum); skip connections keep it correlated (near 1).
+    For token inputs the line runs between the two inputs' token embeddings.
     """
     import pandas as pd
 
     from gradscope import analyses
+    from gradscope.lab.train import shattering_line
 
     trained = _rebuilt(run_paths, device, data_dir, trained=True)
     lines = []
-    for path, _, task, _ in trained:
-        inputs = task.test_inputs
-        if isinstance(inputs, tuple) or not inputs.is_floating_point():
-            raise InputError(f"run {path}: its model reads token ids, and a line between two token sequences has "
-                             "no inputs in between; shattering needs a model with continuous inputs")
-        lines.append((inputs[0], inputs[1]))
+    for path, model, task, meta in trained:
+        try:
+            lines.append(shattering_line(task, model, str((meta.get("model") or {}).get("registry_name"))))
+        except ValueError as exc:
+            raise InputError(f"run {path}: {exc}") from None
     initial = _rebuilt(run_paths, device, data_dir, trained=False)
-    for (path, model, _, meta), (_, first, _, _), (start, end) in zip(trained, initial, lines):
-        rows = pd.concat([analyses.shattering(first, start, end, points=points, step=0),
-                          analyses.shattering(model, start, end, points=points, step=_last_step(meta))],
+    for (path, model, _, meta), (_, first, _, _), (start, end, at) in zip(trained, initial, lines):
+        rows = pd.concat([analyses.shattering(first, start, end, points=points, at=at, step=0),
+                          analyses.shattering(model, start, end, points=points, at=at, step=_last_step(meta))],
                          ignore_index=True)
         analyses.save(path, "shattering", rows)
         before, after = rows.iloc[0], rows.iloc[1]

@@ -71,9 +71,24 @@ def test_shattering_leaves_the_model_and_the_random_stream_as_they_were():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_shattering_refuses_token_inputs():
+def test_shattering_refuses_token_inputs_without_an_embedding_to_lay_the_line_in():
     with pytest.raises(ValueError, match="floating point"):
         shattering(nn.Embedding(4, 2), torch.tensor([0]), torch.tensor([3]))
+    with pytest.raises(ValueError, match="no module 'nowhere'"):
+        shattering(nn.Embedding(4, 2), torch.tensor([0]), torch.tensor([3]), at="nowhere")
+
+
+def test_shattering_in_an_embedding_space_equals_it_on_the_embeddings_as_inputs():
+    """at="0": the line between two token sequences' embeddings, through the rest of the model;
+    the same as the rest of the model given those embeddings as its (continuous) inputs."""
+    torch.manual_seed(0)
+    rest = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 5))
+    model = nn.Sequential(nn.Embedding(10, 8), rest)
+    a, b = torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6, 7, 8])
+    inside = shattering(model, a, b, at="0", points=64)
+    direct = shattering(rest, model[0](a).detach(), model[0](b).detach(), points=64)
+    assert inside.autocorr_lag1.item() == pytest.approx(direct.autocorr_lag1.item(), rel=1e-6)
+    assert inside.grad_norm_mean.item() == pytest.approx(direct.grad_norm_mean.item(), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------- lesion
@@ -314,8 +329,14 @@ def test_shattering_checkpoints_during_training_leave_the_training_as_it_was(tmp
     assert run.status == "finished" and len(run.layers) == len(plain.layers)  # the same statistics
     pd.testing.assert_frame_equal(run.layers.drop(columns="calls", errors="ignore"),
                                   plain.layers.drop(columns="calls", errors="ignore"))
-    with pytest.raises(ValueError, match="token ids"):
-        train("transformer_lm_pre", out=tmp_path, steps=1, shattering_every=1, progress=False)
+    lm = train("transformer_lm_pre", out=tmp_path, steps=2, shattering_every=1, progress=False, eval_limit=8,
+               overrides={"depth": 2})  # token ids: the line runs through the token embedding
+    assert list(gradscope.load_run(lm.run).shattering.step) == [0, 1, 2]
+    result = CliRunner().invoke(main, ["analyse", "shattering", str(lm.run), "--points", "32"])
+    assert result.exit_code == 0, result.output
+    assert (gradscope.load_run(lm.run).shattering.points == [32, 256, 32]).all()  # 0 and 2 again: replaced
+    with pytest.raises(ValueError, match="two inputs"):
+        train("transformer_seq2seq_pre", out=tmp_path, steps=1, shattering_every=1, progress=False)
 
 
 @pytest.mark.filterwarnings("ignore")

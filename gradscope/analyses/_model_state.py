@@ -21,7 +21,7 @@ from gradscope.recording.entry import recorder_of
 
 @contextlib.contextmanager
 def untouched(model: nn.Module, *, train: bool) -> Iterator[None]:
-    """Inside: ``model`` in train (``train=True``) or eval mode, autograd on, autocast off; after:
+    """Inside: ``model`` in train (``train=True``, dropout off) or eval mode, autograd on, autocast off; after:
     its modes, buffers and the random state as they were, and its recorder recording again."""
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
@@ -31,6 +31,9 @@ def untouched(model: nn.Module, *, train: bool) -> Iterator[None]:
     paused = recorder.paused() if recorder is not None else contextlib.nullcontext()
     try:
         model.train(train)
+        for m in model.modules():  # dropout is noise, not the function: off in either mode
+            if isinstance(m, nn.modules.dropout._DropoutNd):
+                m.eval()
         with paused, torch.random.fork_rng(devices=devices), torch.enable_grad(), \
                 torch.autocast(device_type if device_type in ("cuda", "cpu") else "cpu", enabled=False):
             yield

@@ -206,12 +206,12 @@ def check(names: Sequence[str], task: str | None = None, *, data_dir: str | None
         return tasks[key]
 
     for name in names:
-        _, the_task = _build(name, task, data_dir=data_dir, seed=seed, overrides=overrides,
-                             task_options=task_options, make_task=make_task)
+        model, the_task = _build(name, task, data_dir=data_dir, seed=seed, overrides=overrides,
+                                 task_options=task_options, make_task=make_task)
         micro_batches(distributed.share(min(_recipe(name, steps, batch_size, None).batch_size, the_task.train_size),
                                         processes), accumulate)
         if shattering:
-            shattering_line(the_task, name)
+            shattering_line(the_task, model, name)
 
 
 def check_options(*, steps: int = 1, every: int = 1, lr: float | None = None, batch_size: int | None = None,
@@ -373,7 +373,7 @@ def train(
     if attribution_every is not None:
         probe = (_head(the_task.test_inputs, PROBE_SIZE), the_task.test_targets[:PROBE_SIZE])
         attribution = Attribution(probe, every=attribution_every, method=attribution_method)
-    line = shattering_line(the_task, name) if shattering_every else None
+    line = shattering_line(the_task, model, name) if shattering_every else None
     checkpoints = line is not None and (world is None or world.rank == 0)  # rank 0 writes the run
     net = distributed.wrap(model, dev, world)  # the model itself when training alone
     with watch(net, path, every=every, optimizer=opt, scaler=scaler, overwrite=overwrite, meta=meta,
@@ -381,7 +381,7 @@ def train(
         batches = the_task.batches(batch, seed=seed)
         for step in range(steps):
             if checkpoints and step % shattering_every == 0:  # the model as the steps before left it
-                analyses.save(rec, "shattering", analyses.shattering(model, *line, step=step))
+                analyses.save(rec, "shattering", _shattering(model, line, step))
             x, y = next(batches)
             if world is not None:
                 x, y = distributed.slice_of(x, y, world)
@@ -410,7 +410,7 @@ def train(
                     bar.update((step + 1) - bar.n)
         final_loss = float(shown.detach())
         if checkpoints:
-            analyses.save(rec, "shattering", analyses.shattering(model, *line, step=steps))
+            analyses.save(rec, "shattering", _shattering(model, line, steps))
         if world is None or world.rank == 0:  # while the run is still locked: no other writer between
             save_weights(model, rec.path)
     if bar is not None:
@@ -418,13 +418,23 @@ def train(
     return TrainResult(path, steps, time.perf_counter() - start, final_loss, final_acc)
 
 
-def shattering_line(task: Task, name: str) -> tuple[Tensor, Tensor]:
-    """The line the shattering checkpoints measure along: from the first held-out input to the second."""
+def shattering_line(task: Task, model: nn.Module, name: str) -> tuple[Tensor, Tensor, str | None]:
+    """Where the shattering measures are taken: from the first held-out input to the second, and,
+    for token ids (no inputs lie between two), in the output space of the first ``nn.Embedding``."""
     inputs = task.test_inputs
-    if isinstance(inputs, tuple) or not inputs.is_floating_point():
-        raise ValueError(f"{name} reads token ids, and a line between two token sequences has no inputs in "
-                         "between: shattering needs a model with continuous inputs")
-    return inputs[0], inputs[1]
+    if isinstance(inputs, tuple):
+        raise ValueError(f"{name} takes two inputs (source and target): shattering needs a model of one")
+    if inputs.is_floating_point():
+        return inputs[0], inputs[1], None
+    at = next((n for n, m in model.named_modules() if isinstance(m, nn.Embedding)), None)
+    if at is None:
+        raise ValueError(f"{name} reads token ids but has no nn.Embedding to lay the line in")
+    return inputs[0], inputs[1], at
+
+
+def _shattering(model: nn.Module, line: tuple[Tensor, Tensor, str | None], step: int) -> Any:
+    start, end, at = line
+    return analyses.shattering(model, start, end, at=at, step=step)
 
 
 def micro_batches(batch: int, accumulate: int) -> int:
