@@ -480,3 +480,15 @@ def test_an_analysis_between_steps_of_a_model_compiled_in_place_is_not_recorded(
                 opt.step()
         layers[analyse] = gradscope.load_run(tmp_path / str(analyse)).layers
     pd.testing.assert_frame_equal(layers[True], layers[False])
+
+
+def test_overwriting_a_run_removes_the_weights_it_kept(tmp_path):
+    """Stale weights of another model must not stay beside a new run (rebuild would load them)."""
+    train("mlp_plain", out=tmp_path, steps=1, progress=False, eval_limit=8, overrides={"depth": 3, "width": 8})
+    assert (tmp_path / "mlp_plain" / "model.safetensors").is_file()
+    model = scenarios.noise_model()
+    with gradscope.watch(model, tmp_path / "mlp_plain", overwrite=True):
+        pass
+    assert not (tmp_path / "mlp_plain" / "model.safetensors").exists()
+    with pytest.raises(gradscope.RunError, match="not made by `gradscope run`"):
+        rebuild(tmp_path / "mlp_plain", trained=True)
