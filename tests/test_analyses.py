@@ -3,6 +3,7 @@ the gradient noise scale, on the papers' settings, stored in runs and shown in r
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -89,6 +90,25 @@ def test_shattering_in_an_embedding_space_equals_it_on_the_embeddings_as_inputs(
     direct = shattering(rest, model[0](a).detach(), model[0](b).detach(), points=64)
     assert inside.autocorr_lag1.item() == pytest.approx(direct.autocorr_lag1.item(), rel=1e-6)
     assert inside.grad_norm_mean.item() == pytest.approx(direct.grad_norm_mean.item(), rel=1e-6)
+
+
+class _ScaledInPlace(nn.Module):
+    """Scales the embedding in place, as some Transformers do (x *= sqrt(d_model))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(10, 8), nn.Sequential(nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        h *= 8 ** 0.5
+        return self.head(h)
+
+
+def test_shattering_in_an_embedding_space_followed_by_an_in_place_op():
+    torch.manual_seed(0)
+    rows = shattering(_ScaledInPlace(), torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6]), at="embed", points=32)
+    assert np.isfinite(rows.grad_norm_mean.item()) and rows.grad_norm_mean.item() > 0
 
 
 # ---------------------------------------------------------------------------------- lesion
@@ -423,7 +443,9 @@ def test_noise_scale_counts_only_each_steps_own_micro_batches(tmp_path, case):
     assert (kept.small_batches == 4).all() and (kept.batch_small == 8).all() and (kept.batch_big == 32).all()
 
 
-def test_noise_scale_leaves_out_steps_whose_closure_ran_several_times(tmp_path):
+def test_noise_scale_takes_the_backwards_after_a_reset_of_the_gradients(tmp_path):
+    """LBFGS evaluates its closure 3 times a step, each after zero_grad: only the last backward is
+    in the update, so each step holds one small batch (no estimate, and no wrong one)."""
     x, y = scenarios.noise_problem()
     model = scenarios.noise_model()
     opt = torch.optim.LBFGS(model.parameters(), lr=0.0, max_iter=3)
@@ -434,12 +456,14 @@ def test_noise_scale_leaves_out_steps_whose_closure_ran_several_times(tmp_path):
         loss.backward()
         return loss
 
-    with pytest.warns(RuntimeWarning, match="closure several times"):
+    with pytest.warns(RuntimeWarning, match="reset between two backward passes"):
         with gradscope.watch(model, tmp_path / "r", optimizer=opt, noise_scale=True):
             for _ in range(2):
                 opt.step(closure)
     s = gradscope.load_run(tmp_path / "r").scalars
-    assert s.grad_small_sq.isna().all() and s.small_batches.isna().all()
+    assert (s.small_batches == 1).all() and (s.batch_small == 32).all()
+    with pytest.raises(ValueError, match="no small-batch"):
+        gradscope.analyses.noise_scale(tmp_path / "r")
 
 
 def test_noise_scale_of_sparse_gradients(tmp_path):
@@ -462,8 +486,10 @@ def test_noise_scale_of_sparse_gradients(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_an_analysis_between_steps_of_a_model_compiled_in_place_is_not_recorded(tmp_path):
-    """model.compile() traces the probes, which measure every forward: the analysis's are dropped."""
+@pytest.mark.parametrize("when", ["between steps", "between micro-batches"])
+def test_an_analysis_on_a_model_compiled_in_place_is_not_recorded(tmp_path, when):
+    """model.compile() traces the probes, which measure every forward into the staging: what an
+    analysis's forwards add is taken out again, also mid-step (a Lightning batch-end callback)."""
     x, y = torch.randn(32, 1), torch.randn(32, 1)
     layers = {}
     for analyse in (False, True):
@@ -473,13 +499,64 @@ def test_an_analysis_between_steps_of_a_model_compiled_in_place_is_not_recorded(
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         with gradscope.watch(model, tmp_path / str(analyse), optimizer=opt):
             for step in range(3):
-                if analyse and step == 1:
-                    shattering(model, torch.tensor([-1.0]), torch.tensor([1.0]), points=64)
                 opt.zero_grad()
-                torch.nn.functional.mse_loss(model(x), y).backward()
+                for micro in range(2):
+                    if analyse and step == 1 and micro == (0 if when == "between steps" else 1):
+                        shattering(model, torch.tensor([-1.0]), torch.tensor([1.0]), points=64)
+                    torch.nn.functional.mse_loss(model(x[16 * micro:16 * (micro + 1)]),
+                                                 y[16 * micro:16 * (micro + 1)]).backward()
                 opt.step()
         layers[analyse] = gradscope.load_run(tmp_path / str(analyse)).layers
     pd.testing.assert_frame_equal(layers[True], layers[False])
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool | None) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.reentrant = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 1), reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        if self.reentrant is None:
+            h = torch.relu(self.b(h))
+        else:  # a reentrant checkpoint runs a backward of its own inside the model's
+            h = torch.utils.checkpoint.checkpoint(lambda t: torch.relu(self.b(t)), h, use_reentrant=self.reentrant)
+        return self.c(h)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("case", ["reentrant checkpoint", "autograd.grad first", "two backwards of one forward"])
+def test_noise_scale_small_batches_are_the_backwards_that_build_the_update(tmp_path, case):
+    """Activation checkpointing changes nothing; a pass that adds nothing to .grad (autograd.grad on
+    the parameters, for a norm) is left out; two backwards of one forward leave the step without
+    small batches (they cannot be told apart), with a warning."""
+    x, y = scenarios.noise_problem()
+    tables = {}
+    for variant in ("plain", case):
+        torch.manual_seed(1)
+        model = _Checkpointed(True if variant == "reentrant checkpoint" else None)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        warns = pytest.warns(RuntimeWarning, match="several backward passes of one forward") \
+            if variant == "two backwards of one forward" else contextlib.nullcontext()
+        with warns, gradscope.watch(model, tmp_path / variant.replace(" ", "_"), optimizer=opt, noise_scale=True):
+            for _ in range(2):
+                opt.zero_grad()
+                for i in range(4):
+                    xb = x[8 * i:8 * (i + 1)].requires_grad_(variant == "reentrant checkpoint")
+                    loss = torch.nn.functional.mse_loss(model(xb), y[8 * i:8 * (i + 1)]) / 4
+                    if variant == "autograd.grad first":
+                        torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+                    if variant == "two backwards of one forward":
+                        (loss / 2).backward(retain_graph=True)
+                        loss = loss / 2
+                    loss.backward()
+                opt.step()
+        tables[variant] = gradscope.load_run(tmp_path / variant.replace(" ", "_")).scalars
+    if case == "two backwards of one forward":
+        assert tables[case].small_batches.isna().all() and tables[case].grad_small_sq.isna().all()
+    else:
+        columns = ["small_batches", "batch_small", "batch_big", "grad_small_sq"]
+        pd.testing.assert_frame_equal(tables[case][columns], tables["plain"][columns], rtol=1e-6)
 
 
 def test_overwriting_a_run_removes_the_weights_it_kept(tmp_path):

@@ -90,7 +90,7 @@ def _line_inside(model: nn.Module, module: nn.Module, a: Tensor, b: Tensor, poin
         raise ValueError("shattering: at= must name a module that runs once per forward and returns a "
                          "floating-point tensor")
     line = _line(ends[0][0], ends[1][0], points).requires_grad_(True)  # the batch of one dropped
-    put = module.register_forward_hook(lambda m, args, out: line)
+    put = module.register_forward_hook(lambda m, args, out: line.clone())  # later ops may work in place
     try:
         out = model(a.unsqueeze(0).expand(points, *a.shape))
     finally:

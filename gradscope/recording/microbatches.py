@@ -7,6 +7,12 @@ parameter's tensor hook before autograd adds it to ``.grad`` (before DDP average
 step's ``.grad`` is the big batch's. So no backward pass is added: a hook per parameter writes
 the norm of what arrives into a device vector, and a callback at the backward's end folds its
 squares into the step's ``grad_small_ss``. Attached only with ``watch(noise_scale=True)``.
+
+A step's small batches are the backwards whose gradients ``.grad`` sums when the update reads
+it, so what is not added to it is left out: a pass that did not accumulate (``autograd.grad``
+on the parameters), one that raised, and, where ``.grad`` was reset between two backwards of a
+step (SAM, LBFGS closures), the ones before the reset. All of it is told from host metadata
+(which tensor ``.grad`` is, and its version counter), never from the device.
 """
 
 from __future__ import annotations
@@ -20,16 +26,25 @@ from torch import Tensor, nn
 
 from gradscope.recording.buffer import StatsBuffer
 from gradscope.recording.clock import StepClock
-from gradscope.recording.optimizers import has_closure
 from gradscope.store.schema import GRAD_SMALL_SS
+
+
+def _grad_state(p: Tensor) -> tuple[int, int] | None:
+    """Which tensor ``p.grad`` is and its version: changes when autograd accumulates into it."""
+    g = p.grad
+    return None if g is None else (id(g), g._version)
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
 
 
 class MicroBatchNorms:
     """Per recorded step: the sum over its backward passes of ||gradient||^2, how many there were
     and how many samples their forwards held (the first dimension of the model's first tensor input)."""
 
-    def __init__(self, model: nn.Module, outer: nn.Module, optimizer: Any, clock: StepClock, buffer: StatsBuffer,
-                 slot: Any, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, outer: nn.Module, clock: StepClock, buffer: StatsBuffer, slot: Any,
+                 device: torch.device, several: bool) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
         if any(type(p).__name__ in ("DTensor", "FlatParameter") for p in params):
             raise ValueError("gradscope.watch: noise_scale=True needs whole parameters on each rank (DDP or one "
@@ -37,23 +52,23 @@ class MicroBatchNorms:
         self._clock, self._buffer, self._slot = clock, buffer, slot
         self._norms = torch.zeros(len(params), dtype=torch.float32, device=device)
         self._samples = 0  # of the last training forward, which the next backward takes
-        self._task: int | None = None  # the autograd graph task of the backward in progress
-        self._task_samples = 0  # the samples that backward took
+        self._pass: list[Any] | None = None  # the backward in progress: [samples, first parameter, its state]
+        self._last: tuple[int, Any] | None = None  # after the last backward: (parameter, state of its .grad)
+        self._several = several  # DDP rewrites .grad after a backward: no reset to tell apart there
         self._backwards: dict[int, int] = {}  # slot -> backward passes of this rank in the step
         # samples are counted on the outermost module: it runs eagerly also around a compiled
         # model (torch.compile(model)'s wrapper) and DDP
-        self._outer, self._params, self._optimizer = outer, params, optimizer
+        self._outer, self._params = outer, params
         self._handles: list[Any] = []
-        self._closure_warned = False
-        self._before_closure = 0  # backward passes of the step before its optimizer.step(closure)
+        self._fresh = False  # a training forward ran since the last backward began
+        self._eager_forwards = False  # some training forward was seen here (not traced in place)
+        self._tangled: set[int] = set()  # slots with several backwards of one forward (retain_graph)
+        self._warned: set[str] = set()
 
     def attach(self) -> None:
         """Hook every parameter and the model (after the run is open: a refused run leaves no hook)."""
         self._handles = [p.register_hook(partial(self._gradient, i)) for i, p in enumerate(self._params)]
         self._handles.append(self._outer.register_forward_pre_hook(self._forward, with_kwargs=True))
-        if self._optimizer is not None:  # before the recorder's own: a closure step is settled before it ends
-            self._handles.append(self._optimizer.register_step_pre_hook(self._closure_begins))
-            self._handles.append(self._optimizer.register_step_post_hook(self._closure_ended))
 
     def _forward(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         """Samples of a training forward: the first dimension of its first tensor argument (keyword
@@ -61,29 +76,61 @@ class MicroBatchNorms:
         analysis asks for the micro-batch size. The next backward takes the last forward's: only
         then is it known whether the step is recorded (a GradScaler-skipped step ends at the next
         forward), and a forward no backward follows (an evaluation with autograd on) is replaced."""
+        if _in_backward():  # recomputed by activation checkpointing: no forward of its own
+            return
+        self._drop_unfinished()
         if torch.is_grad_enabled() and not self._clock.held and not torch.compiler.is_compiling():
             first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.dim()), None)
             self._samples = int(first.shape[0]) if first is not None else 0
+            self._fresh = self._eager_forwards = True
+
+    def _drop_unfinished(self) -> None:
+        """A backward whose end never came (it raised): its norms are no small batch's."""
+        if self._pass is not None:
+            self._pass = None
+            self._norms.zero_()
 
     def _gradient(self, i: int, grad: Tensor) -> None:
-        task = torch._C._current_graph_task_id()
-        if task != self._task:  # the first parameter gradient of a backward
-            if self._task is not None:  # the last backward never ended (it raised): drop its norms
-                self._norms.zero_()
-            self._task, self._task_samples, self._samples = task, self._samples, 0
+        if self._pass is None:  # the first parameter gradient of a backward (a nested backward of
+            fresh, self._fresh = self._fresh, False  # reentrant checkpointing is part of the one in progress)
             if not self._clock.recording:
-                self._task = None
+                self._samples = 0
                 return
+            self._pass = [self._samples, i, _grad_state(self._params[i])]
+            self._samples = 0
+            if self._eager_forwards and not fresh and self._backwards.get(self._slot()):
+                self._tangled.add(self._slot())  # a second backward of one forward: not a small batch of its own
+            self._drop_if_reset()
             torch.autograd.Variable._execution_engine.queue_callback(self._backward_end)
-        elif not self._clock.recording:
-            return
         if grad.is_sparse:  # nn.Embedding(sparse=True): duplicate rows add up before the norm
             grad = grad.coalesce().values()
         torch.linalg.vector_norm(grad, dtype=torch.float32, out=self._norms[i])
 
+    def _drop_if_reset(self) -> None:
+        """``.grad`` changed between this step's last backward and this one (SAM's or LBFGS's
+        ``zero_grad`` between closure evaluations): the earlier backwards are not in the update."""
+        slot = self._slot()
+        if self._several or not self._backwards.get(slot) or self._last is None:
+            return
+        i, state = self._last
+        if _grad_state(self._params[i]) == state:
+            return
+        self._backwards[slot] = 0
+        self._clear(slot)
+        self._warn("reset", "gradscope: .grad was reset between two backward passes of one step (SAM, LBFGS); "
+                   "the noise scale's small batches are the backwards after the reset")
+
     def _backward_end(self) -> None:
-        """After every parameter's gradient of one backward arrived: fold them into the step."""
-        samples, self._task = self._task_samples, None
+        """After every parameter's gradient of one backward arrived: fold them into the step, if
+        autograd added them to ``.grad`` (``torch.autograd.grad`` on the parameters does not)."""
+        samples, i, state = self._pass
+        self._pass = None
+        now = _grad_state(self._params[i])
+        self._last = (i, now)
+        if now == state:  # nothing added to .grad: the forward's samples wait for the backward that does
+            self._norms.zero_()
+            self._samples, self._fresh = samples, True
+            return
         slot = self._slot()
         counts, column = self._buffer.counts, self._buffer.step[slot, GRAD_SMALL_SS]
         total = self._norms.square().sum()
@@ -97,36 +144,32 @@ class MicroBatchNorms:
         counts.micro_samples[slot] += samples
         self._backwards[slot] = self._backwards.get(slot, 0) + 1
 
-    def _closure_begins(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        """``optimizer.step(closure)``: note the backward passes so far (Lightning runs a step's
-        last micro-batch in the closure, after the others)."""
-        self._before_closure = self._backwards.get(self._slot(), 0) if self._clock.recording else 0
-
-    def _closure_ended(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        """A closure evaluated more than once (LBFGS, SAM) replaces ``.grad`` each time rather than
-        adding to it: its backwards are no micro-batches of the step, so the step keeps none."""
-        if not has_closure(args, kwargs) or not self._clock.recording:
-            return
-        slot = self._slot()
-        if self._backwards.get(slot, 0) - self._before_closure <= 1:
-            return
-        self._backwards.pop(slot)
-        counts = self._buffer.counts
-        counts.step_set[slot, GRAD_SMALL_SS] = False
-        counts.micro_batches[slot] = counts.micro_samples[slot] = 0
-        if not self._closure_warned:
-            self._closure_warned = True
-            warnings.warn("gradscope: an optimizer step evaluated its closure several times (LBFGS, SAM); each "
-                          "replaces .grad, so such steps have no small batches for the noise scale",
-                          RuntimeWarning, stacklevel=4)
-
     def end_step(self, slot: int) -> None:
         """The step's gradient is complete: each backward's norm onto the update's scale, x k^2 for
         k backwards (``.grad`` is their sum, so a micro-batch's own gradient is k times its share)."""
+        self._drop_unfinished()
         k = self._backwards.pop(slot, 0)
+        if slot in self._tangled:
+            self._tangled.discard(slot)
+            k = 0
+            self._clear(slot)
+            self._warn("tangled", "gradscope: a step ran several backward passes of one forward (retain_graph); its "
+                       "micro-batches cannot be told apart, so it has no small batches for the noise scale")
         if k > 1:
             self._buffer.step[slot, GRAD_SMALL_SS].mul_(float(k * k))
         self._backwards.clear()
+        self._last = None
+
+    def _clear(self, slot: int) -> None:
+        """No small batches in ``slot`` (the next fold writes over the device column)."""
+        counts = self._buffer.counts
+        counts.step_set[slot, GRAD_SMALL_SS] = False
+        counts.micro_batches[slot] = counts.micro_samples[slot] = 0
+
+    def _warn(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -133,8 +133,8 @@ class Recorder:
             self._batcher = Batcher(self._buffer, self.layers, self.device) if batching_enabled(self.device) else None
             self._loss_scale = LossScale(scaler, optimizer, self._buffer.step, self._buffer.counts)
             self._sink = Sink(self._clock, self._buffer, self._batcher, self._loss_scale, on_full=self._buffer_full)
-            self._micro = MicroBatchNorms(model, wrapped, optimizer, self._clock, self._buffer, self._sink.slot,
-                                          self.device) if noise_scale else None
+            self._micro = MicroBatchNorms(model, wrapped, self._clock, self._buffer, self._sink.slot, self.device,
+                                          several) if noise_scale else None
             self._staging = Staging(len(self.layers), len(self.blocks), self.device)  # probes traced by Dynamo
             self._parameters = ParameterNorms(model, chosen, optimizer, self.device,
                                               Holding(model, self.processes), ownership)
@@ -250,12 +250,17 @@ class Recorder:
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
-        """Nothing is recorded inside: for an analysis or attribution run on the model between steps
-        (the probes a compiled model traces measure every forward: what they took is dropped)."""
-        with self._clock.paused():
-            yield
-        if self._staging.used:
-            self._staging.zero()
+        """Nothing is recorded inside: for an analysis or attribution run on the model (the probes
+        a compiled model traces measure every forward: their staging is put back as it was)."""
+        staged = self._staging.saved() if self._staging.used else None
+        try:
+            with self._clock.paused():
+                yield
+        finally:
+            if staged is not None:
+                self._staging.restore(staged)
+            elif self._staging.used:  # first traced inside: what it measured is the analysis's
+                self._staging.zero()
 
     def write_table(self, table: str, frame: Any) -> None:
         """Store an analysis's rows (``gradscope.analyses``) in this run, in order with its flushes."""

@@ -91,6 +91,14 @@ class Staging:
         """Whether some traced probe ran since the last step's end (waits for the device: at close only)."""
         return bool(self.counts.any())
 
+    def saved(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Copies (on the device) to put back with ``restore``: around an analysis run mid-step."""
+        return self.layer.clone(), self.block.clone(), self.counts.clone()
+
+    def restore(self, copies: tuple[Tensor, Tensor, Tensor]) -> None:
+        for t, copy in zip((self.layer, self.block, self.counts), copies):
+            t.copy_(copy)
+
     def zero(self) -> None:
         """At every step's end (the traced probes measure every step; only recorded ones are kept)."""
         self.layer.zero_()
