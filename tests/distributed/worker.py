@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -163,8 +164,13 @@ def main() -> None:
         for name in names:
             result = scenario(name, out, rank, world)
             (out / f"{name}.rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        # no interpreter teardown after a failure: gloo's threads, still tied to a peer that is
+        # failing too, can abort it ("terminate called without an active exception", SIGABRT)
+        os._exit(1)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
