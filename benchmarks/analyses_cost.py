@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from attribution_cost import _median_seconds  # a sibling script (benchmarks/ is on sys.path when run)
 
 import gradscope
 from gradscope import analyses
@@ -33,17 +34,6 @@ MICRO = 4  # micro-batches per step
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _timed(fn, repeats: int, device: torch.device) -> float:
-    times = []
-    for _ in range(repeats + 1):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])  # the first call warms up
 
 
 def step_seconds(name: str, variant: str, steps: int, device: torch.device, out: Path) -> float:
@@ -93,16 +83,16 @@ def main() -> None:
             print(f"{name:14} {'step, watch(every=1, noise_scale)':34} {noise:10.4f} {noise / none:8.2f}"
                   f"   ({noise / watched:.3f}x the recorded step without it)")
             run = out / f"{name}-noise"
-            seconds = _timed(lambda: analyses.noise_scale(run), args.repeats, device)
+            seconds = _median_seconds(lambda: analyses.noise_scale(run), args.repeats, device)
             print(f"{name:14} {f'noise_scale analysis, {args.steps + 5} steps':34} {seconds:10.4f} "
                   f"{seconds / none:8.2f}")
             model, task = build(name, task_name, overrides=overrides)
             model.to(device)
             start, end = task.test_inputs[0], task.test_inputs[1]
-            seconds = _timed(lambda: analyses.shattering(model, start, end), args.repeats, device)
+            seconds = _median_seconds(lambda: analyses.shattering(model, start, end), args.repeats, device)
             print(f"{name:14} {'shattering checkpoint, 256 points':34} {seconds:10.4f} {seconds / none:8.2f}")
             x, y = task.test_inputs[:256].to(device), task.test_targets[:256].to(device)
-            seconds = _timed(lambda: analyses.lesion(model, x, y), args.repeats, device)
+            seconds = _median_seconds(lambda: analyses.lesion(model, x, y), args.repeats, device)
             print(f"{name:14} {'lesion, 256 samples, every block':34} {seconds:10.4f} {seconds / none:8.2f}")
 
 

@@ -155,34 +155,36 @@ def sections(data: ReportData) -> list[Section]:
     return out
 
 
+#: The analyses' sections (``gradscope analyse``): table, section id, title, figure, its title,
+#: the two-sentence caption, the figure's description.
+ANALYSES = (
+    ("shattering", "shattering", "Shattered gradients", figures.shattering,
+     "dL/dx along a line of inputs, at each checkpoint",
+     "Balduzzi et al. 2017: in a deep plain network the input gradient at neighbouring inputs is nearly "
+     "unrelated, like white noise (autocorrelation near 0, flat spectrum). Skip connections keep it "
+     "correlated (near 1, spectrum slope toward -2), so a step that helps one input helps its neighbours.",
+     "Two line charts against checkpoint step, one line per run: the lag-1 autocorrelation of the input "
+     "gradient along the line, and the slope of its power spectrum on log-log axes."),
+    ("lesion", "lesion", "Lesion study", figures.lesion, "held-out loss with each block replaced by the identity",
+     "Veit et al. 2016: a trained residual network loses little without any one block, because it acts like "
+     "an ensemble of paths of different lengths. A plain network has one path, so removing any layer of it "
+     "breaks the model and its loss jumps.",
+     "Line chart on a symmetric log scale (linear within 0.001 of 0) of the loss increase against the "
+     "block's relative position, one line per run; blocks that change shape cannot be replaced and are "
+     "left out."),
+    ("noise_scale", "noise-scale", "Gradient noise scale", figures.noise_scale,
+     "B_simple = tr(Sigma) / |G|^2 over training",
+     "McCandlish et al. 2018: the batch size at which gradient noise and signal are about equal. Training "
+     "with batches far above it buys little per extra sample, far below it wastes steps.",
+     "Log-scale line chart of the smoothed simple noise scale against step, one line per run, with a dotted "
+     "line at the batch size each run trained with."),
+)
+
+
 def analysis_sections(data: ReportData) -> list[Section]:
     """A section for each analysis some run holds (``gradscope analyse``); none where no run does."""
-    out = []
-    if len(data.shattering):
-        out.append(Section("shattering", "Shattered gradients", [embed(
-            figures.shattering(data.shattering), "dL/dx along a line of inputs, at each checkpoint",
-            "Balduzzi et al. 2017: in a deep plain network the input gradient at neighbouring inputs is nearly "
-            "unrelated, like white noise (autocorrelation near 0, flat spectrum). Skip connections keep it "
-            "correlated (near 1, spectrum slope toward -2), so a step that helps one input helps its neighbours.",
-            "Two line charts against checkpoint step, one line per run: the lag-1 autocorrelation of the input "
-            "gradient along the line, and the slope of its power spectrum on log-log axes.")]))
-    if len(data.lesion):
-        out.append(Section("lesion", "Lesion study", [embed(
-            figures.lesion(data.lesion), "held-out loss with each block replaced by the identity",
-            "Veit et al. 2016: a trained residual network loses little without any one block, because it acts like "
-            "an ensemble of paths of different lengths. A plain network has one path, so removing any layer of it "
-            "breaks the model and its loss jumps.",
-            "Line chart on a symmetric log scale (linear within 0.001 of 0) of the loss increase against the "
-            "block's relative position, one line per run; blocks that change shape cannot be replaced and are "
-            "left out.")]))
-    if len(data.noise_scale):
-        out.append(Section("noise-scale", "Gradient noise scale", [embed(
-            figures.noise_scale(data.noise_scale), "B_simple = tr(Sigma) / |G|^2 over training",
-            "McCandlish et al. 2018: the batch size at which gradient noise and signal are about equal. Training "
-            "with batches far above it buys little per extra sample, far below it wastes steps.",
-            "Log-scale line chart of the smoothed simple noise scale against step, one line per run, with a dotted "
-            "line at the batch size each run trained with.")]))
-    return out
+    return [Section(section, title, [embed(figure(getattr(data, table)), subtitle, caption, alt)])
+            for table, section, title, figure, subtitle, caption, alt in ANALYSES if len(getattr(data, table))]
 
 
 def _attribution_intro(data: ReportData) -> str:

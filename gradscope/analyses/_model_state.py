@@ -17,29 +17,19 @@ import torch
 from torch import nn
 
 from gradscope.recording.entry import recorder_of
+from gradscope.recording.probe_state import probe_state
 
 
 @contextlib.contextmanager
 def untouched(model: nn.Module, *, train: bool) -> Iterator[None]:
-    """Inside: ``model`` in train (``train=True``, dropout off) or eval mode, autograd on, autocast off; after:
-    its modes, buffers and the random state as they were, and its recorder recording again."""
-    modes = [(m, m.training) for m in model.modules()]
+    """Inside: ``probe_state(model, train=)`` with its recorder paused; after: its buffers as they were too."""
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    devices = sorted({b.device.index or 0 for b in [*model.parameters(), *model.buffers()] if b.is_cuda})
-    device_type = next((p.device.type for p in model.parameters()), "cpu")
     recorder = recorder_of(model)
     paused = recorder.paused() if recorder is not None else contextlib.nullcontext()
     try:
-        model.train(train)
-        for m in model.modules():  # dropout is noise, not the function: off in either mode
-            if isinstance(m, nn.modules.dropout._DropoutNd):
-                m.eval()
-        with paused, torch.random.fork_rng(devices=devices), torch.enable_grad(), \
-                torch.autocast(device_type if device_type in ("cuda", "cpu") else "cpu", enabled=False):
+        with paused, probe_state(model, train=train):
             yield
     finally:
         with torch.no_grad():
             for buffer, saved in buffers:
                 buffer.copy_(saved)
-        for m, training in modes:
-            m.training = training

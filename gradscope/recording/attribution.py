@@ -34,9 +34,8 @@ Everything stays on the device; the recorder copies it at its next flush.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from gradscope.recording.blocks import Block, declared_blocks
+from gradscope.recording.probe_state import probe_state
 from gradscope.store.schema import columns
 
 METHODS = ("grad_x_act", "integrated_gradients", "conductance")
@@ -128,7 +128,7 @@ class AttributionProbe:
 
     def __call__(self) -> Tensor:
         """``[blocks, len(COLUMNS)]`` float32 on the device, for the model as it is now."""
-        with _probe_state(self.model):
+        with probe_state(self.model):
             targets = self.targets
             if targets is None:
                 with torch.no_grad():
@@ -194,21 +194,6 @@ class AttributionProbe:
             share = b_abs / (b_abs + s_abs)
             rows[u.row] = torch.stack([branch.sum(1).mean(), skip_part.sum(1).mean(), share, 1 - share])
         return rows
-
-
-@contextlib.contextmanager
-def _probe_state(model: nn.Module) -> Iterator[None]:
-    """Eval mode, autograd on, autocast off and the CPU random state forked; modes restored."""
-    modes = [(m, m.training) for m in model.modules()]
-    device_type = next((p.device.type for p in model.parameters()), "cpu")
-    try:
-        model.eval()
-        with torch.random.fork_rng(devices=[]), torch.enable_grad(), \
-                torch.autocast(device_type if device_type in ("cuda", "cpu") else "cpu", enabled=False):
-            yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _score_fn(model: nn.Module, targets: Tensor) -> Callable[..., Tensor]:

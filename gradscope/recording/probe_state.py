@@ -1,0 +1,33 @@
+"""Running a watched model outside its training step (attribution checkpoints, the analyses).
+
+Inside, the model is in the mode asked for with dropout off (its draws are noise, not the
+model's function), autograd is on, autocast is off and the random state is forked, so the
+training that follows draws the same numbers; afterwards every module's mode is as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def probe_state(model: nn.Module, *, train: bool = False) -> Iterator[None]:
+    """``model`` in train (``train=True``, dropout off) or eval mode inside; modes restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    devices = sorted({t.device.index or 0 for t in [*model.parameters(), *model.buffers()] if t.is_cuda})
+    device_type = next((p.device.type for p in model.parameters()), "cpu")
+    try:
+        model.train(train)
+        for m in model.modules():
+            if isinstance(m, nn.modules.dropout._DropoutNd):
+                m.eval()
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
+                torch.autocast(device_type if device_type in ("cuda", "cpu") else "cpu", enabled=False):
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
