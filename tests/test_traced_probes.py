@@ -133,6 +133,28 @@ def test_traced_figures_match_eager(tmp_path, name, every, backend):
     assert_same_parameters(unwatched, compiled_model, f"{name} compiled with {backend}, watched or not")
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_traced_moments_keep_a_small_spread_beside_a_large_mean(tmp_path, layout):
+    """The traced moments are the shifted one-pass sums (Inductor runs them far faster than a
+    Welford var_mean), summed per channel first for feature maps: a conv output of mean 1000 and
+    std about 0.05 keeps its std (unshifted float32 sums would lose it to cancellation), in either
+    memory layout, as the eager probes record it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 16 * 16, 10))
+    with torch.no_grad():
+        model[0].bias.fill_(1000.0)
+    model = model.to(memory_format=layout)
+    data = [(torch.randn(8, 3, 16, 16).mul_(0.1).contiguous(memory_format=layout), torch.randint(0, 10, (8,)))
+            for _ in range(3)]
+    compiled_model = copy.deepcopy(model)
+    eager = _train(model, data, tmp_path / "eager")
+    compiled = _train(compiled_model, data, tmp_path / "compiled", backend="aot_eager", fullgraph=True)
+    conv = compiled.layers[(compiled.layers.layer == "0") & (compiled.layers.phase == "train")]
+    assert (conv.act_mean > 900).all() and conv.act_std.between(0.01, 1).all(), conv[["act_mean", "act_std"]]
+    _assert_same_figures(eager, compiled)
+
+
 def test_evaluations_on_and_off_the_schedule_as_eager(tmp_path):
     """Eval forwards of a compiled model with log_eval, in a recorded step (rows of phase eval
     there) and in one the schedule skips (its loss only), as the eager probes record them."""
