@@ -12,7 +12,8 @@ every step's end, so the schedule is data, never a guard.
 The formulas are chosen for what Inductor makes of them on the CPU: the shifted one-pass moments
 (plain sums about four times as fast as its Welford loop), feature maps summed per channel first
 (Inductor then puts a conv output's statistics in BatchNorm's own loop over it), and per-sample
-sums over a sample's dims rather than a flattened view (a channels-last tensor read in memory order).
+sums over a sample's dims rather than a flattened view (a channels-last tensor read in memory order),
+and on the CPU gradient norms other than feature maps' read by an opaque op (``_gradient_squares``).
 What needs Python (a layer's place in the execution order, why a block is not compared with the
 identity) runs once, while tracing (``note_traced``, ``explain_traced``).
 
