@@ -155,6 +155,32 @@ def test_traced_moments_keep_a_small_spread_beside_a_large_mean(tmp_path, layout
     _assert_same_figures(eager, compiled)
 
 
+def test_traced_zero_fraction_of_relus_as_eager(tmp_path):
+    """Watched ReLUs count their zeros in the traced graph (an integer count, exact however large
+    the tensor), as the eager probes do."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 8 * 8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    data = [(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))) for _ in range(3)]
+    runs = {}
+    for how in ("eager", "compiled"):
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(m.parameters(), lr=0.05)
+        with gradscope.watch(m, tmp_path / how, optimizer=opt, modules=(torch.nn.Conv2d, torch.nn.Linear,
+                                                                       torch.nn.ReLU)) as rec:
+            runner = torch.compile(m, backend="aot_eager", fullgraph=True) if how == "compiled" else m
+            for x, y in data:
+                opt.zero_grad()
+                loss = _loss(runner(x), y)
+                loss.backward()
+                rec.step(loss=loss)
+                opt.step()
+        runs[how] = gradscope.load_run(tmp_path / how)
+    relus = runs["compiled"].layers[runs["compiled"].layers.type == "ReLU"]
+    assert len(relus) == 6 and relus.act_zero_frac.between(0.05, 0.95).all(), relus.act_zero_frac.tolist()
+    _assert_same_figures(runs["eager"], runs["compiled"])
+
+
 def test_evaluations_on_and_off_the_schedule_as_eager(tmp_path):
     """Eval forwards of a compiled model with log_eval, in a recorded step (rows of phase eval
     there) and in one the schedule skips (its loss only), as the eager probes record them."""

@@ -147,7 +147,7 @@ def layer_output(staging: Staging, phase: int, row: int, y: Tensor, bounds: tupl
     mean, var = _shifted_moments(yf)
     parts = [mean, var, _amax(yf.abs())]
     if count_zeros or bounds is not None:
-        parts.append(_sum((yd != 0).float()) if count_zeros else mean)
+        parts.append(_sum(yd != 0).float() if count_zeros else mean)
     if bounds is not None:
         parts.append(saturated(yd, bounds))
     n, k = yd.numel(), len(parts)
@@ -180,17 +180,14 @@ def _shifted_moments(y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _sum(t: Tensor) -> Tensor:
-    """The sum of ``t``; a conv feature map [N, C, ...] is summed per channel first, as BatchNorm
-    reduces, so Inductor takes both in one loop over the tensor in its memory order."""
-    return t.sum(_BESIDE_CHANNELS[t.dim()]).sum() if t.dim() >= 4 else t.sum()
+    """The sum of ``t`` (int64 for bools); a conv feature map [N, C, ...] is summed per channel
+    first, as BatchNorm reduces, so Inductor takes both in one loop over it in memory order."""
+    return t.sum((0, *range(2, t.dim()))).sum() if t.dim() >= 4 else t.sum()
 
 
 def _amax(t: Tensor) -> Tensor:
     """``t.amax()``, per channel first as ``_sum``."""
-    return t.amax(_BESIDE_CHANNELS[t.dim()]).amax() if t.dim() >= 4 else t.amax()
-
-
-_BESIDE_CHANNELS = {d: (0, *range(2, d)) for d in range(4, 9)}
+    return t.amax((0, *range(2, t.dim()))).amax() if t.dim() >= 4 else t.amax()
 
 
 def _sample_squares(x: Tensor, y: Tensor) -> Tensor:
