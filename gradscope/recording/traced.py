@@ -242,20 +242,20 @@ def _gradient_squares(g: Tensor) -> Tensor:
     million elements on the CPU, against about 0.15 ms to read ``g`` once); so on the CPU ``g``
     is read by an opaque call, except for feature maps, whose per-channel sums Inductor puts in
     BatchNorm's backward loop (measured faster still). CUDA keeps the fused form (unmeasured)."""
-    if g.device.type == "cpu" and g.dim() < 4:
+    if squared_norm is not None and g.device.type == "cpu" and g.dim() < 4:
         return squared_norm(g)
     return _sum((g if g.dtype == torch.float32 else g.float()).square())
 
 
-@torch.library.custom_op("gradscope::squared_norm", mutates_args=())
-def squared_norm(t: Tensor) -> Tensor:
+def _squared_norm(t: Tensor) -> Tensor:
     """||t||^2 as a float32 scalar: an opaque call in a compiled graph, which Inductor cannot fuse."""
     return norm32(t).square()
 
 
-@squared_norm.register_fake
-def _(t: Tensor) -> Tensor:
-    return t.new_empty((), dtype=torch.float32)
+squared_norm: Any = None
+if hasattr(torch.library, "custom_op"):  # torch >= 2.4; before it, the fused form
+    squared_norm = torch.library.custom_op("gradscope::squared_norm", _squared_norm, mutates_args=())
+    squared_norm.register_fake(lambda t: t.new_empty((), dtype=torch.float32))
 
 
 def _squares_into(total: Tensor, elements: Tensor | None, calls: Tensor) -> Callable[[Tensor], None]:
