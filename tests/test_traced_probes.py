@@ -39,11 +39,11 @@ def _loss(out, y):
     return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
 
-def _train(model, data, run=None, every=1, backend=None, fullgraph=False, warm_up=None):
-    """Train on ``data`` (watched into ``run`` when given, compiled with ``backend`` when given);
-    from step ``warm_up`` on, any recompilation raises."""
+def _train(model, data, run=None, every=1, backend=None, fullgraph=False, warm_up=None, modules=None):
+    """Train on ``data`` (watched into ``run`` when given, those ``modules``; compiled with
+    ``backend`` when given); from step ``warm_up`` on, any recompilation raises."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    rec = gradscope.watch(model, run, optimizer=opt, every=every, flush_every=3) if run else None
+    rec = gradscope.watch(model, run, optimizer=opt, every=every, flush_every=3, modules=modules) if run else None
     runner = torch.compile(model, backend=backend, fullgraph=fullgraph) if backend else model
     for step, (x, y) in enumerate(data):
         if step == warm_up:
@@ -162,20 +162,10 @@ def test_traced_zero_fraction_of_relus_as_eager(tmp_path):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
                                 torch.nn.Linear(4 * 8 * 8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
     data = [(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))) for _ in range(3)]
-    runs = {}
-    for how in ("eager", "compiled"):
-        m = copy.deepcopy(model)
-        opt = torch.optim.SGD(m.parameters(), lr=0.05)
-        with gradscope.watch(m, tmp_path / how, optimizer=opt, modules=(torch.nn.Conv2d, torch.nn.Linear,
-                                                                       torch.nn.ReLU)) as rec:
-            runner = torch.compile(m, backend="aot_eager", fullgraph=True) if how == "compiled" else m
-            for x, y in data:
-                opt.zero_grad()
-                loss = _loss(runner(x), y)
-                loss.backward()
-                rec.step(loss=loss)
-                opt.step()
-        runs[how] = gradscope.load_run(tmp_path / how)
+    watched = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.ReLU)
+    runs = {"eager": _train(copy.deepcopy(model), data, tmp_path / "eager", modules=watched),
+            "compiled": _train(copy.deepcopy(model), data, tmp_path / "compiled", backend="aot_eager",
+                               fullgraph=True, modules=watched)}
     relus = runs["compiled"].layers[runs["compiled"].layers.type == "ReLU"]
     assert len(relus) == 6 and relus.act_zero_frac.between(0.05, 0.95).all(), relus.act_zero_frac.tolist()
     _assert_same_figures(runs["eager"], runs["compiled"])
