@@ -4,13 +4,16 @@
 trains its own copy of the model, watched first and then compiled with ``torch.compile(model,
 mode=MODE)`` (Inductor), timed in the interleaved blocks of ``overhead.py`` and divided step by
 step by the ``none`` copy's step, compiled the same way. Inside a compiled
-model gradscope's probes are ops of the graph (``gradscope/recording/traced.py``): they run on
-every step, and a recorded step adds only the fold into its slot and the parameter norms.
+model gradscope's probes are ops of the graph (``gradscope/recording/traced.py``) and run on every
+step. With every=1 (and on CUDA) their statistics are fused into the graph; with every=10 on the
+CPU they are calls to opaque ops that return at once on the steps the schedule skips
+(``gradscope/recording/gated.py``), which is why the every=10 row reports recorded and other steps.
 
 It also counts the kernels Inductor generated for each variant's forward and backward
 (``torch._inductor.metrics.generated_kernel_count``, with Inductor's caches off so every graph is
 generated): the difference is the kernels of gradscope's own; each statistic not among them was
-fused into a kernel the model has anyway. Memory is not measured here.
+fused into a kernel the model has anyway, or (every=10 on the CPU) is an opaque call, which
+Inductor does not count. Memory is not measured here.
 """
 
 from __future__ import annotations

@@ -274,3 +274,32 @@ def test_model_compile_fullgraph_records_as_eager(tmp_path):
             opt.step()
     _assert_same_figures(eager, gradscope.load_run(tmp_path / "c"))
     assert_same_parameters(reference, model, "model.compile(fullgraph=True)")
+
+
+def test_steps_the_schedule_skips_measure_nothing_on_the_cpu(tmp_path):
+    """every=3 on the CPU: the traced statistics run in gated ops (``recording.gated``) that return
+    zeros on the steps the schedule skips, so the staging holds nothing after such a step's backward,
+    while the probes still ran (their calls counted); recorded steps hold the figures (as eager's:
+    test_traced_figures_match_eager; under Inductor: test_compiled). every=1 traces them ungated."""
+    for name in ("transformer_lm_pre", "resnet20"):
+        overrides = small_overrides(name, SMALL)
+        torch.manual_seed(0)
+        model = models.create(name, **overrides)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        held = []
+        with gradscope.watch(model, tmp_path / name, optimizer=opt, every=3) as rec:
+            runner = torch.compile(model, backend="aot_eager", fullgraph=True)
+            for x, y in reference_batches(name, 4, **overrides):
+                opt.zero_grad()
+                _loss(runner(x), y).backward()
+                staging = rec._staging
+                held.append((bool(staging.layer.any()), bool(staging.block.any()), int(staging.act_calls.sum())))
+                opt.step()
+        assert [layers for layers, _, _ in held] == [True, False, False, True], name
+        assert [blocks for _, blocks, _ in held] == [True, False, False, True], name
+        assert all(calls > 0 for _, _, calls in held), name
+        run = gradscope.load_run(tmp_path / name)
+        assert sorted(run.layers.step.unique()) == [0, 3]
+        assert run.layers[run.layers.phase == "train"].act_std.notna().all()
+    with gradscope.watch(models.create("mlp_plain", depth=3, width=8, input_size=4), tmp_path / "every-1") as rec:
+        assert rec._staging.gate is None

@@ -6,7 +6,7 @@ never run and nothing warns; removing one makes Dynamo recompile, after which re
 never run either. Another instance of the same class, compiled and called first, hands its code
 (compiled without hooks) to this one too: Dynamo does not guard on hooks
 (``torch._dynamo.config.skip_nnmodule_hook_guards``). So once a model is compiled the probes
-stay attached (traced, they measure every step: ``recording.traced``), and a recorded step whose
+stay attached (traced, they run every step: ``recording.traced``), and a recorded step whose
 watched parameters have gradients while no probe ran is refused with the reason, instead of
 recording nothing.
 """

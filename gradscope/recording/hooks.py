@@ -51,7 +51,7 @@ class ProbeHooks:
     def pin(self) -> None:
         """Keep the probes attached from now on: the model is compiled, and Dynamo never runs hooks
         added after its first call (``recording.compilation``). Eager calls test the schedule;
-        traced ones measure every step into the staging (``recording.traced``)."""
+        traced ones run every step, into the staging (``recording.traced``)."""
         self.always = True
         self.sync(True)
 

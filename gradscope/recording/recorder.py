@@ -135,7 +135,7 @@ class Recorder:
             self._sink = Sink(self._clock, self._buffer, self._batcher, self._loss_scale, on_full=self._buffer_full)
             self._micro = MicroBatchNorms(model, wrapped, self._clock, self._buffer, self._sink.slot, self.device,
                                           several) if noise_scale else None
-            self._staging = Staging(len(self.layers), len(self.blocks), self.device)  # probes traced by Dynamo
+            self._staging = Staging(len(self.layers), len(self.blocks), self.device, every)  # probes traced by Dynamo
             self._parameters = ParameterNorms(model, chosen, optimizer, self.device,
                                               Holding(model, self.processes), ownership)
             self._parameters_checked = False
@@ -413,8 +413,7 @@ class Recorder:
         clock = self._clock
         if clock.scaler_skipped():  # ended a step the GradScaler skipped
             self._gradients_read = None
-            if self._staging.used:
-                self._staging.zero()
+            self._staging.next_step(clock.recording)
         if self._gradients_read is not None and not self._closure and torch.is_grad_enabled():
             self._advance()  # gradients were read, and the optimizer skipped its step (an AMP scaler found inf)
         if torch.is_grad_enabled():
@@ -458,9 +457,8 @@ class Recorder:
 
     def _advance(self) -> None:
         self._gradients_read = None
-        if self._staging.used:  # traced probes measure every step; a recorded step's end kept it
-            self._staging.zero()
         self._clock.advance()
+        self._staging.next_step(self._clock.recording)  # traced probes measure; a recorded step's end kept it
         if self._compiled and not self._probes.always:
             self._probes.pin()
         self._probes.sync(self._clock.recording)

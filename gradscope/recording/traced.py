@@ -8,12 +8,9 @@ kernels that produce the tensors, where those are its own rather than library ca
 ``Staging``, a fixed device buffer with device counts: several calls merge there by Chan's update
 on the device, and dL/dy comes from a tensor hook traced into the backward. Outside the graph
 the recorder folds the staging into the step's slot at a recorded step's end and zeroes it at
-every step's end, so the schedule is data, never a guard.
-The formulas are chosen for what Inductor makes of them on the CPU: the shifted one-pass moments
-(plain sums about four times as fast as its Welford loop), feature maps summed per channel first
-(Inductor then puts a conv output's statistics in BatchNorm's own loop over it), and per-sample
-sums over a sample's dims rather than a flattened view (a channels-last tensor read in memory order),
-and on the CPU gradient norms other than feature maps' read by an opaque op (``_gradient_squares``).
+every step's end, so the schedule is data, never a guard. The formulas, written for what Inductor
+makes of them, are in ``traced_statistics``; with ``every > 1`` on the CPU they run in ``gated``
+ops, which skip them on the steps the schedule does not record.
 What needs Python (a layer's place in the execution order, why a block is not compared with the
 identity) runs once, while tracing (``note_traced``, ``explain_traced``).
 
@@ -29,10 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradscope.recording import gated
 from gradscope.recording.buffer import StatsBuffer, device_index
 from gradscope.recording.device_counts import count_shapes, count_width
-from gradscope.recording.identity import identity_terms, sample_squares, token_cosines, token_direction_sums
-from gradscope.recording.moments import norm32, saturated, shift_of, shifted_variance
 from gradscope.store.schema import (
     ACT_ABSMAX,
     ACT_MEAN,
@@ -79,8 +75,12 @@ def explain_traced(probe: Any, before: Any = None, after: Any = None) -> int:
 class Staging:
     """One step's statistics measured by the traced probes, on the device, at fixed addresses."""
 
-    def __init__(self, layers: int, blocks: int, device: torch.device) -> None:
+    def __init__(self, layers: int, blocks: int, device: torch.device, every: int = 1) -> None:
         self.layers, self.blocks = layers, blocks
+        # read by the ``gated`` ops: whether this step is recorded, set between steps (None: not gated)
+        self.gate = torch.ones((), dtype=torch.bool, device=device) \
+            if every > 1 and device.type == "cpu" and gated.AVAILABLE else None
+        self._gate_open = True
         self.layer = torch.zeros(len(PHASES), layers, LAYER.width, device=device)
         self.block = torch.zeros(blocks, BLOCK.width, device=device)
         self.width = count_width(layers, blocks)
@@ -105,10 +105,20 @@ class Staging:
             t.copy_(copy)
 
     def zero(self) -> None:
-        """At every step's end (the traced probes measure every step; only recorded ones are kept)."""
+        """At every step's end (the traced probes run every step; only recorded ones are kept)."""
         self.layer.zero_()
         self.block.zero_()
         self.counts.zero_()
+
+    def next_step(self, recording: bool) -> None:
+        """A step ended: zeroed where a traced probe wrote, and the gate set for the next one (it
+        stays open until a probe is traced: no tensor work in an eager model's unrecorded steps)."""
+        if not self.used:
+            return
+        self.zero()
+        if self.gate is not None and self._gate_open != recording:
+            self.gate.fill_(recording)
+            self._gate_open = recording
 
     def fold(self, buffer: StatsBuffer, slot: int) -> None:
         """Merge the staging into a recorded step's ``slot``, beside what the eager probes wrote there
@@ -143,13 +153,8 @@ def layer_output(staging: Staging, phase: int, row: int, y: Tensor, bounds: tupl
     """A watched layer's output ``y`` in a traced graph: its moments merged into the staging and,
     in training, a tensor hook for ||dL/dy||^2."""
     yd = y.detach()
-    yf = yd if yd.dtype == torch.float32 else yd.float()
-    mean, var = _shifted_moments(yf)
-    parts = [mean, var, _amax(yf.abs())]
-    if count_zeros or bounds is not None:
-        parts.append(_sum(yd != 0).float() if count_zeros else mean)
-    if bounds is not None:
-        parts.append(saturated(yd, bounds))
+    parts = gated.layer_statistics(staging.gate, yd, count_zeros, bounds)
+    mean, var = parts[0], parts[1]
     n, k = yd.numel(), len(parts)
     cell, seen = staging.layer[phase, row], staging.act_n[phase, row]
     # Chan's update against the calls already staged (``schema.merge_partial``, written out: Dynamo
@@ -165,40 +170,8 @@ def layer_output(staging: Staging, phase: int, row: int, y: Tensor, bounds: tupl
     seen += n
     staging.act_calls[phase, row] += 1
     if train and y.requires_grad and not y.is_leaf:
-        y.register_hook(_squares_into(staging.layer[TRAIN, row, GRAD_OUT_SS], staging.grad_n[row],
+        y.register_hook(_squares_into(staging.gate, staging.layer[TRAIN, row, GRAD_OUT_SS], staging.grad_n[row],
                                       staging.grad_calls[row]))
-
-
-def _shifted_moments(y: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and population variance by the shifted one-pass formula (``moments.shift_of``): plain
-    sums, which Inductor's CPU kernels take about four times as fast as a Welford ``var_mean``."""
-    n = y.numel()
-    c = shift_of(y.reshape(-1))
-    d = y - c
-    m1 = _sum(d) / n
-    return m1 + c, shifted_variance(m1, _sum(d * d) / n)
-
-
-def _sum(t: Tensor) -> Tensor:
-    """The sum of ``t`` (int64 for bools); a conv feature map [N, C, ...] is summed per channel
-    first, as BatchNorm reduces, so Inductor takes both in one loop over it in memory order."""
-    return t.sum((0, *range(2, t.dim()))).sum() if t.dim() >= 4 else t.sum()
-
-
-def _amax(t: Tensor) -> Tensor:
-    """``t.amax()``, per channel first as ``_sum``."""
-    return t.amax((0, *range(2, t.dim()))).amax() if t.dim() >= 4 else t.amax()
-
-
-def _sample_squares(x: Tensor, y: Tensor) -> Tensor:
-    """``identity.sample_squares`` as sums over the sample's own dims rather than a flattened
-    view: Inductor then reads a channels-last tensor in its memory order."""
-    if x.dim() < 2:
-        return sample_squares(x, y)
-    dims = tuple(range(1, x.dim()))
-    xf, yf = x.float(), y.float()
-    diff = yf - xf
-    return torch.stack([(diff * diff).sum(dims), (xf * xf).sum(dims), (yf * yf).sum(dims)])
 
 
 def block_output(staging: Staging, probe: Any, row: int, x: Tensor, y: Tensor, seq_first: bool) -> None:
@@ -215,55 +188,31 @@ def block_output(staging: Staging, probe: Any, row: int, x: Tensor, y: Tensor, s
     tokens = y.dim() == 3 and y.shape[1 - seq_first] > 1
     xs, ys = (t.detach().transpose(0, 1) if seq_first and t.dim() == 3 else t.detach() for t in (x, y))
     if pair:
-        terms = identity_terms(_sample_squares(xs, ys))  # [samples, 3]
-        staging.block[row, B_DIFF_SS:B_COS_SUM + 1] += terms.sum(0)
+        staging.block[row, B_DIFF_SS:B_COS_SUM + 1] += gated.identity_sums(staging.gate, xs, ys)
         staging.block_samples[row] += xs.shape[0] if xs.dim() else 1
     if tokens:
-        norms = torch.linalg.vector_norm(token_direction_sums(ys), dim=-1)
-        staging.block[row, B_TOKEN_COS_SUM] += token_cosines(norms, ys.shape[1]).sum()
+        staging.block[row, B_TOKEN_COS_SUM] += gated.token_cosine_sum(staging.gate, ys)
         staging.block_tokens[row] += ys.shape[0]
+    gate, cells = staging.gate, staging.block[row]
     if x.requires_grad and not x.is_leaf and y is not x:
-        x.register_hook(_squares_into(staging.block[row, B_GRAD_IN_SS], None, staging.block_grad_in[row]))
+        x.register_hook(_squares_into(gate, cells[B_GRAD_IN_SS], None, staging.block_grad_in[row]))
     if y.requires_grad and not y.is_leaf:
-        y.register_hook(_squares_into(staging.block[row, B_GRAD_OUT_SS], None, staging.block_grad_out[row]))
+        y.register_hook(_squares_into(gate, cells[B_GRAD_OUT_SS], None, staging.block_grad_out[row]))
 
 
 def branch_output(staging: Staging, row: int, f: Tensor) -> None:
     """A block's residual-branch output F(x) in a traced graph: ||F(x)||^2."""
-    ff = f.detach()
-    ff = ff if ff.dtype == torch.float32 else ff.float()
-    staging.block[row, B_BRANCH_SS] += _sum(ff.square())
+    staging.block[row, B_BRANCH_SS] += gated.branch_squares(staging.gate, f.detach())
     staging.block_branch[row] += 1
 
 
-def _gradient_squares(g: Tensor) -> Tensor:
-    """||g||^2 of a gradient in a traced backward. Fused, Inductor recomputes the elementwise op
-    that made ``g`` in a loop of its own (a ReLU's backward, reading its mask again: 1.8 ms per
-    million elements on the CPU, against about 0.15 ms to read ``g`` once); so on the CPU ``g``
-    is read by an opaque call, except for feature maps, whose per-channel sums Inductor puts in
-    BatchNorm's backward loop (measured faster still). CUDA keeps the fused form (unmeasured)."""
-    if squared_norm is not None and g.device.type == "cpu" and g.dim() < 4:
-        return squared_norm(g)
-    return _sum((g if g.dtype == torch.float32 else g.float()).square())
-
-
-def _squared_norm(t: Tensor) -> Tensor:
-    """||t||^2 as a float32 scalar: an opaque call in a compiled graph, which Inductor cannot fuse."""
-    return norm32(t).square()
-
-
-squared_norm: Any = None
-if hasattr(torch.library, "custom_op"):  # torch >= 2.4; before it, the fused form
-    squared_norm = torch.library.custom_op("gradscope::squared_norm", _squared_norm, mutates_args=())
-    squared_norm.register_fake(lambda t: t.new_empty((), dtype=torch.float32))
-
-
-def _squares_into(total: Tensor, elements: Tensor | None, calls: Tensor) -> Callable[[Tensor], None]:
+def _squares_into(gate: Tensor | None, total: Tensor, elements: Tensor | None,
+                  calls: Tensor) -> Callable[[Tensor], None]:
     """A tensor hook adding ||grad||^2 to ``total`` (and the element and call counts); returns None,
     so the gradient passes on untouched."""
     def hook(grad: Tensor) -> None:
         g = grad.detach()
-        total.add_(_gradient_squares(g))
+        total.add_(gated.gradient_squares(gate, g))
         if elements is not None:
             elements.add_(g.numel())
         calls.add_(1)

@@ -1,0 +1,99 @@
+"""Statistics skipped inside a compiled graph on the steps the schedule does not record.
+
+A traced probe runs every step: the schedule is data, never a guard, so by default it measures
+every step and the recorder keeps the recorded ones (``traced.Staging``). With ``every > 1`` on
+the CPU the statistics run instead in opaque ops that first read ``gate``, a bool tensor the
+recorder sets between steps: on a skipped step they return zeros for the cost of a call. Reading
+a CPU tensor waits for nothing. Not on CUDA: there the read would wait for the device, and a CUDA
+graph would replay whichever branch it captured. Not ``torch.cond`` either: Inductor compiles
+its branches for the layout eager gives a tensor, while with its layout optimisation (CPU
+convolutions) its own buffers are channels-last, and the compiled step fails an assertion (torch
+2.13). The ops take any layout (``flexible_layout``), so no tensor is copied to call them.
+Where a gate is None (every=1, CUDA) the formulas are traced in the graph, fused by Inductor.
+"""
+
+import torch
+from torch import Tensor
+
+from gradscope.recording import traced_statistics as formulas
+from gradscope.recording.identity import identity_terms, sample_squares
+from gradscope.recording.moments import activation_moments, norm32
+
+AVAILABLE = formulas.OPAQUE_OPS
+
+
+def layer_statistics(gate: Tensor | None, y: Tensor, count_zeros: bool,
+                     bounds: tuple[float, float] | None) -> list[Tensor]:
+    """``traced_statistics.layer_statistics``, zeros on a skipped step."""
+    if gate is None:
+        return formulas.layer_statistics(y, count_zeros, bounds)
+    return list(_layer_op(gate, y, count_zeros, None if bounds is None else list(bounds)).unbind())
+
+
+def identity_sums(gate: Tensor | None, x: Tensor, y: Tensor) -> Tensor:
+    return formulas.identity_sums(x, y) if gate is None else _identity_op(gate, x, y)
+
+
+def token_cosine_sum(gate: Tensor | None, y: Tensor) -> Tensor:
+    return formulas.token_cosine_sum(y) if gate is None else _token_op(gate, y)
+
+
+def branch_squares(gate: Tensor | None, f: Tensor) -> Tensor:
+    return formulas.branch_squares(f) if gate is None else _squares_op(gate, f)
+
+
+def gradient_squares(gate: Tensor | None, g: Tensor) -> Tensor:
+    return formulas.gradient_squares(g) if gate is None else _squares_op(gate, g)
+
+
+# ---------------------------------------------------------------------- the opaque ops
+# On a recorded step they run the eager probes' kernels (``moments``, ``identity``), chosen for
+# eager execution on the CPU, over the tensors' memory in order: Inductor's conv outputs are
+# channels-last, and the sums do not depend on the order.
+
+
+def _layer(gate: Tensor, y: Tensor, count_zeros: bool, bounds: list[float] | None) -> Tensor:
+    if not gate:
+        return _layer_fake(gate, y, count_zeros, bounds)
+    return torch.stack(activation_moments(_flat(y), None if bounds is None else (bounds[0], bounds[1]), count_zeros))
+
+
+def _layer_fake(gate: Tensor, y: Tensor, count_zeros: bool, bounds: list[float] | None) -> Tensor:
+    return y.new_zeros(formulas.statistics_width(count_zeros, bounds), dtype=torch.float32)
+
+
+def _identity(gate: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    if not gate:
+        return x.new_zeros(3, dtype=torch.float32)
+    if x.dim() >= 2 and x.stride() == y.stride() and _dense(x):  # the same layout: per sample in memory order
+        x, y = (t.as_strided((t.shape[0], t[0].numel()), (t.stride(0), 1)) for t in (x, y))
+    return identity_terms(sample_squares(x, y)).sum(0)
+
+
+def _token(gate: Tensor, y: Tensor) -> Tensor:
+    return formulas.token_cosine_sum(y) if gate else y.new_zeros((), dtype=torch.float32)
+
+
+def _squares(gate: Tensor, t: Tensor) -> Tensor:
+    return norm32(_flat(t)).square() if gate else t.new_zeros((), dtype=torch.float32)
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether ``t`` fills its memory in one of the layouts whose samples are blocks of it."""
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)) \
+        or (t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d))
+
+
+def _flat(t: Tensor) -> Tensor:
+    """``t``'s elements in memory order: a view where it is ``_dense``, else a copy."""
+    return t.as_strided((t.numel(),), (1,)) if t.dim() and _dense(t) else t.reshape(-1)
+
+
+_layer_op = formulas.opaque_op("gated_layer_statistics", "(Tensor gate, Tensor y, bool count_zeros, float[]? bounds)"
+                               " -> Tensor", _layer, _layer_fake)
+_identity_op = formulas.opaque_op("gated_identity_sums", "(Tensor gate, Tensor x, Tensor y) -> Tensor", _identity,
+                                  lambda gate, x, y: x.new_empty(3, dtype=torch.float32))
+_token_op = formulas.opaque_op("gated_token_cosine_sum", "(Tensor gate, Tensor y) -> Tensor", _token,
+                               lambda gate, y: y.new_empty((), dtype=torch.float32))
+_squares_op = formulas.opaque_op("gated_squared_norm", "(Tensor gate, Tensor t) -> Tensor", _squares,
+                                 lambda gate, t: t.new_empty((), dtype=torch.float32))

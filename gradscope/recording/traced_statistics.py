@@ -1,0 +1,123 @@
+"""What the traced probes compute, written for what Inductor makes of it on the CPU.
+
+The formulas are the eager probes' (``moments``, ``identity``), arranged so that Inductor fuses
+them into the kernels that produce the tensors: the shifted one-pass moments (plain sums, about
+four times as fast as its Welford loop), feature maps summed per channel first (Inductor then puts
+a conv output's statistics in BatchNorm's own loop over it), per-sample sums over a sample's dims
+rather than a flattened view (a channels-last tensor read in memory order), and on the CPU
+gradient norms other than feature maps' read by an opaque op (``gradient_squares``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradscope.recording.identity import identity_terms, sample_squares, token_cosines, token_direction_sums
+from gradscope.recording.moments import norm32, saturated, shift_of, shifted_variance
+
+
+def layer_statistics(y: Tensor, count_zeros: bool, bounds: tuple[float, float] | None) -> list[Tensor]:
+    """A layer output's mean, variance and max |y|, then (where asked) its non-zero count (else
+    the mean again, a placeholder) and its saturated count: float32 scalars."""
+    yf = y if y.dtype == torch.float32 else y.float()
+    mean, var = shifted_moments(yf)
+    parts = [mean, var, _amax(yf.abs())]
+    if count_zeros or bounds is not None:
+        parts.append(_sum(y != 0).float() if count_zeros else mean)
+    if bounds is not None:
+        parts.append(saturated(y, bounds))
+    return parts
+
+
+def statistics_width(count_zeros: bool, bounds: tuple[float, float] | None) -> int:
+    """How many values ``layer_statistics`` returns."""
+    return 3 + (count_zeros or bounds is not None) + (bounds is not None)
+
+
+def shifted_moments(y: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and population variance by the shifted one-pass formula (``moments.shift_of``): plain
+    sums, which Inductor's CPU kernels take about four times as fast as a Welford ``var_mean``."""
+    n = y.numel()
+    c = shift_of(y.reshape(-1))
+    d = y - c
+    m1 = _sum(d) / n
+    return m1 + c, shifted_variance(m1, _sum(d * d) / n)
+
+
+def _sum(t: Tensor) -> Tensor:
+    """The sum of ``t`` (int64 for bools); a conv feature map [N, C, ...] is summed per channel
+    first, as BatchNorm reduces, so Inductor takes both in one loop over it in memory order."""
+    return t.sum((0, *range(2, t.dim()))).sum() if t.dim() >= 4 else t.sum()
+
+
+def _amax(t: Tensor) -> Tensor:
+    """``t.amax()``, per channel first as ``_sum``."""
+    return t.amax((0, *range(2, t.dim()))).amax() if t.dim() >= 4 else t.amax()
+
+
+def identity_sums(x: Tensor, y: Tensor) -> Tensor:
+    """[3] float32: ||y - x||^2, ||x||^2 and cos(x, y), each summed over the samples."""
+    return identity_terms(_sample_squares(x, y)).sum(0)
+
+
+def _sample_squares(x: Tensor, y: Tensor) -> Tensor:
+    """``identity.sample_squares`` as sums over the sample's own dims rather than a flattened
+    view: Inductor then reads a channels-last tensor in its memory order."""
+    if x.dim() < 2:
+        return sample_squares(x, y)
+    dims = tuple(range(1, x.dim()))
+    xf, yf = x.float(), y.float()
+    diff = yf - xf
+    return torch.stack([(diff * diff).sum(dims), (xf * xf).sum(dims), (yf * yf).sum(dims)])
+
+
+def token_cosine_sum(y: Tensor) -> Tensor:
+    """The mean pairwise cosine between the tokens of each sample of ``y`` [batch, tokens, dim],
+    summed over the samples (float32 scalar)."""
+    return token_cosines(torch.linalg.vector_norm(token_direction_sums(y), dim=-1), y.shape[1]).sum()
+
+
+def branch_squares(f: Tensor) -> Tensor:
+    """||F(x)||^2 of a residual branch's output."""
+    return _sum((f if f.dtype == torch.float32 else f.float()).square())
+
+
+def gradient_squares(g: Tensor) -> Tensor:
+    """||g||^2 of a gradient in a traced backward. Fused, Inductor recomputes the elementwise op
+    that made ``g`` in a loop of its own (a ReLU's backward, reading its mask again: 1.8 ms per
+    million elements on the CPU, against about 0.15 ms to read ``g`` once); so on the CPU ``g``
+    is read by an opaque call, except for feature maps, whose per-channel sums Inductor puts in
+    BatchNorm's backward loop (measured faster still). CUDA keeps the fused form (unmeasured)."""
+    if squared_norm is not None and g.device.type == "cpu" and g.dim() < 4:
+        return squared_norm(g)
+    return _sum((g if g.dtype == torch.float32 else g.float()).square())
+
+
+def _squared_norm(t: Tensor) -> Tensor:
+    """||t||^2 as a float32 scalar: an opaque call in a compiled graph, which Inductor cannot fuse."""
+    return norm32(t).square()
+
+
+# gradscope's opaque ops are defined through torch.library with a CPU kernel only (where they are
+# used): a call from a compiled graph costs about 4 us, against 14 us for torch.library.custom_op,
+# whose Python wrapper handles autograd they never need (the inputs are detached). They take any
+# layout (``flexible_layout``: no copy of a channels-last tensor to call them).
+OPAQUE_OPS = hasattr(torch.library, "register_fake") and hasattr(torch.Tag, "flexible_layout")  # torch >= 2.5
+_LIBRARY = torch.library.Library("gradscope", "DEF") if OPAQUE_OPS else None
+
+
+def opaque_op(name: str, schema: str, kernel: Any, fake: Any) -> Any:
+    """Define ``gradscope::name`` (CPU kernel, fake for tracing); None before torch 2.5."""
+    if _LIBRARY is None:
+        return None
+    _LIBRARY.define(name + schema, tags=(torch.Tag.flexible_layout,))
+    _LIBRARY.impl(name, kernel, "CPU")
+    torch.library.register_fake(f"gradscope::{name}", fake, lib=_LIBRARY)
+    return getattr(torch.ops.gradscope, name).default
+
+
+squared_norm = opaque_op("squared_norm", "(Tensor t) -> Tensor", _squared_norm,
+                         lambda t: t.new_empty((), dtype=torch.float32))
