@@ -66,3 +66,13 @@ def test_without_a_gate_the_formulas_are_traced():
 
     assert ops(lambda gate: None) == set()
     assert ops(lambda gate: gate) == {"gradscope.gated_squared_norm.default"}
+
+
+def test_a_tensor_off_the_cpu_keeps_the_traced_formulas():
+    """The ops have a CPU kernel only: a tensor elsewhere (a model moved after watch()) is measured
+    by the formulas, whatever the gate says."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x = torch.randn(2, 3, device="meta")
+    graph = make_fx(lambda t, gate: gated.gradient_squares(gate, t), tracing_mode="fake")(x, ON).graph
+    assert not any("gradscope" in str(node.target) for node in graph.nodes)

@@ -25,25 +25,31 @@ AVAILABLE = formulas.OPAQUE_OPS
 def layer_statistics(gate: Tensor | None, y: Tensor, count_zeros: bool,
                      bounds: tuple[float, float] | None) -> list[Tensor]:
     """``traced_statistics.layer_statistics``, zeros on a skipped step."""
-    if gate is None:
+    if not _gated(gate, y):
         return formulas.layer_statistics(y, count_zeros, bounds)
     return list(_layer_op(gate, y, count_zeros, None if bounds is None else list(bounds)).unbind())
 
 
 def identity_sums(gate: Tensor | None, x: Tensor, y: Tensor) -> Tensor:
-    return formulas.identity_sums(x, y) if gate is None else _identity_op(gate, x, y)
+    return _identity_op(gate, x, y) if _gated(gate, x) else formulas.identity_sums(x, y)
 
 
 def token_cosine_sum(gate: Tensor | None, y: Tensor) -> Tensor:
-    return formulas.token_cosine_sum(y) if gate is None else _token_op(gate, y)
+    return _token_op(gate, y) if _gated(gate, y) else formulas.token_cosine_sum(y)
 
 
 def branch_squares(gate: Tensor | None, f: Tensor) -> Tensor:
-    return formulas.branch_squares(f) if gate is None else _squares_op(gate, f)
+    return _squares_op(gate, f) if _gated(gate, f) else formulas.branch_squares(f)
 
 
 def gradient_squares(gate: Tensor | None, g: Tensor) -> Tensor:
-    return formulas.gradient_squares(g) if gate is None else _squares_op(gate, g)
+    return _squares_op(gate, g) if _gated(gate, g) else formulas.gradient_squares(g)
+
+
+def _gated(gate: Tensor | None, t: Tensor) -> bool:
+    """Whether ``t``'s statistic goes through an op: there is a gate, and ``t`` is on the CPU (the
+    ops' only kernel; a model moved to a GPU after ``watch(device="cpu")`` keeps the fused form)."""
+    return gate is not None and t.device.type == "cpu"
 
 
 # ---------------------------------------------------------------------- the opaque ops
