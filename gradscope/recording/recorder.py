@@ -458,7 +458,7 @@ class Recorder:
     def _advance(self) -> None:
         self._gradients_read = None
         self._clock.advance()
-        self._staging.next_step(self._clock.recording)  # traced probes measure; a recorded step's end kept it
+        self._staging.next_step(self._clock.recording)  # what traced probes staged was folded if recorded
         if self._compiled and not self._probes.always:
             self._probes.pin()
         self._probes.sync(self._clock.recording)
