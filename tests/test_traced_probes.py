@@ -18,6 +18,7 @@ from torch._dynamo.utils import counters
 
 import gradscope
 from gradscope.lab import models
+from gradscope.recording import traced, traced_statistics
 from gradscope.testing import assert_no_hooks, assert_same_parameters
 from gradscope.testing.training import reference_batches, small_overrides
 
@@ -153,6 +154,53 @@ def test_traced_moments_keep_a_small_spread_beside_a_large_mean(tmp_path, layout
     conv = compiled.layers[(compiled.layers.layer == "0") & (compiled.layers.phase == "train")]
     assert (conv.act_mean > 900).all() and conv.act_std.between(0.01, 1).all(), conv[["act_mean", "act_std"]]
     _assert_same_figures(eager, compiled)
+
+
+def _batch_norm(kind, channels, affine=True, track=True):
+    bn = kind(channels, affine=affine, track_running_stats=track)
+    if affine:
+        with torch.no_grad():
+            bn.weight.uniform_(-2, 2)  # negative scales too: the largest |y| may sit at a channel's min
+            bn.bias.uniform_(-1, 1)
+    return bn
+
+
+@pytest.mark.parametrize(("kind", "shape", "affine", "layout"), [
+    (torch.nn.BatchNorm1d, (16, 5), True, torch.contiguous_format),
+    (torch.nn.BatchNorm1d, (4, 3, 7), False, torch.contiguous_format),
+    (torch.nn.BatchNorm2d, (8, 6, 5, 5), True, torch.channels_last),
+    (torch.nn.BatchNorm2d, (8, 6, 5, 5), False, torch.contiguous_format),
+    (torch.nn.BatchNorm3d, (2, 3, 4, 5, 6), True, torch.contiguous_format)])
+def test_a_batch_norms_output_statistics_come_from_its_input(kind, shape, affine, layout):
+    """In training a BatchNorm's output is its input per channel times a plus b, from the batch's own
+    moments: the traced probe takes the output's mean, variance and largest |y| from reductions over
+    the input (Inductor puts them in BatchNorm's own loop), as measured on the output itself."""
+    torch.manual_seed(0)
+    bn = _batch_norm(kind, shape[1], affine)
+    x = (torch.randn(shape) * 3 + 5).contiguous(memory_format=layout)
+    y = bn(x).detach()
+    derived = torch.stack(traced_statistics.batch_norm_statistics(x, bn.weight, bn.bias, bn.eps))
+    measured = torch.stack(traced_statistics.layer_statistics(y, False, None))
+    torch.testing.assert_close(derived[1:], measured[1:], rtol=1e-5, atol=0)
+    assert (derived[0] - measured[0]).abs() <= 1e-6 * measured[1].sqrt()  # a mean near 0: against the spread
+
+
+def test_only_an_exact_batch_norm_normalising_by_the_batch_is_derived():
+    """Running statistics (eval), a subclass (its forward may differ), SyncBatchNorm (moments of
+    every process), other dtypes and other modules are measured on the output."""
+    class Custom(torch.nn.BatchNorm2d):
+        pass
+
+    x = torch.randn(4, 3, 5, 5)
+    bn = torch.nn.BatchNorm2d(3)
+    assert traced.normalised_input(bn, (x,), bn(x)) is not None
+    assert traced.normalised_input(bn.eval(), (x,), bn(x)) is None
+    no_running = torch.nn.BatchNorm2d(3, track_running_stats=False).eval()
+    assert traced.normalised_input(no_running, (x,), no_running(x)) is not None
+    for module in (Custom(3), torch.nn.SyncBatchNorm(3), torch.nn.Identity(), None):
+        assert traced.normalised_input(module, (x,), x) is None
+    half = x.bfloat16()
+    assert traced.normalised_input(torch.nn.BatchNorm2d(3).bfloat16(), (half,), half) is None
 
 
 def test_traced_zero_fraction_of_relus_as_eager(tmp_path):

@@ -147,7 +147,7 @@ class LayerProbe:
         if grad_on:  # lets step(loss=) tell this step from the previous one
             clock.grad_forward_seen = True
         if torch.compiler.is_compiling():  # traced into a compiled model: every step, into the staging
-            self._traced(module, output, grad_on)
+            self._traced(module, inputs, output, grad_on)
             return
         if not clock.recording:
             return
@@ -172,13 +172,14 @@ class LayerProbe:
         if train and y.grad_fn is not None:
             on_gradient(y, GradientProbe(sink, row, clock.step, y.output_nr))
 
-    def _traced(self, module: nn.Module, output: Any, grad_on: bool) -> None:
+    def _traced(self, module: nn.Module, inputs: Any, output: Any, grad_on: bool) -> None:
         y = first_float_tensor(output)
         if y is None or y.numel() == 0:
             return
         note_traced(self)
         train = module.training and grad_on
-        layer_output(self.staging, TRAIN if train else EVAL, self.row, y, self.bounds, self.count_zeros, train)
+        layer_output(self.staging, TRAIN if train else EVAL, self.row, y, self.bounds, self.count_zeros, train,
+                     module, inputs)
 
 
 class GradientProbe:

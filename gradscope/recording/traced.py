@@ -24,11 +24,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from gradscope.recording import gated
 from gradscope.recording.buffer import StatsBuffer, device_index
 from gradscope.recording.device_counts import count_shapes, count_width
+from gradscope.recording.traced_statistics import batch_norm_statistics
 from gradscope.store.schema import (
     ACT_ABSMAX,
     ACT_MEAN,
@@ -149,11 +150,15 @@ class Staging:
 
 
 def layer_output(staging: Staging, phase: int, row: int, y: Tensor, bounds: tuple[float, float] | None,
-                 count_zeros: bool, train: bool) -> None:
+                 count_zeros: bool, train: bool, module: nn.Module | None = None, inputs: Any = ()) -> None:
     """A watched layer's output ``y`` in a traced graph: its moments merged into the staging and,
     in training, a tensor hook for ||dL/dy||^2."""
     yd = y.detach()
-    parts = gated.layer_statistics(staging.gate, yd, count_zeros, bounds)
+    x = normalised_input(module, inputs, yd) if staging.gate is None and not count_zeros and bounds is None else None
+    if x is not None:
+        parts = batch_norm_statistics(x, module.weight, module.bias, module.eps)  # type: ignore[union-attr]
+    else:
+        parts = gated.layer_statistics(staging.gate, yd, count_zeros, bounds)
     mean, var = parts[0], parts[1]
     n, k = yd.numel(), len(parts)
     cell, seen = staging.layer[phase, row], staging.act_n[phase, row]
@@ -172,6 +177,24 @@ def layer_output(staging: Staging, phase: int, row: int, y: Tensor, bounds: tupl
     if train and y.requires_grad and not y.is_leaf:
         y.register_hook(_squares_into(staging.gate, staging.layer[TRAIN, row, GRAD_OUT_SS], staging.grad_n[row],
                                       staging.grad_calls[row]))
+
+
+#: Exactly these types (a subclass may change the forward): their outputs' statistics come from
+#: their inputs in training (``traced_statistics.batch_norm_statistics``).
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def normalised_input(module: nn.Module | None, inputs: Any, y: Tensor) -> Tensor | None:
+    """The float32 input of a BatchNorm that normalises ``y`` by the batch's own moments (in
+    training, or without running statistics), else None."""
+    if type(module) not in BATCH_NORMS:
+        return None
+    if not (module.training or (module.running_mean is None and module.running_var is None)):  # type: ignore[union-attr]
+        return None
+    x = inputs[0] if isinstance(inputs, tuple) and inputs and isinstance(inputs[0], Tensor) else None
+    if x is None or x.dtype != torch.float32 or y.dtype != torch.float32 or x.shape != y.shape or x.dim() < 2:
+        return None
+    return x.detach()
 
 
 def block_output(staging: Staging, probe: Any, row: int, x: Tensor, y: Tensor, seq_first: bool) -> None:

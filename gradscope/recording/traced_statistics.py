@@ -32,6 +32,26 @@ def layer_statistics(y: Tensor, count_zeros: bool, bounds: tuple[float, float] |
     return parts
 
 
+def batch_norm_statistics(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> list[Tensor]:
+    """``layer_statistics`` of a BatchNorm's output in training, from its input ``x``: the output
+    is x per channel times a plus b (a = weight / sqrt(var + eps), b = bias - a * mean, from the
+    batch's own moments), so its channels' means and variances are a * mean + b and a^2 * var, and
+    its largest |y| is at a channel's max or min of ``x``. All are reductions over ``x`` per
+    channel, which Inductor takes in the loop where BatchNorm reduces it: no pass over the output
+    (there, measured 0.03 of a resnet20 step). Float32 ``x`` only."""
+    dims = (0, *range(2, x.dim()))
+    var, mean = torch.var_mean(x, dims, correction=0)
+    a = torch.rsqrt(var + eps)
+    if weight is not None:
+        a = a * weight.detach()
+    b = -a * mean if bias is None else bias.detach() - a * mean
+    means, variances = a * mean + b, a * a * var
+    overall = means.mean()
+    spread = means - overall
+    peak = torch.maximum((a * x.amax(dims) + b).abs(), (a * x.amin(dims) + b).abs()).amax()
+    return [overall, variances.mean() + (spread * spread).mean(), peak]
+
+
 def statistics_width(count_zeros: bool, bounds: tuple[float, float] | None) -> int:
     """How many values ``layer_statistics`` returns."""
     return 3 + (count_zeros or bounds is not None) + (bounds is not None)
