@@ -4,8 +4,9 @@ The formulas are the eager probes' (``moments``, ``identity``), arranged so that
 them into the kernels that produce the tensors: the shifted one-pass moments (plain sums, about
 four times as fast as its Welford loop), feature maps summed per channel first (Inductor then puts
 a conv output's statistics in BatchNorm's own loop over it), per-sample sums over a sample's dims
-rather than a flattened view (a channels-last tensor read in memory order), and on the CPU
-gradient norms other than feature maps' read by an opaque op (``gradient_squares``).
+rather than a flattened view (a channels-last tensor read in memory order), a training
+BatchNorm's output statistics from its input (``batch_norm_statistics``: no pass over the output),
+and on the CPU gradient norms other than feature maps' read by an opaque op (``gradient_squares``).
 """
 
 from __future__ import annotations
