@@ -187,7 +187,8 @@ def test_a_batch_norms_output_statistics_come_from_its_input(kind, shape, affine
 
 def test_only_an_exact_batch_norm_normalising_by_the_batch_is_derived():
     """Running statistics (eval), a subclass (its forward may differ), SyncBatchNorm (moments of
-    every process), other dtypes and other modules are measured on the output."""
+    every process), other dtypes, other modules, and a BatchNorm whose output another forward hook
+    may have replaced are measured on the output."""
     class Custom(torch.nn.BatchNorm2d):
         pass
 
@@ -201,6 +202,16 @@ def test_only_an_exact_batch_norm_normalising_by_the_batch_is_derived():
         assert traced.normalised_input(module, (x,), x) is None
     half = x.bfloat16()
     assert traced.normalised_input(torch.nn.BatchNorm2d(3).bfloat16(), (half,), half) is None
+    hooked = torch.nn.BatchNorm2d(3)
+    hooked.register_forward_hook(lambda m, args, out: None)  # gradscope's own
+    assert traced.normalised_input(hooked, (x,), hooked(x)) is not None
+    hooked.register_forward_hook(lambda m, args, out: out * 2)  # another, which may replace the output
+    assert traced.normalised_input(hooked, (x,), hooked(x)) is None
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: None)
+    try:
+        assert traced.normalised_input(torch.nn.BatchNorm2d(3), (x,), x) is None
+    finally:
+        handle.remove()
 
 
 def test_traced_zero_fraction_of_relus_as_eager(tmp_path):
