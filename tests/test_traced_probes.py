@@ -187,8 +187,7 @@ def test_a_batch_norms_output_statistics_come_from_its_input(kind, shape, affine
 
 def test_only_an_exact_batch_norm_normalising_by_the_batch_is_derived():
     """Running statistics (eval), a subclass (its forward may differ), SyncBatchNorm (moments of
-    every process), other dtypes, other modules, and a BatchNorm whose output another forward hook
-    may have replaced are measured on the output."""
+    every process), other dtypes and other modules are measured on the output."""
     class Custom(torch.nn.BatchNorm2d):
         pass
 
@@ -202,16 +201,44 @@ def test_only_an_exact_batch_norm_normalising_by_the_batch_is_derived():
         assert traced.normalised_input(module, (x,), x) is None
     half = x.bfloat16()
     assert traced.normalised_input(torch.nn.BatchNorm2d(3).bfloat16(), (half,), half) is None
-    hooked = torch.nn.BatchNorm2d(3)
-    hooked.register_forward_hook(lambda m, args, out: None)  # gradscope's own
-    assert traced.normalised_input(hooked, (x,), hooked(x)) is not None
-    hooked.register_forward_hook(lambda m, args, out: out * 2)  # another, which may replace the output
-    assert traced.normalised_input(hooked, (x,), hooked(x)) is None
-    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: None)
+
+
+@pytest.mark.parametrize("where", ["global", "prepended"])
+def test_a_batch_norm_output_replaced_by_an_earlier_hook_is_measured_as_eager(tmp_path, where):
+    """A forward hook that runs before gradscope's (a global one, or one prepended after watch())
+    and replaces a BatchNorm's output: the compiled probe measures that output, as the eager one
+    does, rather than deriving it from the BatchNorm's input."""
+    def doubled(module, args, out):
+        return out * 2 + 1 if isinstance(module, torch.nn.BatchNorm2d) else None
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 10))
+    data = [(torch.randn(8, 3, 6, 6), torch.randint(0, 10, (8,))) for _ in range(3)]
+    compiled_model = copy.deepcopy(model)
+    handle = torch.nn.modules.module.register_module_forward_hook(doubled) if where == "global" else None
     try:
-        assert traced.normalised_input(torch.nn.BatchNorm2d(3), (x,), x) is None
+        runs = []
+        for m, compiled in ((model, False), (compiled_model, True)):
+            opt = torch.optim.SGD(m.parameters(), lr=0.05)
+            with gradscope.watch(m, tmp_path / str(compiled), optimizer=opt) as rec:
+                if where == "prepended":  # after watch(), ahead of its probes
+                    m[1].register_forward_hook(doubled, prepend=True)
+                runner = torch.compile(m, backend="aot_eager", fullgraph=True) if compiled else m
+                for x, y in data:
+                    opt.zero_grad()
+                    loss = _loss(runner(x), y)
+                    loss.backward()
+                    rec.step(loss=loss)
+                    opt.step()
+            runs.append(gradscope.load_run(tmp_path / str(compiled)))
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
+    eager, compiled = runs
+    bn = eager.layers[(eager.layers.layer == "1") & (eager.layers.phase == "train")]
+    assert (bn.act_mean > 0.9).all()  # the hook's output (mean about 1), not BatchNorm's (mean 0)
+    _assert_same_figures(eager, compiled)
 
 
 def test_traced_zero_fraction_of_relus_as_eager(tmp_path):

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks
 
 from gradscope.recording.blocks import Block
 from gradscope.recording.clock import StepClock
@@ -178,8 +179,10 @@ class LayerProbe:
             return
         note_traced(self)
         train = module.training and grad_on
+        # the inputs may stand for the output (a BatchNorm's statistics) where no hook ran before this one
+        first = next(iter(module._forward_hooks.values()), None) is self and not _global_forward_hooks
         layer_output(self.staging, TRAIN if train else EVAL, self.row, y, self.bounds, self.count_zeros, train,
-                     module, inputs)
+                     module, inputs if first else ())
 
 
 class GradientProbe:

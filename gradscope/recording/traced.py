@@ -186,11 +186,9 @@ BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 def normalised_input(module: nn.Module | None, inputs: Any, y: Tensor) -> Tensor | None:
     """The float32 input of a BatchNorm that normalises ``y`` by the batch's own moments (in
-    training, or without running statistics), else None. Not where another forward hook (the
-    module's besides gradscope's one, or a global one) might have replaced the output."""
+    training, or without running statistics), else None. ``inputs`` is empty where a hook that ran
+    before the probe may have replaced the output (``LayerProbe``)."""
     if type(module) not in BATCH_NORMS:
-        return None
-    if len(module._forward_hooks) > 1 or nn.modules.module._global_forward_hooks:  # type: ignore[union-attr]
         return None
     if not (module.training or (module.running_mean is None and module.running_var is None)):  # type: ignore[union-attr]
         return None
