@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.module import _global_forward_hooks
 
 from gradscope.recording.blocks import Block
 from gradscope.recording.clock import StepClock
@@ -180,9 +179,22 @@ class LayerProbe:
         note_traced(self)
         train = module.training and grad_on
         # the inputs may stand for the output (a BatchNorm's statistics) where no hook ran before this one
-        first = next(iter(module._forward_hooks.values()), None) is self and not _global_forward_hooks
         layer_output(self.staging, TRAIN if train else EVAL, self.row, y, self.bounds, self.count_zeros, train,
-                     module, inputs if first else ())
+                     module, inputs if _first_forward_hook(module, self) else ())
+
+
+#: torch's global forward hooks (they run before a module's own); None if a torch moves them
+_GLOBAL_FORWARD_HOOKS = getattr(torch.nn.modules.module, "_global_forward_hooks", None)
+
+
+def _first_forward_hook(module: nn.Module, probe: Any) -> bool:
+    """Whether ``probe`` is the first forward hook to run on ``module``: no other hook can have
+    replaced its output (gradscope's probes are prepended; a global hook or one prepended after
+    ``watch()`` runs first). False where torch keeps its hooks elsewhere."""
+    hooks = getattr(module, "_forward_hooks", None)
+    if hooks is None or _GLOBAL_FORWARD_HOOKS is None or _GLOBAL_FORWARD_HOOKS:
+        return False
+    return next(iter(hooks.values()), None) is probe
 
 
 class GradientProbe:
