@@ -35,7 +35,14 @@ from gradscope.recording.blocks import Block
 from gradscope.recording.clock import StepClock
 from gradscope.recording.layers import ExecutionOrder
 from gradscope.recording.sink import Sink
-from gradscope.recording.traced import Staging, block_output, branch_output, layer_output, note_traced
+from gradscope.recording.traced import (
+    BATCH_NORMS,
+    Staging,
+    block_output,
+    branch_output,
+    layer_output,
+    note_traced,
+)
 from gradscope.store.schema import B_GRAD_IN_SS, B_GRAD_OUT_SS, EVAL, TRAIN
 
 _MAX_NESTING = 4
@@ -178,9 +185,11 @@ class LayerProbe:
             return
         note_traced(self)
         train = module.training and grad_on
-        # the inputs may stand for the output (a BatchNorm's statistics) where no hook ran before this one
+        # a BatchNorm's inputs may stand for its output where no hook ran before this one (only there
+        # are the hook dicts read: each read is a guard)
+        derivable = type(module) in BATCH_NORMS and _first_forward_hook(module, self)
         layer_output(self.staging, TRAIN if train else EVAL, self.row, y, self.bounds, self.count_zeros, train,
-                     module, inputs if _first_forward_hook(module, self) else ())
+                     module, inputs if derivable else ())
 
 
 #: torch's global forward hooks (they run before a module's own); None if a torch moves them
