@@ -40,11 +40,14 @@ def _loss(out, y):
     return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
 
-def _train(model, data, run=None, every=1, backend=None, fullgraph=False, warm_up=None, modules=None):
-    """Train on ``data`` (watched into ``run`` when given, those ``modules``; compiled with
-    ``backend`` when given); from step ``warm_up`` on, any recompilation raises."""
+def _train(model, data, run=None, every=1, backend=None, fullgraph=False, warm_up=None, modules=None,
+           after_watch=None):
+    """Train on ``data`` (watched into ``run`` when given, those ``modules``, then ``after_watch(model)``;
+    compiled with ``backend`` when given); from step ``warm_up`` on, any recompilation raises."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     rec = gradscope.watch(model, run, optimizer=opt, every=every, flush_every=3, modules=modules) if run else None
+    if after_watch is not None:
+        after_watch(model)
     runner = torch.compile(model, backend=backend, fullgraph=fullgraph) if backend else model
     for step, (x, y) in enumerate(data):
         if step == warm_up:
@@ -217,25 +220,17 @@ def test_a_batch_norm_output_replaced_by_an_earlier_hook_is_measured_as_eager(tm
     data = [(torch.randn(8, 3, 6, 6), torch.randint(0, 10, (8,))) for _ in range(3)]
     compiled_model = copy.deepcopy(model)
     handle = torch.nn.modules.module.register_module_forward_hook(doubled) if where == "global" else None
+    def prepend(m):  # after watch(), ahead of its probes
+        m[1].register_forward_hook(doubled, prepend=True)
+
+    after_watch = prepend if where == "prepended" else None
     try:
-        runs = []
-        for m, compiled in ((model, False), (compiled_model, True)):
-            opt = torch.optim.SGD(m.parameters(), lr=0.05)
-            with gradscope.watch(m, tmp_path / str(compiled), optimizer=opt) as rec:
-                if where == "prepended":  # after watch(), ahead of its probes
-                    m[1].register_forward_hook(doubled, prepend=True)
-                runner = torch.compile(m, backend="aot_eager", fullgraph=True) if compiled else m
-                for x, y in data:
-                    opt.zero_grad()
-                    loss = _loss(runner(x), y)
-                    loss.backward()
-                    rec.step(loss=loss)
-                    opt.step()
-            runs.append(gradscope.load_run(tmp_path / str(compiled)))
+        eager = _train(model, data, tmp_path / "eager", after_watch=after_watch)
+        compiled = _train(compiled_model, data, tmp_path / "compiled", backend="aot_eager", fullgraph=True,
+                          after_watch=after_watch)
     finally:
         if handle is not None:
             handle.remove()
-    eager, compiled = runs
     bn = eager.layers[(eager.layers.layer == "1") & (eager.layers.phase == "train")]
     assert (bn.act_mean > 0.9).all()  # the hook's output (mean about 1), not BatchNorm's (mean 0)
     _assert_same_figures(eager, compiled)
