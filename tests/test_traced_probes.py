@@ -188,6 +188,17 @@ def test_a_batch_norms_output_statistics_come_from_its_input(kind, shape, affine
     assert (derived[0] - measured[0]).abs() <= 1e-6 * measured[1].sqrt()  # a mean near 0: against the spread
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_traced_identity_sums_of_feature_maps_as_eager(layout):
+    """Per-sample ||y - x||^2, ||x||^2 and ||y||^2 of a feature map in either layout (channels-last
+    ones are summed over the channels first) as the eager probe's flattened sums."""
+    from gradscope.recording.identity import sample_squares
+    torch.manual_seed(0)
+    x = torch.randn(5, 6, 7, 3).to(memory_format=layout) + 0.5
+    y = (x * 0.9 + torch.randn(5, 6, 7, 3).to(memory_format=layout) * 0.3).contiguous(memory_format=layout)
+    torch.testing.assert_close(traced_statistics._sample_squares(x, y), sample_squares(x, y), rtol=1e-6, atol=0)
+
+
 def test_only_an_exact_batch_norm_normalising_by_the_batch_is_derived():
     """Running statistics (eval), a subclass (its forward may differ), SyncBatchNorm (moments of
     every process), other dtypes and other modules are measured on the output."""
@@ -233,6 +244,71 @@ def test_a_batch_norm_output_replaced_by_an_earlier_hook_is_measured_as_eager(tm
             handle.remove()
     bn = eager.layers[(eager.layers.layer == "1") & (eager.layers.phase == "train")]
     assert (bn.act_mean > 0.9).all()  # the hook's output (mean about 1), not BatchNorm's (mean 0)
+    _assert_same_figures(eager, compiled)
+
+
+class _Residual(torch.nn.Module):
+    """y = ReLU(F(x) + x), F = conv-BN, declared as a block with its branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.block = torch.nn.Module()
+        self.block.branch = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4))
+        self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 10))
+        self.block.forward = lambda x: torch.relu(self.block.branch(x) + x)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)))
+
+    def gradscope_blocks(self):
+        return [gradscope.BlockSpec("block", branch="block.branch", residual=True)]
+
+
+def _shifted(module, args, out):
+    return out + 3 if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.Sequential)) else None
+
+
+@pytest.mark.parametrize("where", ["none", "tail after", "branch prepended", "global", "appended"])
+def test_a_branch_ending_in_a_layer_is_measured_as_eager(tmp_path, where, monkeypatch):
+    """||F(x)||^2 of a Sequential branch comes from its last layer's moments in a compiled graph,
+    unless a hook may have replaced the output in between (one on the last layer after gradscope's
+    probe, one on the branch before its probe, or a global one) or the branch gained a module since
+    watch(). Either way, as eager records it."""
+    from gradscope.recording import probes
+    taken = []
+
+    def spy(name):
+        measure = getattr(probes, name)
+        return lambda *args: taken.append(name) or measure(*args)
+
+    for name in ("branch_output", "branch_from_tail"):
+        monkeypatch.setattr(probes, name, spy(name))
+    torch.manual_seed(0)
+    model = _Residual()
+    data = [(torch.randn(8, 3, 6, 6), torch.randint(0, 10, (8,))) for _ in range(3)]
+    compiled_model = copy.deepcopy(model)
+    compiled_model.block.forward = lambda x: torch.relu(compiled_model.block.branch(x) + x)
+
+    def after_watch(m):
+        if where == "tail after":
+            m.block.branch[1].register_forward_hook(_shifted)
+        elif where == "branch prepended":
+            m.block.branch.register_forward_hook(_shifted, prepend=True)
+        elif where == "appended":
+            m.block.branch.append(torch.nn.Tanh())
+
+    handle = torch.nn.modules.module.register_module_forward_hook(_shifted) if where == "global" else None
+    try:
+        eager = _train(model, data, tmp_path / "eager", after_watch=after_watch)
+        taken.clear()
+        compiled = _train(compiled_model, data, tmp_path / "compiled", backend="aot_eager", fullgraph=True,
+                          after_watch=after_watch)
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert set(taken) == {"branch_from_tail" if where == "none" else "branch_output"}
+    assert eager.blocks.branch_ratio.notna().all()
     _assert_same_figures(eager, compiled)
 
 

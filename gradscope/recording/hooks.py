@@ -22,7 +22,7 @@ from torch import nn
 from gradscope.recording.blocks import Block
 from gradscope.recording.clock import StepClock
 from gradscope.recording.layers import ExecutionOrder, Layer, ParameterRow
-from gradscope.recording.probes import BlockProbe, BranchProbe, LayerProbe
+from gradscope.recording.probes import BlockProbe, BranchProbe, LayerProbe, sequential_tail
 from gradscope.recording.sink import Sink
 from gradscope.recording.traced import Staging
 
@@ -35,16 +35,22 @@ class ProbeHooks:
                  blocks: list[tuple[Block, nn.Module, nn.Module | None]], block_order: ExecutionOrder,
                  staging: Staging) -> None:
         self.planned: list[tuple[nn.Module, str, Any]] = []  # (module, "pre" or "forward", probe)
+        layer_probes: dict[int, tuple[nn.Module, LayerProbe]] = {}
         for layer, module in layers:
             if isinstance(module, ParameterRow):  # norms only, written at the step's end
                 continue
-            self.planned.append((module, "forward", LayerProbe(clock, sink, layer_order, layer.row,
-                                                               layer.saturation_bounds, layer.zero_counted, staging)))
+            probe = LayerProbe(clock, sink, layer_order, layer.row, layer.saturation_bounds, layer.zero_counted,
+                               staging)
+            layer_probes[id(module)] = (module, probe)
+            self.planned.append((module, "forward", probe))
         for block, module, branch in blocks:
             block_probe = BlockProbe(clock, sink, block_order, block, module, staging)
             self.planned += [(module, "pre", block_probe.before), (module, "forward", block_probe)]
             if branch is not None:
-                self.planned.append((branch, "forward", BranchProbe(clock, sink, block.row, staging)))
+                tail = layer_probes.get(id(sequential_tail(branch)))
+                if tail is not None:
+                    tail[1].feeds_branch = True
+                self.planned.append((branch, "forward", BranchProbe(clock, sink, block.row, staging, tail)))
         self.always = clock.every == 1 or any(m is model and kind == "pre" for m, kind, _ in self.planned)
         self.handles: list[Any] = []
 

@@ -39,6 +39,7 @@ from gradscope.recording.traced import (
     BATCH_NORMS,
     Staging,
     block_output,
+    branch_from_tail,
     branch_output,
     layer_output,
     note_traced,
@@ -141,12 +142,13 @@ class LayerProbe:
     steps it returns after one attribute test, doing no tensor work.
     """
 
-    __slots__ = ("clock", "sink", "order", "row", "bounds", "count_zeros", "staging")
+    __slots__ = ("clock", "sink", "order", "row", "bounds", "count_zeros", "staging", "feeds_branch")
 
     def __init__(self, clock: StepClock, sink: Sink, order: ExecutionOrder, row: int,
                  bounds: tuple[float, float] | None, count_zeros: bool, staging: Staging) -> None:
         self.clock, self.sink, self.order = clock, sink, order
         self.row, self.bounds, self.count_zeros, self.staging = row, bounds, count_zeros, staging
+        self.feeds_branch = False  # the last layer of a residual branch (``BranchProbe.tail``)
 
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
         clock = self.clock  # skipped AMP steps are detected by the recorder's model pre-hook, before this
@@ -189,7 +191,7 @@ class LayerProbe:
         # are the hook dicts read: each read is a guard)
         derivable = type(module) in BATCH_NORMS and _first_forward_hook(module, self)
         layer_output(self.staging, TRAIN if train else EVAL, self.row, y, self.bounds, self.count_zeros, train,
-                     module, inputs if derivable else ())
+                     module, inputs if derivable else (), self.feeds_branch)
 
 
 #: torch's global forward hooks (they run before a module's own); None if a torch moves them
@@ -314,18 +316,27 @@ class BlockProbe:
 
 
 class BranchProbe:
-    """Forward hook on a block's residual branch F: ||F(x)||^2 for branch_ratio."""
+    """Forward hook on a block's residual branch F: ||F(x)||^2 for branch_ratio.
 
-    __slots__ = ("clock", "sink", "row", "staging")
+    In a compiled graph, a branch that is an ``nn.Sequential`` returns its last layer's output,
+    which that layer's probe has just measured (``tail``): the sum of squares comes from its
+    moments, unless a hook may have replaced the output in between (``_returns_tail_output``).
+    """
 
-    def __init__(self, clock: StepClock, sink: Sink, row: int, staging: Staging) -> None:
-        self.clock, self.sink, self.row, self.staging = clock, sink, row, staging
+    __slots__ = ("clock", "sink", "row", "staging", "tail")
+
+    def __init__(self, clock: StepClock, sink: Sink, row: int, staging: Staging,
+                 tail: tuple[nn.Module, LayerProbe] | None = None) -> None:
+        self.clock, self.sink, self.row, self.staging, self.tail = clock, sink, row, staging, tail
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         if torch.compiler.is_compiling():
             f = first_float_tensor(output)
             if f is not None and module.training and torch.is_grad_enabled():
-                branch_output(self.staging, self.row, f)
+                if self.tail is not None and f.numel() > 0 and _returns_tail_output(module, self, *self.tail):
+                    branch_from_tail(self.staging, self.row, self.tail[1].row)
+                else:
+                    branch_output(self.staging, self.row, f)
             return
         if not (self.clock.recording and module.training and torch.is_grad_enabled()):
             return
@@ -336,6 +347,25 @@ class BranchProbe:
             return
         sink = self.sink
         sink.branch(sink.slot(), self.row, f.detach())
+
+
+def sequential_tail(branch: nn.Module) -> nn.Module | None:
+    """The module whose output ``branch`` returns, if ``branch`` is a plain ``nn.Sequential``
+    (nested ones followed to their last module); None otherwise."""
+    tail = branch
+    while type(tail) is nn.Sequential and len(tail) and "forward" not in vars(tail):
+        tail = tail[-1]
+    return tail if tail is not branch else None
+
+
+def _returns_tail_output(branch: nn.Module, probe: BranchProbe, tail: nn.Module, tail_probe: LayerProbe) -> bool:
+    """Whether ``branch`` returned exactly the output ``tail_probe`` measured in this call: the
+    branch is still a Sequential ending in ``tail``, no hook after the tail's probe (all gradscope's,
+    which return None) and none before the branch's probe can have replaced it."""
+    if not tail_probe.feeds_branch or sequential_tail(branch) is not tail or not _first_forward_hook(branch, probe):
+        return False
+    hooks = list(getattr(tail, "_forward_hooks", {}).values())
+    return tail_probe in hooks and all(type(h) in _PASSIVE_HOOKS for h in hooks[hooks.index(tail_probe) + 1:])
 
 
 class BlockGradientProbe:
@@ -354,3 +384,7 @@ class BlockGradientProbe:
         if slot is None:
             return
         self.sink.block_gradient(slot, self.row, self.column, grad)
+
+
+#: gradscope's forward hooks: they never return a value, so never replace a module's output
+_PASSIVE_HOOKS = (LayerProbe, BlockProbe, BranchProbe)

@@ -88,8 +88,11 @@ class Staging:
         self.counts = torch.zeros(self.width, dtype=torch.int64, device=device)
         for name, shape, offset, size in count_shapes(layers, blocks):
             setattr(self, name, self.counts[offset:offset + size].view(shape))
+        # scratch, never folded: a branch's last layer's sum of squared outputs, written by its call
+        # and read by the branch's probe right after (``branch_from_tail``)
+        self.tail_squares = torch.zeros(layers, device=device)
         if device.type == "cuda":  # CUDA graphs (mode="reduce-overhead") replay writes to fixed addresses
-            for t in (self.layer, self.block, self.counts):
+            for t in (self.layer, self.block, self.counts, self.tail_squares):
                 torch._dynamo.mark_static_address(t)
         self.used = False  # set while tracing: some probe was traced into a compiled graph
 
@@ -150,9 +153,11 @@ class Staging:
 
 
 def layer_output(staging: Staging, phase: int, row: int, y: Tensor, bounds: tuple[float, float] | None,
-                 count_zeros: bool, train: bool, module: nn.Module | None = None, inputs: Any = ()) -> None:
+                 count_zeros: bool, train: bool, module: nn.Module | None = None, inputs: Any = (),
+                 tail: bool = False) -> None:
     """A watched layer's output ``y`` in a traced graph: its moments merged into the staging and,
-    in training, a tensor hook for ||dL/dy||^2."""
+    in training, a tensor hook for ||dL/dy||^2. The last layer of a residual branch (``tail``)
+    also leaves ||y||^2 = n (var + mean^2) in the scratch, for the branch's probe."""
     yd = y.detach()
     x = normalised_input(module, inputs, yd) if staging.gate is None and not count_zeros and bounds is None else None
     if x is not None:
@@ -161,6 +166,8 @@ def layer_output(staging: Staging, phase: int, row: int, y: Tensor, bounds: tupl
         parts = gated.layer_statistics(staging.gate, yd, count_zeros, bounds)
     mean, var = parts[0], parts[1]
     n, k = yd.numel(), len(parts)
+    if tail:
+        staging.tail_squares[row] = n * (var + mean * mean)
     cell, seen = staging.layer[phase, row], staging.act_n[phase, row]
     # Chan's update against the calls already staged (``schema.merge_partial``, written out: Dynamo
     # traces this once per layer, and the generic loop costs it several times as long)
@@ -227,6 +234,14 @@ def block_output(staging: Staging, probe: Any, row: int, x: Tensor, y: Tensor, s
 def branch_output(staging: Staging, row: int, f: Tensor) -> None:
     """A block's residual-branch output F(x) in a traced graph: ||F(x)||^2."""
     staging.block[row, B_BRANCH_SS] += gated.branch_squares(staging.gate, f.detach())
+    staging.block_branch[row] += 1
+
+
+def branch_from_tail(staging: Staging, row: int, tail_row: int) -> None:
+    """``branch_output`` for a branch whose output is its last layer's, as that layer's probe just
+    measured it: ||F(x)||^2 from the layer's moments. Reading F(x) again would make Inductor write a
+    BatchNorm's output to memory, where it otherwise computes it inside the residual add's loop."""
+    staging.block[row, B_BRANCH_SS] += staging.tail_squares[tail_row]
     staging.block_branch[row] += 1
 
 
