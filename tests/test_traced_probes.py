@@ -199,6 +199,14 @@ def test_traced_identity_sums_of_feature_maps_as_eager(layout):
     torch.testing.assert_close(traced_statistics._sample_squares(x, y), sample_squares(x, y), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_a_convolution_output_gradient_summed_over_channels_first_is_its_squared_norm(layout):
+    g = torch.randn(5, 6, 7, 3).to(memory_format=layout)
+    expected = torch.linalg.vector_norm(g.double()).square().float()
+    for into_producer in (False, True):
+        torch.testing.assert_close(traced_statistics.gradient_squares(g, into_producer), expected, rtol=1e-6, atol=0)
+
+
 def test_only_an_exact_batch_norm_normalising_by_the_batch_is_derived():
     """Running statistics (eval), a subclass (its forward may differ), SyncBatchNorm (moments of
     every process), other dtypes and other modules are measured on the output."""

@@ -42,8 +42,8 @@ def branch_squares(gate: Tensor | None, f: Tensor) -> Tensor:
     return _squares_op(gate, f) if _gated(gate, f) else formulas.branch_squares(f)
 
 
-def gradient_squares(gate: Tensor | None, g: Tensor) -> Tensor:
-    return _squares_op(gate, g) if _gated(gate, g) else formulas.gradient_squares(g)
+def gradient_squares(gate: Tensor | None, g: Tensor, into_producer: bool = False) -> Tensor:
+    return _squares_op(gate, g) if _gated(gate, g) else formulas.gradient_squares(g, into_producer)
 
 
 def _gated(gate: Tensor | None, t: Tensor) -> bool:

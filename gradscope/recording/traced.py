@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 
 from gradscope.recording import gated
 from gradscope.recording.buffer import StatsBuffer, device_index
@@ -182,8 +183,10 @@ def layer_output(staging: Staging, phase: int, row: int, y: Tensor, bounds: tupl
     seen += n
     staging.act_calls[phase, row] += 1
     if train and y.requires_grad and not y.is_leaf:
+        # a convolution's backward (a library call) reads dL/dy: only the loop that wrote it can take the sum
+        into_producer = isinstance(module, _ConvNd) and y.dim() == 4 and y.device.type == "cpu"
         y.register_hook(_squares_into(staging.gate, staging.layer[TRAIN, row, GRAD_OUT_SS], staging.grad_n[row],
-                                      staging.grad_calls[row]))
+                                      staging.grad_calls[row], into_producer))
 
 
 #: Exactly these types (a subclass may change the forward): their outputs' statistics come from
@@ -246,12 +249,12 @@ def branch_from_tail(staging: Staging, row: int, tail_row: int) -> None:
 
 
 def _squares_into(gate: Tensor | None, total: Tensor, elements: Tensor | None,
-                  calls: Tensor) -> Callable[[Tensor], None]:
+                  calls: Tensor, into_producer: bool = False) -> Callable[[Tensor], None]:
     """A tensor hook adding ||grad||^2 to ``total`` (and the element and call counts); returns None,
     so the gradient passes on untouched."""
     def hook(grad: Tensor) -> None:
         g = grad.detach()
-        total.add_(gated.gradient_squares(gate, g))
+        total.add_(gated.gradient_squares(gate, g, into_producer))
         if elements is not None:
             elements.add_(g.numel())
         calls.add_(1)
