@@ -190,8 +190,8 @@ def test_a_batch_norms_output_statistics_come_from_its_input(kind, shape, affine
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_traced_identity_sums_of_feature_maps_as_eager(layout):
-    """Per-sample ||y - x||^2, ||x||^2 and ||y||^2 of a feature map in either layout (channels-last
-    ones are summed over the channels first) as the eager probe's flattened sums."""
+    """Per-sample ||y - x||^2, ||x||^2 and ||y||^2 of a feature map in either layout (summed over
+    each sample's dims, in memory order) as the eager probe's flattened sums."""
     from gradscope.recording.identity import sample_squares
     torch.manual_seed(0)
     x = torch.randn(5, 6, 7, 3).to(memory_format=layout) + 0.5
