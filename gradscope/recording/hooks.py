@@ -47,7 +47,8 @@ class ProbeHooks:
             block_probe = BlockProbe(clock, sink, block_order, block, module, staging)
             self.planned += [(module, "pre", block_probe.before), (module, "forward", block_probe)]
             if branch is not None:
-                tail = layer_probes.get(id(sequential_tail(branch)))
+                last = sequential_tail(branch)  # a watched last layer measures ||F(x)||^2 for the branch
+                tail = layer_probes.get(id(last)) if last is not None else None
                 if tail is not None:
                     tail[1].feeds_branch = True
                 self.planned.append((branch, "forward", BranchProbe(clock, sink, block.row, staging, tail)))
