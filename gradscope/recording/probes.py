@@ -362,7 +362,7 @@ def _returns_tail_output(branch: nn.Module, probe: BranchProbe, tail: nn.Module,
     """Whether ``branch`` returned exactly the output ``tail_probe`` measured in this call: the
     branch is still a Sequential ending in ``tail``, no hook after the tail's probe (all gradscope's,
     which return None) and none before the branch's probe can have replaced it."""
-    if not tail_probe.feeds_branch or sequential_tail(branch) is not tail or not _first_forward_hook(branch, probe):
+    if sequential_tail(branch) is not tail or not _first_forward_hook(branch, probe):
         return False
     hooks = list(getattr(tail, "_forward_hooks", {}).values())
     return tail_probe in hooks and all(type(h) in _PASSIVE_HOOKS for h in hooks[hooks.index(tail_probe) + 1:])
