@@ -59,6 +59,18 @@ def test_host_counts_follow_the_declarations():
     assert counts.act_n[0, 0, 2] == 7 and counts.act_n[1].sum() == 0 and np.isnan(counts.lr[1]).all()
 
 
+def test_a_cleared_slot_is_a_fresh_one_and_the_others_are_kept():
+    """Slots are reused after a flush: ``clear`` (in place) must leave nothing of the old step."""
+    counts, fresh = HostCounts(slots=3, layers=4, blocks=2), HostCounts(slots=1, layers=4, blocks=2)
+    for c in COUNTS:
+        getattr(counts, c.name)[...] = True if c.dtype == "bool" else 5
+    counts.clear(1)
+    for c in COUNTS:
+        array = getattr(counts, c.name)
+        np.testing.assert_array_equal(array[1], getattr(fresh, c.name)[0], err_msg=c.name)
+        assert (array[[0, 2]] == (True if c.dtype == "bool" else 5)).all(), c.name
+
+
 def test_reader_dtypes_are_the_schema():
     assert list(reader.LAYER_SCHEMA) == ["step", "phase", "layer", *(c.name for c in schema.columns("layers"))]
     assert reader.STEP_SCHEMA["grad_global_norm"] == "float64"

@@ -209,6 +209,11 @@ LOSS, ACCURACY, GRAD_GLOBAL_SS, LOSS_SCALE, EVAL_LOSS, EVAL_ACCURACY, GRAD_PRE_C
     STEP.index[n] for n in ("loss", "accuracy", "grad_global_ss", "loss_scale", "eval_loss", "eval_accuracy",
                             "grad_pre_clip_ss", "grad_post_clip_ss"))
 GRAD_SMALL_SS = STEP.index["grad_small_ss"]
+def _fill(count: Count) -> float:
+    """A fresh cell of ``count``: NaN for the float ones (a value not known), else zero."""
+    return np.nan if count.dtype == "float64" else 0
+
+
 class HostCounts:
     """The ``COUNTS`` of every buffer slot, as numpy arrays named after them (``counts.act_n``).
 
@@ -221,13 +226,12 @@ class HostCounts:
         for count in COUNTS:
             shape = {"phase_layer": (len(PHASES), layers), "layer": (layers,), "block": (blocks,),
                      "step": (), "step_stat": (STEP.width,)}[count.per]
-            fill = np.nan if count.dtype == "float64" else 0
-            setattr(self, count.name, np.full((slots, *shape), fill, count.dtype))
+            setattr(self, count.name, np.full((slots, *shape), _fill(count), count.dtype))
 
     def clear(self, slot: int) -> None:
-        fresh = HostCounts(1, self.layers, self.blocks)
+        """Slot ``slot`` as a fresh one's, in place (every step opens a slot: no allocation there)."""
         for count in COUNTS:
-            getattr(self, count.name)[slot] = getattr(fresh, count.name)[0]
+            getattr(self, count.name)[slot] = _fill(count)
 
     def move(self, src: int, dst: int) -> None:
         for count in COUNTS:
