@@ -209,6 +209,8 @@ LOSS, ACCURACY, GRAD_GLOBAL_SS, LOSS_SCALE, EVAL_LOSS, EVAL_ACCURACY, GRAD_PRE_C
     STEP.index[n] for n in ("loss", "accuracy", "grad_global_ss", "loss_scale", "eval_loss", "eval_accuracy",
                             "grad_pre_clip_ss", "grad_post_clip_ss"))
 GRAD_SMALL_SS = STEP.index["grad_small_ss"]
+
+
 def _fill(count: Count) -> float:
     """A fresh cell of ``count``: NaN for the float ones (a value not known), else zero."""
     return np.nan if count.dtype == "float64" else 0
