@@ -69,9 +69,7 @@ def main(args: Any, device: torch.device, workloads: dict[str, Any]) -> None:
           f"{base.BLOCK}; each step over the compiled step without gradscope")
     print(f"{'workload':24} {'variant':48} {'step ms':>9} {'x time':>7}")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, spec in workloads.items():
-            if args.only and args.only not in name:
-                continue
+        for name, spec in base.selected(workloads, args.only).items():
             rows, kernels = bench_compiled(name, spec, device, args.steps, Path(tmp), mode)
             for row in rows:
                 print(f"{row[0]:24} {row[1] + row[6]:48} {row[2]:9.2f} {row[3]:7.3f}", flush=True)

@@ -39,6 +39,43 @@ def test_bench_workload_runs_every_variant_and_leaves_no_hook(tmp_path):
     assert recorded == [3, 25]
 
 
+def test_only_picks_workloads_by_any_of_its_fragments():
+    workloads = {"resnet56 b128": 1, "pre-LN 12x512 b32 bf16": 2, "resnet50 224 b128 bf16": 3, "gpt2-small": 4}
+    assert list(overhead.selected(workloads, "gpt2, resnet50")) == ["resnet50 224 b128 bf16", "gpt2-small"]
+    assert list(overhead.selected(workloads, "resnet")) == ["resnet56 b128", "resnet50 224 b128 bf16"]
+    assert overhead.selected(workloads, None) == workloads
+
+
+def test_above_floor_is_gradscope_every_1_minus_the_empty_hooks():
+    rows = [("w", "none", 10.0, 1.0), ("w", "empty hooks (floor, not a tool)", 11.0, 1.1),
+            ("w", "gradscope every=1", 12.5, 1.25), ("w", "gradscope every=10", 10.5, 1.05)]
+    assert overhead.above_floor(rows) == pytest.approx(0.15)
+    assert overhead.above_floor([r for r in rows if "empty" not in r[1]]) is None
+
+
+def test_the_resnet50_workload_is_torchvisions_size_and_gradscope_finds_its_blocks(tmp_path):
+    from imagenet_resnet import ResNet50
+
+    import gradscope
+
+    torch.manual_seed(0)
+    model = ResNet50()
+    assert sum(p.numel() for p in model.parameters()) == 25_557_032  # torchvision.models.resnet50()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradscope.watch(model, tmp_path / "r50", optimizer=opt) as rec:
+        loss = torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 64, 64)), torch.tensor([1, 2]))
+        loss.backward()
+        rec.step(loss=loss)
+        opt.step()
+    run = gradscope.load_run(tmp_path / "r50")
+    blocks = {b["name"]: b for b in run.meta["blocks"]}
+    assert list(blocks) == [f"layer{s + 1}.{b}" for s, n in enumerate((3, 4, 6, 3)) for b in range(n)]
+    changed = sorted(name for name, b in blocks.items() if b["reason"])  # each stage's first block
+    assert changed == ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]
+    kept = run.blocks.set_index("block").drop(changed)
+    assert len(kept) == 12 and kept["id_rel_residual"].gt(0).all() and kept["grad_out_norm"].gt(0).all()
+
+
 needs_gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
 
