@@ -90,16 +90,16 @@ def _assert_same_figures(expected, actual):
 @pytest.mark.parametrize("name", ["transformer_lm_post"])
 def test_reference_models_compile_whole_and_never_recompile(tmp_path, name):
     """fullgraph=True raises at the first graph break; after warm-up, recompiling raises too.
-    every=10 over 25 steps: steps 0, 10 and 20 are recorded, from the same graph. (resnet20,
+    every=10 over 50 steps: steps 0, 10, ..., 40 are recorded, from the same graph. (resnet20,
     transformer_lm_pre and mlp_residual compile with fullgraph=True in test_traced_figures_match_eager.)"""
     overrides = small_overrides(name, SMALL)
     torch.manual_seed(0)
     model = models.create(name, **overrides)
-    data = reference_batches(name, 1, **overrides) * 25
+    data = reference_batches(name, 1, **overrides) * 50
     run = _train(model, data, tmp_path / "r", every=10, backend="eager", fullgraph=True, warm_up=2)
     assert counters["stats"]["unique_graphs"] == 1
     assert run.meta["status"] == "finished"
-    assert sorted(run.layers.step.unique()) == [0, 10, 20]
+    assert sorted(run.layers.step.unique()) == [0, 10, 20, 30, 40]
     train = run.layers[run.layers.phase == "train"]
     assert train.act_std.notna().all() and train.grad_out_norm.notna().all()  # the staging reached every row
     if run.meta["blocks"]:
@@ -382,7 +382,7 @@ def test_a_step_run_partly_eager_merges_both(tmp_path):
 
 def test_gpt2_from_transformers_compiles_whole_watched(tmp_path):
     """A config-built GPT-2 (no download), watched, compiles into one graph (fullgraph=True) and
-    never recompiles after warm-up. transformers' own warnings would break the graph, watched or
+    never recompiles after warm-up (50 steps of every=10). transformers' own warnings would break the graph, watched or
     not: Dynamo is told to ignore logging calls, as its hint says."""
     import logging
 
@@ -404,9 +404,9 @@ def _train_gpt2(transformers, tmp_path):
     model = transformers.GPT2LMHeadModel(config)
     ids = torch.randint(0, 64, (4, 16))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with gradscope.watch(model, tmp_path / "r", optimizer=opt, every=3):
+    with gradscope.watch(model, tmp_path / "r", optimizer=opt, every=10):
         runner = torch.compile(model, backend="eager", fullgraph=True)
-        for step in range(7):
+        for step in range(50):
             torch._dynamo.config.error_on_recompile = step >= 2
             opt.zero_grad()
             runner(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()
@@ -415,7 +415,7 @@ def _train_gpt2(transformers, tmp_path):
     assert counters["stats"]["unique_graphs"] == 1
     run = gradscope.load_run(tmp_path / "r")
     assert run.meta["status"] == "finished"
-    assert sorted(run.layers.step.unique()) == [0, 3, 6]
+    assert sorted(run.layers.step.unique()) == [0, 10, 20, 30, 40]
     assert run.layers[run.layers.phase == "train"].grad_out_norm.notna().all()
     assert [b["name"] for b in run.meta["blocks"]] == ["transformer.h.0", "transformer.h.1"]
     assert run.blocks.id_rel_residual.notna().all()
