@@ -87,11 +87,10 @@ def _assert_same_figures(expected, actual):
             assert close.all(), f"{table}.{column}: {x[~close][:4]} recorded as {y[~close][:4]}"
 
 
-@pytest.mark.parametrize("name", ["transformer_lm_post"])
+@pytest.mark.parametrize("name", ["transformer_lm_post", "transformer_lm_pre", "resnet20", "mlp_residual"])
 def test_reference_models_compile_whole_and_never_recompile(tmp_path, name):
     """fullgraph=True raises at the first graph break; after warm-up, recompiling raises too.
-    every=10 over 50 steps: steps 0, 10, ..., 40 are recorded, from the same graph. (resnet20,
-    transformer_lm_pre and mlp_residual compile with fullgraph=True in test_traced_figures_match_eager.)"""
+    every=10 over 50 steps: steps 0, 10, ..., 40 are recorded, from the same graph."""
     overrides = small_overrides(name, SMALL)
     torch.manual_seed(0)
     model = models.create(name, **overrides)
