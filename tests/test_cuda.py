@@ -249,3 +249,17 @@ def test_token_cos_under_bfloat16_autocast_on_cuda(tmp_path):
         rec.step()
     got = gradscope.load_run(tmp_path / "run").blocks.set_index("block").loc["1", "token_cos"]
     assert got == pytest.approx(_mean_pairwise_token_cosine(outs[0]), rel=1e-5)
+
+
+def test_cuda_graphs_record_every_scheduled_step_as_eager(tmp_path):
+    """mode="reduce-overhead": the step replays as CUDA graphs, and none is skipped for
+    gradscope's sake (its staging is a static input the graph adds into); every scheduled step is
+    recorded from the staging, with eager's figures, and nothing recompiles after warm-up."""
+    from test_compiled import assert_same_figures, record_compiled_against_eager
+
+    eager, compiled, counters = record_compiled_against_eager(tmp_path, "cuda", "reduce-overhead")
+    assert compiled.meta["status"] == "finished", compiled.meta.get("errors")
+    assert sorted(compiled.layers.step.unique()) == [0, 2, 4]
+    assert counters.get("inductor", {}).get("cudagraph_skips", 0) == 0, counters.get("inductor")
+    assert_same_figures(eager, compiled)
+    assert compiled.blocks.id_rel_residual.notna().any() and compiled.blocks.grad_out_norm.notna().any()
