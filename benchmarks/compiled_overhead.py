@@ -9,11 +9,12 @@ step. With every=1 (and on CUDA) their statistics are fused into the graph; with
 CPU they are calls to opaque ops that return at once on the steps the schedule skips
 (``gradscope/recording/gated.py``), which is why the every=10 row reports recorded and other steps.
 
-It also counts the kernels Inductor generated for each variant's forward and backward
-(``torch._inductor.metrics.generated_kernel_count``, with Inductor's caches off so every graph is
-generated): the difference is the kernels of gradscope's own; each statistic not among them was
-fused into a kernel the model has anyway, or (every=10 on the CPU) is an opaque call, which
-Inductor does not count. Memory is not measured here.
+It also counts what Inductor generated for each variant's forward and backward, with its caches
+off so every graph is generated: its kernel count (``torch._inductor.metrics.generated_kernel_count``;
+on the CPU a loop's vectorised and scalar bodies count apart) and its loops by whose work they do
+(``inductor_census.py``): the model's, the model's with statistics fused in, gradscope's own (over
+large tensors or small) and untraced copies. The opaque ops of every=10 on the CPU are calls, not
+loops. Memory is not measured here.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from typing import Any
 
 import overhead as base
 import torch
+from inductor_census import census, describe
 
 
 def bench_compiled(name: str, spec: Any, device: torch.device, steps: int, tmp: Path,
-                   mode: str) -> tuple[list[tuple], dict[str, int]]:
-    """Ratio rows as ``overhead.ratio_rows`` gives them, and Inductor's kernel count per variant."""
+                   mode: str) -> tuple[list[tuple], dict[str, int], dict[str, Any]]:
+    """Ratio rows as ``overhead.ratio_rows`` gives them, Inductor's kernel count per variant and its
+    loops by whose work they do (``inductor_census``)."""
     import torch._inductor.metrics as metrics
 
     torch._inductor.config.fx_graph_cache = False  # count generated kernels, not cache hits
@@ -44,6 +47,7 @@ def bench_compiled(name: str, spec: Any, device: torch.device, steps: int, tmp: 
     batch = make_batch(device)
     chosen: list[base.Variant] = [base.Nothing(), base.Gradscope(1), base.Gradscope(10)]
     kernels: dict[str, int] = {}
+    loops: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
         runners = []
         for v in chosen:
@@ -52,13 +56,14 @@ def bench_compiled(name: str, spec: Any, device: torch.device, steps: int, tmp: 
             after_backward = stack.enter_context(v.attach(model, opt, tmp))  # watched before the first call
             compiled = torch.compile(model, mode=None if mode == "default" else mode)
             metrics.reset()
-            # warm-up as overhead.py's: compiles, and puts each block's recorded step at its 6th
-            base.time_steps(compiled, opt, batch, base.BLOCK + (base.BLOCK - base.RECORDED_AT), device, autocast,
-                            after_backward)
+            with census() as loops[v.name]:
+                # warm-up as overhead.py's: compiles, and puts each block's recorded step at its 6th
+                base.time_steps(compiled, opt, batch, base.BLOCK + (base.BLOCK - base.RECORDED_AT), device, autocast,
+                                after_backward)
             kernels[v.name] = metrics.generated_kernel_count
             runners.append((v, compiled, opt, after_backward))
         blocks, peaks = base.interleave(runners, batch, steps, device, autocast, None)
-    return base.ratio_rows(name, chosen, blocks, peaks), kernels
+    return base.ratio_rows(name, chosen, blocks, peaks), kernels, loops
 
 
 def main(args: Any, device: torch.device, workloads: dict[str, Any]) -> None:
@@ -70,9 +75,11 @@ def main(args: Any, device: torch.device, workloads: dict[str, Any]) -> None:
     print(f"{'workload':24} {'variant':48} {'step ms':>9} {'x time':>7}")
     with tempfile.TemporaryDirectory() as tmp:
         for name, spec in base.selected(workloads, args.only).items():
-            rows, kernels = bench_compiled(name, spec, device, args.steps, Path(tmp), mode)
+            rows, kernels, loops = bench_compiled(name, spec, device, args.steps, Path(tmp), mode)
             for row in rows:
                 print(f"{row[0]:24} {row[1] + row[6]:48} {row[2]:9.2f} {row[3]:7.3f}", flush=True)
             plain = kernels["none"]
             print(f"{name:24} Inductor kernels, forward and backward: none {plain}, "
                   + ", ".join(f"{v} {k} ({k - plain:+d})" for v, k in kernels.items() if v != "none"), flush=True)
+            print(f"{name:24} Inductor loops (fused scheduler nodes) by whose work they do: "
+                  + "; ".join(f"{v}: {describe(t)}" for v, t in loops.items()), flush=True)

@@ -118,3 +118,36 @@ def test_nproc_stops_every_process_when_one_fails(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(site))
     with pytest.raises(SystemExit, match=r"rank 1 exited with status 1(.|\n)*injected failure"):
         overhead.launch_ddp(_nproc_args(variants="none"), tmp_path)  # rank 0 waits for rank 1 until stopped
+
+
+@pytest.mark.slow  # Inductor compiles two small models: about 30 s on 2 cores, cold
+def test_the_census_tells_the_statistics_loops_from_the_models(tmp_path):
+    from inductor_census import census, describe
+
+    import gradscope
+    from gradscope.testing import TinyCNN
+
+    def loops(watched: bool):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = TinyCNN()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        rec = gradscope.watch(model, tmp_path / f"r{watched}", optimizer=opt) if watched else None
+        compiled = torch.compile(model)
+        no_cache = (torch._inductor.config.patch(fx_graph_cache=False),  # a cache hit generates nothing
+                    torch._functorch.config.patch(enable_autograd_cache=False))
+        with no_cache[0], no_cache[1], census() as tally:
+            loss = torch.nn.functional.cross_entropy(compiled(torch.randn(4, 3, 8, 8)), torch.tensor([0, 1, 2, 3]))
+            loss.backward()
+        if rec is not None:
+            rec.step(loss=loss)
+            rec.close()
+        return tally
+
+    try:
+        plain, watched = loops(False), loops(True)
+    finally:
+        torch._dynamo.reset()
+    assert plain["model"] > 0 and plain["fused"] == plain["own, large"] == plain["own, small"] == 0
+    assert watched["fused"] + watched["own, large"] + watched["own, small"] > 0
+    assert describe(watched).startswith(f"model {watched['model']}, fused {watched['fused']}")
