@@ -5,7 +5,8 @@ torch here (it pulls a CUDA build), so the benchmark carries its own: bottleneck
 (1x1, 3x3, 1x1 convs, 4x expansion, stride on the 3x3 as in torchvision's "v1.5"), projection
 shortcuts where the shape changes, ``layer1..layer4`` as ``nn.Sequential``s. Nothing tells
 gradscope where its blocks are: it finds them the way it finds a user's (siblings of one class in
-a Sequential that keep their input's shape), which is what a user of a torchvision model gets.
+a Sequential), compares those that keep their input's shape with the identity and records why
+not for the first of each stage, which is what a user of a torchvision model gets.
 """
 
 from __future__ import annotations

@@ -5,10 +5,11 @@ C++ function may hold several). Every IR node keeps the FX nodes it came from, a
 stack trace of the line that traced them, so a loop's nodes say whose work it does:
 
 - ``model``: traced from anywhere but ``gradscope/recording``;
-- ``fused``: both, i.e. statistics Inductor put into a loop the model has anyway;
-- ``own``: gradscope's alone, split by size: ``large`` iterates over 4096 elements or more
-  (a pass over a feature map or a gradient), ``small`` fewer (per-channel finishing arithmetic
-  and the merges into the staging);
+- ``fused``: a loop holding nodes of the model's and nodes of gradscope's, i.e. statistics
+  Inductor put into a loop the model has anyway;
+- ``own``: gradscope's nodes only (a node traced from both counts as gradscope's), by size:
+  ``large`` iterates over 4096 elements or more (a pass over a feature map or a gradient),
+  ``small`` fewer (per-channel finishing arithmetic and the merges into the staging);
 - ``untraced``: no trace at all (functionalization's copies back into mutated inputs, such as
   BatchNorm's running statistics and gradscope's staging).
 
@@ -72,13 +73,13 @@ def census() -> Iterator[collections.Counter]:
         return
     original = Scheduler.codegen
 
-    def codegen(self: Scheduler) -> None:
+    def codegen(self: Scheduler, *args: object, **kwargs: object) -> None:
         try:
             classify(list(self.nodes), tally)
         except Exception:  # other internals: say nothing rather than something wrong
             tally.clear()
             tally["unavailable"] = 1
-        return original(self)
+        return original(self, *args, **kwargs)
 
     Scheduler.codegen = codegen  # type: ignore[method-assign]
     try:
@@ -89,7 +90,9 @@ def census() -> Iterator[collections.Counter]:
 
 def describe(tally: collections.Counter) -> str:
     """One line, as the benchmark prints it."""
-    if not tally or "unavailable" in tally:
+    if "unavailable" in tally:
         return "census unavailable (Inductor internals differ)"
+    if not tally:
+        return "no loops generated (a cached or reused graph)"
     kinds = ("model", "fused", "own, large", "own, small", "untraced")
     return ", ".join(f"{k} {tally[k]}" for k in kinds)

@@ -28,9 +28,11 @@ above the memory allocated before the block; on Linux CPUs the peak RSS (VmHWM, 
 process whose malloc returns every block of 64 KiB or more to the system on free
 (``MALLOC_MMAP_THRESHOLD_``), so RSS follows the live tensors (its times are not used).
 
-The script also prints the fixed cost per watched layer on tiny tensors (the launch-bound regime
-of small GPU steps, measurable on any machine) and times ``load_run`` on a 10,000-step
-resnet110 run.
+Beside each workload it prints gradscope ``every=1``'s ratio minus the empty hooks' of the same
+run: what its statistics cost above the floor of any module-hook recorder, the measure for
+launch-bound eager GPU steps. The script also prints the fixed cost per watched layer on tiny
+tensors (the launch-bound regime of small GPU steps, measurable on any machine) and times
+``load_run`` on a 10,000-step resnet110 run.
 
 With ``--nproc N`` (N > 1) it times data-parallel training instead: N gloo processes on this
 machine's CPUs, each with ``--threads`` (default 1) intra-op threads, each training every
@@ -44,7 +46,7 @@ watched on every rank with the same run path (``--variants`` picks among empty h
 hooks and these); memory, the fixed cost and ``load_run`` are not measured. Every process is
 stopped when one fails, after ``--timeout`` seconds, or when the launcher exits.
 
-    python benchmarks/overhead.py [--device cpu|cuda] [--steps 100] [--only resnet20]
+    python benchmarks/overhead.py [--device cpu|cuda] [--steps 100] [--only resnet20,pre-LN]
                                   [--variants every,naive] [--skip-memory] [--skip-load]
     python benchmarks/overhead.py --nproc 2 --only resnet20 [--steps 90] [--threads 1] [--timeout 1200]
     python benchmarks/overhead.py --compile [reduce-overhead] [--only resnet20] [--steps 100]
@@ -110,7 +112,7 @@ CUDA_WORKLOADS = {
                                lambda d: (torch.randint(0, 256, (32, 256), device=d),
                                           torch.randint(0, 256, (32, 256), device=d)), torch.bfloat16),
     # compute-bound, as users train them: a GPT-2-small-sized LM and a ResNet-50-sized CNN
-    "gpt2-small 12x768 s1024 b8 bf16": (lambda: _transformer(12, 768, 1024, GPT2_VOCAB),
+    "gpt2-small s1024 b8 bf16": (lambda: _transformer(12, 768, 1024, GPT2_VOCAB),
                                         lambda d: (torch.randint(0, GPT2_VOCAB, (8, 1024), device=d),
                                                    torch.randint(0, GPT2_VOCAB, (8, 1024), device=d)), torch.bfloat16),
     "resnet50 224 b128 bf16": (_resnet50,

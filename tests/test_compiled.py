@@ -260,16 +260,17 @@ def record_compiled_against_eager(tmp_path, device, mode, every=2, steps=6):
 
 def assert_same_figures(eager, compiled):
     """Every float figure of the layer and block tables, step by step, as in eager: forward ones
-    within 1e-4 (a mean against its layer's spread), gradient ones within 2e-2, since Inductor
-    computes the model's backward in its own order (resnet20 on the CPU: parameter gradient norms
-    2e-3 apart at lr 0, the forward's figures 2e-6). Another step's batch moves them by 25%."""
+    within 1e-4 (a mean against its layer's spread), the probes' gradient norms within 1e-3 and the
+    parameters' gradient norms within 2e-2, since Inductor computes the model's backward in its own
+    order (resnet20 on the CPU at lr 0: 2e-6, 1e-4 and 2.3e-3 apart). Another step's batch moves
+    them by 25%."""
     for table, keys in (("layers", ["step", "phase", "layer"]), ("blocks", ["step", "block"])):
         a = getattr(eager, table).set_index(keys).sort_index()
         b = getattr(compiled, table).set_index(keys).sort_index()
         assert a.index.equals(b.index), table
         for column in [c for c in a.columns if a[c].dtype.kind == "f"]:
             x, y = a[column].to_numpy(float), b[column].to_numpy(float)
-            rtol = 2e-2 if "grad" in column else 1e-4
+            rtol = 2e-2 if column == "grad_norm" else 1e-3 if "grad" in column else 1e-4
             atol = np.nan_to_num(a["act_std"].to_numpy(float)) * 1e-4 if column == "act_mean" else 1e-7
             close = (abs(y - x) <= atol + rtol * abs(x)) | (np.isnan(x) & np.isnan(y))
             assert close.all(), f"{table}.{column}: eager {x[~close][:4]}, compiled {y[~close][:4]}"
