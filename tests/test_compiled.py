@@ -208,3 +208,33 @@ def test_a_sibling_instance_compiled_first_is_refused_or_recorded_with_hook_guar
         run = gradscope.load_run(tmp_path / "guards-True")
         assert run.meta["status"] == "finished"
         assert run.layers.act_std.notna().all()
+
+
+@pytest.mark.slow
+def test_changing_lengths_compile_no_more_graphs_than_without_gradscope(tmp_path):
+    """Padding each batch to its longest sequence (or an epoch's short last batch) changes a
+    length from step to step, and Dynamo then compiles one graph for every length. gradscope's
+    statistics must not pin the length to ranges (a strided slice's bounds; Inductor's choice of
+    how to accumulate a float32 sum over more than 4096 elements): each new range would recompile
+    the model, up to Dynamo's cache limit. The figures at every length match eager."""
+    from torch._dynamo.utils import counters
+
+    from gradscope import models
+
+    g = torch.Generator().manual_seed(0)
+    data = [(ids, ids) for ids in (torch.randint(0, 64, (4, t), generator=g) for t in (64, 50, 17, 9))]
+    graphs = {}
+    for watched in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = models.create("transformer_lm_pre", depth=1, d_model=32, d_ff=64, heads=4, seq_len=128,
+                              vocab_size=64)
+        reference = copy.deepcopy(model)
+        train(torch.compile(model), data, run=tmp_path / "compiled" if watched else None, lr=0.0)
+        graphs[watched] = counters["stats"]["unique_graphs"]
+    assert graphs[True] == graphs[False], graphs
+    train(reference, data, run=tmp_path / "eager", lr=0.0)
+    a, b = (_figures(gradscope.load_run(tmp_path / name)) for name in ("eager", "compiled"))
+    assert a.index.equals(b.index) and len(a.index.unique("step")) == len(data)
+    np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-4, atol=1e-6)

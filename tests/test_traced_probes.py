@@ -161,6 +161,19 @@ def test_traced_moments_keep_a_small_spread_beside_a_large_mean(tmp_path, layout
     assert_same_figures(eager, compiled)
 
 
+def test_the_traced_shift_is_the_eager_one_and_in_range_for_any_size():
+    """The traced moments' shift takes elements i * n // 64 (no guard on n): those of the eager
+    probes' ``shift_of`` where 64 divides n, and valid indices for every n down to 1."""
+    from gradscope.recording.moments import shift_of
+
+    for n in (64, 4096, 64 * 1000):
+        flat = torch.arange(n, dtype=torch.float64)  # its elements' mean tells which were taken, exactly
+        assert traced_statistics._traced_shift(flat) == shift_of(flat)
+    for n in range(1, 130):
+        flat = torch.arange(n, dtype=torch.float32)
+        assert 0 <= traced_statistics._traced_shift(flat) <= n - 1
+
+
 def _batch_norm(kind, channels, affine=True, track=True):
     bn = kind(channels, affine=affine, track_running_stats=track)
     if affine:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from gradscope.recording.identity import identity_terms, sample_squares, token_cosines, token_direction_sums
-from gradscope.recording.moments import norm32, saturated, shift_of, shifted_variance
+from gradscope.recording.moments import SHIFT_SAMPLES, norm32, saturated, shifted_variance
 
 
 def layer_statistics(y: Tensor, count_zeros: bool, bounds: tuple[float, float] | None) -> list[Tensor]:
@@ -62,16 +62,40 @@ def shifted_moments(y: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and population variance by the shifted one-pass formula (``moments.shift_of``): plain
     sums, which Inductor's CPU kernels take about four times as fast as a Welford ``var_mean``."""
     n = y.numel()
-    c = shift_of(y.reshape(-1))
+    c = _traced_shift(y.reshape(-1))
     d = y - c
     m1 = _sum(d) / n
     return m1 + c, shifted_variance(m1, _sum(d * d) / n)
 
 
+def _traced_shift(flat: Tensor) -> Tensor:
+    """``moments.shift_of`` (the same elements where SHIFT_SAMPLES divides the size) without a
+    guard on the size: its ``max`` and slice would pin a dynamic batch or sequence length to a range
+    (for a watched layer of 4 features, 32 to 256 samples), and every length outside it would
+    recompile the model, up to Dynamo's cache limit. The indices i * n // SHIFT_SAMPLES are < n for
+    any n > 0, whatever n is, so they are an op of the graph rather than a guard."""
+    n = flat.numel()
+    at = torch.arange(SHIFT_SAMPLES, device=flat.device) * n // SHIFT_SAMPLES
+    return flat[at].mean()
+
+
 def _sum(t: Tensor) -> Tensor:
-    """The sum of ``t`` (int64 for bools); a conv feature map [N, C, ...] is summed per channel
-    first, as BatchNorm reduces, so Inductor takes both in one loop over it in memory order."""
-    return t.sum((0, *range(2, t.dim()))).sum() if t.dim() >= 4 else t.sum()
+    """The sum of ``t`` (int64 for bools, float32 for floats); a conv feature map [N, C, ...] is
+    summed per channel first, as BatchNorm reduces, so Inductor takes both in one loop over it in
+    memory order. On the CPU floats are accumulated in float64 (``_accumulation``)."""
+    acc = _accumulation(t)
+    s = t.sum((0, *range(2, t.dim())), dtype=acc).sum() if t.dim() >= 4 else t.sum(dtype=acc)
+    return s if acc is None else s.float()
+
+
+def _accumulation(t: Tensor) -> torch.dtype | None:
+    """float64 for a float sum on the CPU, else None (the sum's own dtype). Inductor's C++ code
+    accumulates a float32 sum over more than 4096 elements in chunks, and guards that choice
+    where the size is dynamic: every batch or sequence length across a threshold (for the
+    reductions of a small LM, lengths 2, 4, 8, 32) would recompile the model, up to Dynamo's
+    cache limit. A float64 sum has no such choice; over a million elements it measured twice
+    as fast as the chunked float32 sum, and more exact."""
+    return torch.float64 if t.device.type == "cpu" and t.is_floating_point() else None
 
 
 def _amax(t: Tensor) -> Tensor:
@@ -92,7 +116,9 @@ def _sample_squares(x: Tensor, y: Tensor) -> Tensor:
     dims = tuple(range(1, x.dim()))
     xf, yf = x.float(), y.float()
     diff = yf - xf
-    return torch.stack([(diff * diff).sum(dims), (xf * xf).sum(dims), (yf * yf).sum(dims)])
+    acc = _accumulation(xf)
+    sums = torch.stack([(t * t).sum(dims, dtype=acc) for t in (diff, xf, yf)])
+    return sums if acc is None else sums.float()
 
 
 def token_cosine_sum(y: Tensor) -> Tensor:
@@ -124,7 +150,9 @@ def gradient_squares(g: Tensor, into_producer: bool = False) -> Tensor:
         return squared_norm(g)
     g = g if g.dtype == torch.float32 else g.float()
     if into_producer and g.dim() == 4:
-        return g.square().sum(1).sum()
+        acc = _accumulation(g)
+        s = g.square().sum(1).sum(dtype=acc)
+        return s if acc is None else s.float()
     return _sum(g.square())
 
 
