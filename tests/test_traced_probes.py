@@ -163,7 +163,7 @@ def test_traced_moments_keep_a_small_spread_beside_a_large_mean(tmp_path, layout
 
 def test_the_traced_shift_is_the_eager_one_and_in_range_for_any_size():
     """The traced moments' shift takes elements i * n // 64 (no guard on n): those of the eager
-    probes' ``shift_of`` where 64 divides n, and valid indices for every n down to 1."""
+    probes' ``shift_of`` where 64 divides n, and valid indices for every n down to 1 (none, NaN, for n = 0)."""
     from gradscope.recording.moments import shift_of
 
     for n in (64, 4096, 64 * 1000):
@@ -172,6 +172,7 @@ def test_the_traced_shift_is_the_eager_one_and_in_range_for_any_size():
     for n in range(1, 130):
         flat = torch.arange(n, dtype=torch.float32)
         assert 0 <= traced_statistics._traced_shift(flat) <= n - 1
+    assert traced_statistics._traced_shift(torch.empty(0)).isnan()
 
 
 def _batch_norm(kind, channels, affine=True, track=True):

@@ -73,8 +73,11 @@ def _traced_shift(flat: Tensor) -> Tensor:
     guard on the size: its ``max`` and slice would pin a dynamic batch or sequence length to a range
     (for a watched layer of 4 features, 32 to 256 samples), and every length outside it would
     recompile the model, up to Dynamo's cache limit. The indices i * n // SHIFT_SAMPLES are < n for
-    any n > 0, whatever n is, so they are an op of the graph rather than a guard."""
+    any n > 0, whatever n is, so they are an op of the graph rather than a guard (an empty tensor:
+    NaN, as ``shift_of``; Dynamo specialises a size of 0 anyway)."""
     n = flat.numel()
+    if n == 0:
+        return flat.mean()
     at = torch.arange(SHIFT_SAMPLES, device=flat.device) * n // SHIFT_SAMPLES
     return flat[at].mean()
 
