@@ -7,6 +7,8 @@ a conv output's statistics in BatchNorm's own loop over it), per-sample sums ove
 rather than a flattened view (a channels-last tensor read in memory order), a training
 BatchNorm's output statistics from its input (``batch_norm_statistics``: no pass over the output),
 and on the CPU gradient norms other than feature maps' read by an opaque op (``gradient_squares``).
+Nothing here may put a guard on a size (``_traced_shift``, ``_accumulation``): a batch or sequence
+length that changes would recompile the model at each new range of lengths.
 """
 
 from __future__ import annotations
