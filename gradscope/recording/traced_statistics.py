@@ -155,9 +155,7 @@ def gradient_squares(g: Tensor, into_producer: bool = False) -> Tensor:
         return squared_norm(g)
     g = g if g.dtype == torch.float32 else g.float()
     if into_producer and g.dim() == 4:
-        acc = _accumulation(g)
-        s = g.square().sum(1).sum(dtype=acc)
-        return s if acc is None else s.float()
+        return _sum(g.square().sum(1))
     return _sum(g.square())
 
 
