@@ -135,6 +135,42 @@ def test_watch_after_the_compiled_model_ran_records_or_refuses_with_the_reason(t
     np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-5, atol=1e-7)
 
 
+def test_a_recorder_after_one_closed_on_the_compiled_model_is_refused_with_that_cause(tmp_path):
+    """Closing a recorder removes its hooks, so Dynamo compiles the model again without them
+    and runs that code for a later recorder's hooks too: the later recorder's first step is
+    refused naming that cause. After ``torch._dynamo.reset()`` a new recorder records as eager."""
+    torch.manual_seed(0)
+    model = TinyMLP()
+    reference = copy.deepcopy(model)
+    runner = torch.compile(model, backend="eager")
+    data = list(batches("mlp", steps=4))
+    opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, reference))
+
+    def train_on(m, optimizer, x, y):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        optimizer.step()
+
+    with gradscope.watch(model, tmp_path / "first", optimizer=opt):
+        train_on(runner, opt, *data[0])
+    train_on(runner, opt, *data[1])  # compiled again, without hooks
+    gradscope.watch(model, tmp_path / "second", optimizer=opt)
+    with pytest.raises(RuntimeError, match="earlier gradscope recorder watched this model while it ran compiled"):
+        train_on(runner, opt, *data[2])
+    assert gradscope.load_run(tmp_path / "second").meta["status"] == "failed"
+    for x, y in data[:2]:
+        train_on(reference, ref_opt, x, y)
+
+    torch._dynamo.reset()
+    with gradscope.watch(model, tmp_path / "third", optimizer=opt):
+        train_on(runner, opt, *data[3])
+    with gradscope.watch(reference, tmp_path / "eager", optimizer=ref_opt):
+        train_on(reference, ref_opt, *data[3])
+    a, b = (_figures(gradscope.load_run(tmp_path / r)) for r in ("eager", "third"))
+    assert len(a) > 0 and a.index.equals(b.index)
+    np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-5, atol=1e-7)
+
+
 def test_a_step_that_ran_no_forward_is_not_refused(tmp_path):
     """Gradients without any forward in the step (a second rec.step() per iteration) are no
     sign of hooks that never run once some hook has run."""
