@@ -79,7 +79,9 @@ def run_summary(run: Run, limit: int | None = 16) -> str:
     cells = non_finite_cells(run)
     lines = [f"run {safe(run.path)}",
              f"  model {safe(model.get('registry_name') or model.get('class'))} "
-             f"({_count(model.get('parameters', 0))} parameters), task {safe(task)}, status {safe(run.status)}"]
+             f"({_count(model.get('parameters', 0))} parameters"
+             f"{', compiled' if (meta.get('env') or {}).get('compiled') else ''}), task {safe(task)}, "
+             f"status {safe(run.status)}"]
     s = run.scalars
     trained = training_steps(s)
     if len(trained):

@@ -15,6 +15,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from gradscope.cli.summary import run_summary
 
 import gradscope
 from gradscope.testing import TinyCNN, TinyMLP, assert_no_hooks, assert_same_parameters, batches, train
@@ -74,6 +75,8 @@ def test_compiled_model_records_every_scheduled_step_as_eager(tmp_path, compile_
     compiled, runner = _record(compiled_model, tmp_path / "compiled", every, compile_how, watch_first)
 
     assert compiled.meta["status"] == "finished", compiled.meta["errors"]
+    assert compiled.meta["env"]["compiled"] and not eager.meta["env"]["compiled"]
+    assert ", compiled)" in run_summary(compiled) and ", compiled)" not in run_summary(eager)
     expected_steps = list(range(0, 12, every))
     assert sorted(compiled.layers.step.unique()) == expected_steps  # every scheduled step, none missing
     a, b = _figures(eager), _figures(compiled)
