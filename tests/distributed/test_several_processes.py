@@ -20,7 +20,7 @@ import gradscope  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 TWO = ["ddp", "every3", "bn", "fsdp2", "fsdp1_orig", "fsdp1_flat", "fsdp1_blocks", "watch_first", "observer",
-       "disagree", "noise"]
+       "disagree", "noise", "compiled"]
 
 
 def _job(tmp_path_factory, world: int, names: list[str]) -> Path:
@@ -97,6 +97,14 @@ def test_every_n_schedules_agree_across_ranks(two, references):
     by_rank = run.layers_by_rank
     steps = {rank: sorted(by_rank[by_rank["rank"] == rank].step.unique()) for rank in (0, 1)}
     assert steps == {0: [0, 3], 1: [0, 3]}
+
+
+def test_a_compiled_ddp_model_records_as_one_process_eager(two, references):
+    """``torch.compile(DDP(model))`` after ``watch()``: the probes traced into the graph (which
+    DDP's bucketing splits) merge across the ranks like the eager ones."""
+    run = gradscope.load_run(two / "compiled")
+    assert run.meta["env"]["compiled"]
+    _assert_matches(run, references["every3"])
 
 
 def test_per_rank_tables_hold_each_ranks_own_statistics(two):
