@@ -32,7 +32,7 @@ from gradscope.recording.batching import enabled as batching_enabled
 from gradscope.recording.blocks import Block, select_blocks
 from gradscope.recording.buffer import StatsBuffer, copies_done, to_host
 from gradscope.recording.clock import StepClock
-from gradscope.recording.compilation import compiled, hooks_never_ran, note_unhooked
+from gradscope.recording.compilation import compiled, hooks_never_ran
 from gradscope.recording.exchange import Exchange
 from gradscope.recording.hooks import ProbeHooks
 from gradscope.recording.layers import ExecutionOrder, Layer, ModuleFilter, Ownership, ParameterRow, select_layers
@@ -589,8 +589,7 @@ class Recorder:
         for handle in handles:
             handle.remove()
         self._probes.remove()
-        if self._staging.used:  # Dynamo traced these hooks
-            note_unhooked(self.model)
+        self._staging.release(self.model)
         if self._micro is not None:
             self._micro.remove()
 

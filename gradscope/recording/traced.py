@@ -6,7 +6,9 @@ recompile every step until Dynamo's cache limit. So where ``torch.compiler.is_co
 probes take this path. Their statistics are ops of the traced graph (Inductor fuses them into the
 kernels that produce the tensors, where those are its own rather than library calls) and land in
 ``Staging``, a fixed device buffer with device counts: several calls merge there by Chan's update
-on the device, and dL/dy comes from a tensor hook traced into the backward. Outside the graph
+on the device, and dL/dy comes from a tensor hook traced into the backward, which hands its sum
+to the staging through an opaque op (``deposits``: written directly, a model compiled into
+several graphs failed in its backward). Outside the graph
 the recorder folds the staging into the step's slot at a recorded step's end and zeroes it at
 every step's end, so the schedule is data, never a guard. The formulas, written for what Inductor
 makes of them, are in ``traced_statistics``; with ``every > 1`` on the CPU they run in ``gated``
@@ -27,8 +29,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from gradscope.recording import gated
+from gradscope.recording import deposits, gated
 from gradscope.recording.buffer import StatsBuffer, device_index
+from gradscope.recording.compilation import note_unhooked
 from gradscope.recording.device_counts import count_shapes, count_width
 from gradscope.recording.traced_statistics import batch_norm_statistics
 from gradscope.store.schema import (
@@ -96,6 +99,29 @@ class Staging:
             for t in (self.layer, self.block, self.counts, self.tail_squares):
                 torch._dynamo.mark_static_address(t)
         self.used = False  # set while tracing: some probe was traced into a compiled graph
+        self.key = deposits.register(self)  # names it to ``gradscope::deposit`` in a compiled backward
+        self._cells: dict[tuple[int, int], tuple[Tensor, Tensor | None, Tensor]] = {}
+
+    def release(self, model: nn.Module) -> None:
+        """The recorder closed and removed its hooks: a compiled graph still calling them deposits
+        nothing, and a model they were traced into is noted (``compilation.note_unhooked``)."""
+        deposits.release(self.key)
+        if self.used:
+            note_unhooked(model)
+
+    def backward_cells(self, kind: int, row: int) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Where a backward hook's deposit goes (``deposits``): the sum of squares, the elements
+        (a layer's only) and the calls; views, so they stay put through ``zero``."""
+        cells = self._cells.get((kind, row))
+        if cells is None:
+            if kind == deposits.LAYER_GRAD_OUT:
+                cells = (self.layer[TRAIN, row, GRAD_OUT_SS], self.grad_n[row], self.grad_calls[row])
+            elif kind == deposits.BLOCK_GRAD_IN:
+                cells = (self.block[row, B_GRAD_IN_SS], None, self.block_grad_in[row])
+            else:
+                cells = (self.block[row, B_GRAD_OUT_SS], None, self.block_grad_out[row])
+            self._cells[(kind, row)] = cells
+        return cells
 
     def holds_any(self) -> bool:
         """Whether some traced probe ran since the last step's end (waits for the device: at close only)."""
@@ -185,8 +211,7 @@ def layer_output(staging: Staging, phase: int, row: int, y: Tensor, bounds: tupl
     if train and y.requires_grad and not y.is_leaf:
         # a convolution's backward (a library call) reads dL/dy: only the loop that wrote it can take the sum
         into_producer = isinstance(module, _ConvNd) and y.dim() == 4 and y.device.type == "cpu"
-        y.register_hook(_squares_into(staging.gate, staging.layer[TRAIN, row, GRAD_OUT_SS], staging.grad_n[row],
-                                      staging.grad_calls[row], into_producer))
+        y.register_hook(_squares_into(staging, deposits.LAYER_GRAD_OUT, row, into_producer))
 
 
 #: Exactly these types (a subclass may change the forward): their outputs' statistics come from
@@ -227,11 +252,10 @@ def block_output(staging: Staging, probe: Any, row: int, x: Tensor, y: Tensor, s
     if tokens:
         staging.block[row, B_TOKEN_COS_SUM] += gated.token_cosine_sum(staging.gate, ys)
         staging.block_tokens[row] += ys.shape[0]
-    gate, cells = staging.gate, staging.block[row]
     if x.requires_grad and not x.is_leaf and y is not x:
-        x.register_hook(_squares_into(gate, cells[B_GRAD_IN_SS], None, staging.block_grad_in[row]))
+        x.register_hook(_squares_into(staging, deposits.BLOCK_GRAD_IN, row))
     if y.requires_grad and not y.is_leaf:
-        y.register_hook(_squares_into(gate, cells[B_GRAD_OUT_SS], None, staging.block_grad_out[row]))
+        y.register_hook(_squares_into(staging, deposits.BLOCK_GRAD_OUT, row))
 
 
 def branch_output(staging: Staging, row: int, f: Tensor) -> None:
@@ -248,15 +272,12 @@ def branch_from_tail(staging: Staging, row: int, tail_row: int) -> None:
     staging.block_branch[row] += 1
 
 
-def _squares_into(gate: Tensor | None, total: Tensor, elements: Tensor | None,
-                  calls: Tensor, into_producer: bool = False) -> Callable[[Tensor], None]:
-    """A tensor hook adding ||grad||^2 to ``total`` (and the element and call counts); returns None,
-    so the gradient passes on untouched."""
+def _squares_into(staging: Staging, kind: int, row: int, into_producer: bool = False) -> Callable[[Tensor], None]:
+    """A tensor hook depositing ||grad||^2 (and the element and call counts) in the staging's
+    ``kind`` cells of ``row`` (``deposits``: not written directly, which breaks a model compiled
+    into several graphs); returns None, so the gradient passes on untouched."""
     def hook(grad: Tensor) -> None:
         g = grad.detach()
-        total.add_(gated.gradient_squares(gate, g, into_producer))
-        if elements is not None:
-            elements.add_(g.numel())
-        calls.add_(1)
+        deposits.deposit(staging, kind, row, gated.gradient_squares(staging.gate, g, into_producer), g.numel())
 
     return hook

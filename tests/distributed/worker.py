@@ -126,8 +126,8 @@ def scenario(name: str, out: Path, rank: int, world: int) -> dict:
             return {"error": str(exc)}
         return {"error": None}
     options = dict(run=out / name, flush_every=3, modules=with_activations)
-    if name == "compiled":  # DDP compiled after watch(): Dynamo's DDPOptimizer splits the graph at buckets
-        wrapped = ddp(model)
+    if name.startswith("compiled"):  # compiled after watch(): split into graphs at DDP's buckets, FSDP2's hooks
+        wrapped = fsdp2(model) if name == "compiled_fsdp2" else ddp(model)
         opt = scenarios.optimizer(wrapped)
         with gradscope.watch(wrapped, optimizer=opt, **{**options, "every": 3, "flush_every": 2}) as rec:
             scenarios.train(torch.compile(wrapped, backend="aot_eager"), opt, rec, scenarios.batches(), rank, world,
