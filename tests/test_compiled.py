@@ -141,6 +141,39 @@ def test_a_model_compiled_into_several_graphs_trains_and_records_as_eager(tmp_pa
     assert_same_parameters(unwatched, compiled_model, f"{backend}, every={every}")
 
 
+class _Checkpointed(torch.nn.Module):
+    """Residual blocks under activation checkpointing: their forward runs again in the backward."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.inp, self.out, self.reentrant = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4), reentrant
+        self.blocks = torch.nn.ModuleList([_Residual(16), _Residual(16)])
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        for block in self.blocks:
+            h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=self.reentrant)
+        return self.out(h)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_in_a_compiled_model_records_each_forward_once(tmp_path, reentrant):
+    torch.manual_seed(0)
+    eager_model = _Checkpointed(reentrant)
+    compiled_model = copy.deepcopy(eager_model)
+    eager, _ = _record(eager_model, tmp_path / "eager", 1, steps=4)
+    compiled, _ = _record(compiled_model, tmp_path / "compiled", 1, "torch.compile", steps=4, backend="aot_eager")
+    assert compiled.meta["status"] == "finished" and compiled.meta["env"]["compiled"]
+    assert {layer["calls"] for layer in compiled.meta["layers"] + compiled.meta["blocks"]} == {1}  # not 2
+    a, b = _figures(eager), _figures(compiled)
+    assert a.index.equals(b.index)
+    np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-5, atol=1e-7)
+    columns = ["grad_in_norm", "grad_out_norm", "id_rel_residual"]
+    a, b = (r.blocks.set_index(["step", "block"]).sort_index()[columns].astype(float) for r in (eager, compiled))
+    assert len(a) == 8 and a.index.equals(b.index)
+    np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-5, atol=1e-7)
+
+
 def test_inductor_compiled_model_matches_eager(tmp_path):
     torch.manual_seed(0)
     eager_model = TinyCNN()

@@ -17,7 +17,7 @@ What needs Python (a layer's place in the execution order, why a block is not co
 identity) runs once, while tracing (``note_traced``, ``explain_traced``).
 
 What this path cannot see: a block that modifies its input in place but returns another tensor
-(its input is read after the change), and the forwards that activation checkpointing recomputes.
+(its input is read after the change).
 """
 
 from __future__ import annotations
