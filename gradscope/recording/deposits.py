@@ -66,14 +66,14 @@ def _deposit(squares: Tensor, elements: int, key: int, kind: int, row: int) -> N
 
 
 def _define() -> Any:
-    library = formulas.library()
-    if library is None:
+    library, keep = formulas.library(), getattr(torch.fx.node, "has_side_effect", None)
+    if library is None or keep is None:  # an older torch: the hooks add into the staging themselves
         return None
     library.define("deposit(Tensor squares, SymInt elements, int key, int kind, int row) -> ()")
     library.impl("deposit", _deposit, "CompositeExplicitAutograd")
     torch.library.register_fake("gradscope::deposit", lambda *args: None, lib=library)
     op = torch.ops.gradscope.deposit.default
-    torch.fx.node.has_side_effect(op)  # no output: kept only as a side effect
+    keep(op)  # no output: kept only as a side effect
     return op
 
 
