@@ -141,6 +141,35 @@ def test_a_model_compiled_into_several_graphs_trains_and_records_as_eager(tmp_pa
     assert_same_parameters(unwatched, compiled_model, f"{backend}, every={every}")
 
 
+def test_a_pre_hook_that_replaces_a_blocks_input_is_seen_by_the_compiled_probes(tmp_path):
+    """Documented, not wished for (README, "Compiled models"): eager probes keep a block's input
+    as its caller passed it; compiled ones take it after the user's pre-hook (here doubled), so
+    that block's dL/dx reads half of eager's. Every other figure is eager's."""
+    torch.manual_seed(0)
+    eager_model = torch.nn.Sequential(torch.nn.Linear(8, 16), _Residual(16), _Residual(16), torch.nn.Linear(16, 4))
+    compiled_model = copy.deepcopy(eager_model)
+    runs = []
+    for model, how in ((eager_model, None), (compiled_model, "torch.compile")):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        with gradscope.watch(model, tmp_path / str(how), optimizer=opt):
+            model[2].register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+            runner = _compiled(model, how, "aot_eager") if how else model
+            for x, y in batches("mlp", steps=3):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(runner(x), y).backward()
+                opt.step()
+        runs.append(gradscope.load_run(tmp_path / str(how)))
+    a, b = (r.blocks.set_index(["step", "block"]).sort_index()[["grad_in_norm", "grad_out_norm"]] for r in runs)
+    assert runs[1].meta["env"]["compiled"] and len(a) == 6 and a.index.equals(b.index)
+    np.testing.assert_allclose(b.xs("2", level="block").grad_in_norm * 2, a.xs("2", level="block").grad_in_norm,
+                               rtol=1e-5)
+    b.loc[(slice(None), "2"), "grad_in_norm"] *= 2
+    np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-5, atol=1e-7)
+    a, b = (r.blocks.set_index(["step", "block"]).sort_index().id_rel_residual for r in runs)
+    np.testing.assert_allclose(b.xs("1", level="block"), a.xs("1", level="block"), rtol=1e-5)
+    assert not np.allclose(b.xs("2", level="block"), a.xs("2", level="block"), rtol=1e-2)  # y against 2x, not x
+
+
 class _Checkpointed(torch.nn.Module):
     """Residual blocks under activation checkpointing: their forward runs again in the backward."""
 
