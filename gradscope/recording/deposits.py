@@ -66,14 +66,13 @@ def _deposit(squares: Tensor, elements: int, key: int, kind: int, row: int) -> N
 
 
 def _define() -> Any:
-    library, keep = formulas.library(), getattr(torch.fx.node, "has_side_effect", None)
-    if library is None or keep is None:  # an older torch: the hooks add into the staging themselves
+    keep = getattr(torch.fx.node, "has_side_effect", None)
+    if keep is None:  # an older torch: the hooks add into the staging themselves
         return None
-    library.define("deposit(Tensor squares, SymInt elements, int key, int kind, int row) -> ()")
-    library.impl("deposit", _deposit, "CompositeExplicitAutograd")
-    torch.library.register_fake("gradscope::deposit", lambda *args: None, lib=library)
-    op = torch.ops.gradscope.deposit.default
-    keep(op)  # no output: kept only as a side effect
+    op = formulas.opaque_op("deposit", "(Tensor squares, SymInt elements, int key, int kind, int row) -> ()",
+                            _deposit, lambda *args: None, dispatch="CompositeExplicitAutograd")  # any device
+    if op is not None:
+        keep(op)  # no output: kept only as a side effect
     return op
 
 

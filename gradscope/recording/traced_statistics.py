@@ -172,17 +172,12 @@ OPAQUE_OPS = hasattr(torch.library, "register_fake") and hasattr(torch.Tag, "fle
 _LIBRARY = torch.library.Library("gradscope", "DEF") if OPAQUE_OPS else None
 
 
-def library() -> Any:
-    """gradscope's operator library (``torch.library.Library("gradscope", "DEF")``); None before torch 2.5."""
-    return _LIBRARY
-
-
-def opaque_op(name: str, schema: str, kernel: Any, fake: Any) -> Any:
-    """Define ``gradscope::name`` (CPU kernel, fake for tracing); None before torch 2.5."""
+def opaque_op(name: str, schema: str, kernel: Any, fake: Any, dispatch: str = "CPU") -> Any:
+    """Define ``gradscope::name`` (its kernel for ``dispatch``, fake for tracing); None before torch 2.5."""
     if _LIBRARY is None:
         return None
     _LIBRARY.define(name + schema, tags=(torch.Tag.flexible_layout,))
-    _LIBRARY.impl(name, kernel, "CPU")
+    _LIBRARY.impl(name, kernel, dispatch)
     torch.library.register_fake(f"gradscope::{name}", fake, lib=_LIBRARY)
     return getattr(torch.ops.gradscope, name).default
 
