@@ -18,7 +18,7 @@ import torch
 from gradscope.cli.summary import run_summary
 
 import gradscope
-from gradscope.testing import TinyCNN, TinyMLP, assert_no_hooks, assert_same_parameters, batches, train
+from gradscope.testing import Residual, TinyCNN, TinyMLP, assert_no_hooks, assert_same_parameters, batches, train
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -86,15 +86,6 @@ def test_compiled_model_records_every_scheduled_step_as_eager(tmp_path, compile_
     assert_no_hooks(compiled_model)
 
 
-class _Residual(torch.nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(width, width)
-
-    def forward(self, x):
-        return x + torch.tanh(self.lin(x))
-
-
 class _TwoGraphs(torch.nn.Module):
     """Residual blocks with a graph break between them, and a Linear called on both sides of it:
     Dynamo compiles two graphs that both write gradscope's staging, forward and backward."""
@@ -102,7 +93,7 @@ class _TwoGraphs(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.inp, self.shared, self.out = torch.nn.Linear(8, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)
-        self.blocks = torch.nn.ModuleList([_Residual(16), _Residual(16)])  # found as blocks: siblings
+        self.blocks = torch.nn.ModuleList([Residual(16), Residual(16)])  # found as blocks: siblings
 
     def forward(self, x):
         h = self.blocks[0](self.shared(torch.relu(self.inp(x))))
@@ -146,7 +137,7 @@ def test_a_pre_hook_that_replaces_a_blocks_input_is_seen_by_the_compiled_probes(
     as its caller passed it; compiled ones take it after the user's pre-hook (here doubled), so
     that block's dL/dx reads half of eager's. Every other figure is eager's."""
     torch.manual_seed(0)
-    eager_model = torch.nn.Sequential(torch.nn.Linear(8, 16), _Residual(16), _Residual(16), torch.nn.Linear(16, 4))
+    eager_model = torch.nn.Sequential(torch.nn.Linear(8, 16), Residual(16), Residual(16), torch.nn.Linear(16, 4))
     compiled_model = copy.deepcopy(eager_model)
     runs = []
     for model, how in ((eager_model, None), (compiled_model, "torch.compile")):
@@ -176,7 +167,7 @@ class _Checkpointed(torch.nn.Module):
     def __init__(self, reentrant: bool) -> None:
         super().__init__()
         self.inp, self.out, self.reentrant = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4), reentrant
-        self.blocks = torch.nn.ModuleList([_Residual(16), _Residual(16)])
+        self.blocks = torch.nn.ModuleList([Residual(16), Residual(16)])
 
     def forward(self, x):
         h = torch.relu(self.inp(x))

@@ -8,7 +8,7 @@ gradscope's own tests train every model with one loop.
 
 from gradscope.testing.health import assert_healthy
 from gradscope.testing.hooks import assert_no_hooks, hook_counts
-from gradscope.testing.models import TinyCNN, TinyMLP, TwiceCalled
+from gradscope.testing.models import Residual, TinyCNN, TinyMLP, TwiceCalled
 from gradscope.testing.training import (
     assert_same_parameters,
     batches,
@@ -21,6 +21,6 @@ from gradscope.testing.training import (
     train_step,
 )
 
-__all__ = ["TinyCNN", "TinyMLP", "TwiceCalled", "assert_healthy", "assert_no_hooks", "assert_same_parameters",
-           "batches", "forward", "hook_counts", "loss_of", "reference_batches", "small_overrides", "train",
-           "train_reference", "train_step"]
+__all__ = ["Residual", "TinyCNN", "TinyMLP", "TwiceCalled", "assert_healthy", "assert_no_hooks",
+           "assert_same_parameters", "batches", "forward", "hook_counts", "loss_of", "reference_batches",
+           "small_overrides", "train", "train_reference", "train_step"]

@@ -50,3 +50,16 @@ class TwiceCalled(nn.Module):
         h = torch.tanh(self.shared(h))
         h = torch.tanh(self.shared(h))
         return self.out(h)
+
+
+class Residual(nn.Module):
+    """x + tanh(Wx): a residual block with a Tanh (saturation) inside; siblings of it in an
+    ``nn.Sequential`` or ``nn.ModuleList`` are found as blocks."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+        self.act = nn.Tanh()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.act(self.lin(x))
