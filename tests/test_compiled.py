@@ -64,6 +64,10 @@ def _figures(run):
     return layers[COLUMNS].astype(float)
 
 
+def _block_figures(run, columns=("grad_in_norm", "grad_out_norm", "id_rel_residual")):
+    return run.blocks.set_index(["step", "block"]).sort_index()[list(columns)].astype(float)
+
+
 @pytest.mark.parametrize(("compile_how", "watch_first", "every"), [
     ("torch.compile", True, 1), ("torch.compile", True, 3), ("torch.compile", False, 3),
     ("model.compile", True, 3), ("model.compile", False, 1)])
@@ -120,8 +124,7 @@ def test_a_model_compiled_into_several_graphs_trains_and_records_as_eager(tmp_pa
     a, b = _figures(eager), _figures(compiled)
     assert a.index.equals(b.index) and sorted(a.index.get_level_values(0).unique()) == list(range(0, 12, every))
     np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=rtol, atol=1e-6)
-    columns = ["grad_in_norm", "grad_out_norm", "id_rel_residual"]
-    a, b = (r.blocks.set_index(["step", "block"]).sort_index()[columns].astype(float) for r in (eager, compiled))
+    a, b = _block_figures(eager), _block_figures(compiled)
     assert len(a) == 2 * len(range(0, 12, every)) and a.index.equals(b.index)
     np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=rtol, atol=1e-6)
     runner, opt = torch.compile(unwatched, backend=backend), torch.optim.SGD(unwatched.parameters(), lr=0.05)
@@ -150,13 +153,13 @@ def test_a_pre_hook_that_replaces_a_blocks_input_is_seen_by_the_compiled_probes(
                 torch.nn.functional.cross_entropy(runner(x), y).backward()
                 opt.step()
         runs.append(gradscope.load_run(tmp_path / str(how)))
-    a, b = (r.blocks.set_index(["step", "block"]).sort_index()[["grad_in_norm", "grad_out_norm"]] for r in runs)
+    a, b = (_block_figures(r, ["grad_in_norm", "grad_out_norm"]) for r in runs)
     assert runs[1].meta["env"]["compiled"] and len(a) == 6 and a.index.equals(b.index)
     np.testing.assert_allclose(b.xs("2", level="block").grad_in_norm * 2, a.xs("2", level="block").grad_in_norm,
                                rtol=1e-5)
     b.loc[(slice(None), "2"), "grad_in_norm"] *= 2
     np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-5, atol=1e-7)
-    a, b = (r.blocks.set_index(["step", "block"]).sort_index().id_rel_residual for r in runs)
+    a, b = (_block_figures(r).id_rel_residual for r in runs)
     np.testing.assert_allclose(b.xs("1", level="block"), a.xs("1", level="block"), rtol=1e-5)
     assert not np.allclose(b.xs("2", level="block"), a.xs("2", level="block"), rtol=1e-2)  # y against 2x, not x
 
@@ -188,8 +191,7 @@ def test_activation_checkpointing_in_a_compiled_model_records_each_forward_once(
     a, b = _figures(eager), _figures(compiled)
     assert a.index.equals(b.index)
     np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-5, atol=1e-7)
-    columns = ["grad_in_norm", "grad_out_norm", "id_rel_residual"]
-    a, b = (r.blocks.set_index(["step", "block"]).sort_index()[columns].astype(float) for r in (eager, compiled))
+    a, b = _block_figures(eager), _block_figures(compiled)
     assert len(a) == 8 and a.index.equals(b.index)
     np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-5, atol=1e-7)
 
