@@ -135,6 +135,59 @@ def test_a_model_compiled_into_several_graphs_trains_and_records_as_eager(tmp_pa
     assert_same_parameters(unwatched, compiled_model, f"{backend}, every={every}")
 
 
+@pytest.mark.parametrize("compiled_part", ["optimizer step", "training step"])
+def test_a_compiled_optimizer_or_training_step_runs_gradscopes_bookkeeping_eagerly(tmp_path, compiled_part):
+    """``torch.compile(opt.step)`` (PyTorch's recipe for a fused optimizer) or a whole compiled
+    training step that calls ``rec.step()``: Dynamo used to trace the recorder's step-end code and
+    its numpy, and the first recorded step raised. It now runs eagerly (a graph break where it is
+    called), records as eager, trains as unwatched and compiles no graph per step."""
+    from torch._dynamo.utils import counters
+
+    def train_on(model, run, watched, steps=12):
+        torch._dynamo.reset()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)  # as _record, the eager reference
+        rec = gradscope.watch(model, run, optimizer=opt, every=3, flush_every=4) if watched else None
+        runner, update = model, opt.step
+        if compiled_part == "optimizer step":
+            runner, update = torch.compile(model, backend="aot_eager"), torch.compile(opt.step, backend="aot_eager")
+
+        def train_step(x, y):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(runner(x), y)
+            loss.backward()
+            if rec is not None:
+                rec.step(loss=loss)
+            update()
+
+        if compiled_part == "training step":
+            train_step = torch.compile(train_step, backend="aot_eager")
+        graphs = []
+        for x, y in batches("mlp", steps=steps):
+            train_step(x, y)
+            graphs.append(counters["stats"]["unique_graphs"])
+        if rec is not None:
+            rec.close()
+        return graphs
+
+    torch.manual_seed(0)
+    eager_model = TinyMLP()
+    watched, unwatched = copy.deepcopy(eager_model), copy.deepcopy(eager_model)
+    eager, _ = _record(eager_model, tmp_path / "eager", every=3)
+    counters.clear()
+    graphs = train_on(watched, tmp_path / "compiled", watched=True)
+    train_on(unwatched, None, watched=False)
+
+    compiled = gradscope.load_run(tmp_path / "compiled")
+    assert compiled.meta["status"] == "finished", compiled.meta["errors"]
+    assert sorted(compiled.layers.step.unique()) == [0, 3, 6, 9]
+    a, b = _figures(eager), _figures(compiled)
+    assert a.index.equals(b.index)
+    np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-5, atol=1e-7)
+    assert_same_parameters(unwatched, watched, f"compiled {compiled_part}, watched against unwatched")
+    assert graphs[-1] == graphs[5]  # nothing compiled after the first two periods of the schedule
+    assert_no_hooks(watched)
+
+
 def test_a_pre_hook_that_replaces_a_blocks_input_is_seen_by_the_compiled_probes(tmp_path):
     """Documented, not wished for (README, "Compiled models"): eager probes keep a block's input
     as its caller passed it; compiled ones take it after the user's pre-hook (here doubled), so

@@ -47,16 +47,12 @@ from gradscope.recording.traced import Staging
 from gradscope.store.appending import analysis_table
 from gradscope.store.meta import now
 from gradscope.store.parts import AttributionJob, FlushJob, TableJob
-from gradscope.store.schema import (
-    EVAL_ACCURACY,
-    EVAL_LOSS,
-    GRAD_GLOBAL_SS,
-    GRAD_POST_CLIP_SS,
-    GRAD_PRE_CLIP_SS,
-)
+from gradscope.store.schema import EVAL_ACCURACY, EVAL_LOSS, GRAD_GLOBAL_SS, GRAD_POST_CLIP_SS, GRAD_PRE_CLIP_SS
 from gradscope.store.writer import NoWriter, RunWriter
 
 _OPEN = termination.OPEN
+# Host bookkeeping a compiled opt.step or training step must run, not trace (the model's hooks are traced)
+_eager = torch.compiler.disable
 
 
 class Recorder:
@@ -174,8 +170,8 @@ class Recorder:
             self._handles.append(model.register_forward_pre_hook(self._model_pre_hook))
             self._handles.append(model.register_forward_hook(self._model_forward_end))
             if optimizer is not None:
-                self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
-                self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+                self._handles.append(optimizer.register_step_pre_hook(_eager(self._before_optimizer_step)))
+                self._handles.append(optimizer.register_step_post_hook(_eager(self._after_optimizer_step)))
             self._attribute_if_due()  # step 0: the model as training begins
         except BaseException:
             self._remove_hooks()
@@ -193,6 +189,7 @@ class Recorder:
         """The step training is in (0 for the first)."""
         return self._clock.step
 
+    @_eager
     def step(self, loss: Tensor | float | None = None, accuracy: Tensor | float | None = None, *,
              grad_norm_pre_clip: Tensor | float | None = None) -> None:
         """Mark the end of a training step (without ``optimizer=``) and record its scalars.
@@ -225,6 +222,7 @@ class Recorder:
                           "it was dropped (call step() before optimizer.step() to avoid this)",
                           RuntimeWarning, stacklevel=2)
 
+    @_eager
     def read_gradients(self, *, clipped: bool) -> None:
         """Take this step's gradient statistics now, before ``optimizer.step()``: for a framework
         callback that runs between the backward and the update (``gradscope.integrations``).
@@ -268,6 +266,7 @@ class Recorder:
         self._writer.submit(TableJob(table, analysis_table(table, frame)))
         self._writer.submit_meta(self._meta("running"))
 
+    @_eager
     def log_eval(self, loss: Tensor | float | None = None, accuracy: Tensor | float | None = None) -> None:
         """Record held-out loss/accuracy at the step training is in: between two steps, the one
         about to begin (the model as the last step left it), like the eval forward's own rows.
@@ -282,6 +281,7 @@ class Recorder:
         for column, value in ((EVAL_LOSS, loss), (EVAL_ACCURACY, accuracy)):
             self._sink.scalar(slot, column, value)
 
+    @_eager
     def flush(self, wait: bool = False) -> None:
         """Write every completed recorded step to disk (``wait=True`` blocks until written)."""
         self._check_open()
@@ -291,6 +291,7 @@ class Recorder:
         if wait:
             self._writer.wait()
 
+    @_eager
     def close(self, *, failed: bool = False) -> None:
         """Remove every hook, write what is left, and mark the run finished (idempotent).
 
