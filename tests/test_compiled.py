@@ -11,6 +11,7 @@ recorded step: test_traced_probes).
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -186,6 +187,94 @@ def test_a_compiled_optimizer_or_training_step_runs_gradscopes_bookkeeping_eager
     assert_same_parameters(unwatched, watched, f"compiled {compiled_part}, watched against unwatched")
     assert graphs[-1] == graphs[5]  # nothing compiled after the first two periods of the schedule
     assert_no_hooks(watched)
+
+
+@pytest.mark.parametrize(("regional", "watch_first"), [
+    ("torch.compile(layer)", False), ("torch.compile(layer)", True), ("layer.compile()", False)])
+def test_regional_compilation_of_each_block_records_as_eager(tmp_path, regional, watch_first):
+    """PyTorch's regional compilation: each repeated layer compiled on its own, to compile once for
+    all of them. ``model.layers[i] = torch.compile(layer)`` before ``watch()`` puts ``_orig_mod``
+    into the names the model's ``gradscope_blocks()`` declares, and watch() used to refuse them as
+    not its modules; every block and layer now keeps its eager name and figures."""
+    from gradscope.lab import models
+    from gradscope.testing import reference_batches, small_overrides
+
+    name = "transformer_lm_pre"
+    overrides = small_overrides(name)
+    torch.manual_seed(0)
+    eager_model = models.create(name, **overrides)
+    compiled_model = copy.deepcopy(eager_model)
+    data = reference_batches(name, 7, **overrides)
+
+    def compile_layers(model):
+        for i, layer in enumerate(model.layers):
+            if regional == "layer.compile()":
+                layer.compile(backend="aot_eager")
+            else:
+                model.layers[i] = torch.compile(layer, backend="aot_eager")
+
+    def train_on(model, run, compiled):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        if compiled and not watch_first:
+            compile_layers(model)
+        rec = gradscope.watch(model, run, optimizer=opt, every=3)
+        if compiled and watch_first:
+            compile_layers(model)
+        with rec:
+            for x, y in data:
+                opt.zero_grad()
+                out = model(x)
+                loss = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+                loss.backward()
+                rec.step(loss=loss)
+                opt.step()
+        return gradscope.load_run(run)
+
+    eager = train_on(eager_model, tmp_path / "eager", compiled=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = train_on(compiled_model, tmp_path / "compiled", compiled=True)
+    assert not [w for w in caught if "did not run" in str(w.message)]
+    assert compiled.meta["status"] == "finished" and compiled.meta["env"]["compiled"]
+    assert [b["name"] for b in compiled.meta["blocks"]] == [b["name"] for b in eager.meta["blocks"]]
+    assert [b["branch"] for b in compiled.meta["blocks"]] == [b["branch"] for b in eager.meta["blocks"]]
+    a, b = _figures(eager), _figures(compiled)
+    assert a.index.equals(b.index) and sorted(compiled.layers.step.unique()) == [0, 3, 6]
+    np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(_block_figures(compiled).to_numpy(), _block_figures(eager).to_numpy(),
+                               rtol=1e-5, atol=1e-7)
+    assert_same_parameters(eager_model, compiled_model, regional)
+
+
+def test_layers_compiled_on_their_own_on_a_skipped_step_are_named_in_a_warning(tmp_path):
+    """Compiled on a step the schedule skips, the layers are traced without gradscope's probes
+    (detached on such steps), and Dynamo then runs that code on recorded steps too: their rows
+    would be empty while the other layers record. The step is kept and a warning names them."""
+    from gradscope.lab import models
+    from gradscope.testing import reference_batches, small_overrides
+
+    name = "transformer_lm_pre"
+    overrides = small_overrides(name)
+    torch.manual_seed(0)
+    model = models.create(name, **overrides)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with pytest.warns(RuntimeWarning, match=r"in step 3 the parameters of 12 watched layer\(s\) have gradients, "
+                      r"but gradscope's hooks on them did not run.*layers\.0\.attn\.fn\.qkv"):
+        with gradscope.watch(model, tmp_path / "r", optimizer=opt, every=3) as rec:
+            for i, (x, y) in enumerate(reference_batches(name, 7, **overrides)):
+                if i == 1:  # step 1 is not recorded: the probes are detached while Dynamo traces
+                    for j, layer in enumerate(model.layers):
+                        model.layers[j] = torch.compile(layer, backend="aot_eager")
+                opt.zero_grad()
+                out = model(x)
+                loss = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+                loss.backward()
+                rec.step(loss=loss)
+                opt.step()
+    run = gradscope.load_run(tmp_path / "r")
+    assert run.meta["status"] == "finished"
+    layers = run.layers[(run.layers.phase == "train") & (run.layers.step == 3)].set_index("layer")
+    assert layers.act_std.isna().sum() == 12 and layers.loc["head"].act_std > 0  # as the warning says
 
 
 def test_a_pre_hook_that_replaces_a_blocks_input_is_seen_by_the_compiled_probes(tmp_path):

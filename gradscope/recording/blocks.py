@@ -13,7 +13,7 @@ non-leaf module with a sibling of the same class in an ``nn.Sequential`` or ``nn
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -52,11 +52,19 @@ class Block:
 
 
 def declared_blocks(model: nn.Module) -> list[BlockSpec] | None:
-    """Blocks a model declares through ``gradscope_blocks()``, or None if it declares none."""
+    """Blocks a model declares through ``gradscope_blocks()``, or None if it declares none.
+
+    Names are taken as the user's: a declaration built from ``named_modules()`` after a block was
+    wrapped (``torch.compile`` of one layer, FSDP1) carries the wrapper's segments (``_orig_mod``).
+    """
     declare = getattr(model, "gradscope_blocks", None)
     if declare is None or not callable(declare):
         return None
-    return list(declare())
+
+    def named(name: str | None) -> str | None:
+        return None if name is None else user_name(name)
+
+    return [replace(s, name=user_name(s.name), branch=named(s.branch), shortcut=named(s.shortcut)) for s in declare()]
 
 
 def discover_blocks(model: nn.Module) -> list[str]:

@@ -10,15 +10,19 @@ stay attached (traced, they run every step: ``recording.traced``), and a recorde
 watched parameters have gradients while no probe ran is refused with the reason, instead of
 recording nothing. A recorder closed on a model that ran compiled removes its hooks, after which
 Dynamo compiles the model without them and runs that code for a later recorder's hooks too: the
-refusal then names that cause.
+refusal then names that cause. Where only some layers' hooks never run (a part of the model
+compiled on its own on a step the schedule skipped, when the probes were detached), the step is
+kept and a warning names those layers.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 import weakref
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 #: Models whose hooks a closed recorder removed after Dynamo had traced them (``note_unhooked``).
@@ -54,3 +58,44 @@ def hooks_never_ran(step: int, path: Any, model: nn.Module) -> str:
             "torch._dynamo.config.skip_nnmodule_hook_guards = False to make Dynamo recompile for hooks. "
             "Hooks also never run for modules called through .forward() instead of module(...). "
             f"The run at {path} is marked failed.")
+
+
+class HookCheck:
+    """Whether the watched layers' probes ran in a recorded step, read from the host's counts.
+
+    A step whose watched parameters have gradients while no probe ran is refused
+    (``hooks_never_ran``); checked until some probe has run. After that, while every probe runs
+    eagerly (nothing was traced: the counts are all on the host), layers with gradients whose
+    probes did not run while others' did are named in a warning, once.
+    """
+
+    def __init__(self, probed: np.ndarray, names: list[str]) -> None:
+        self.probed = probed  # rows with module hooks (a ParameterRow has none)
+        self.names = names
+        self.hooks_ran = False
+        self.warned = False
+
+    def refusal(self, counts: Any, slot: int, traced: bool, step: int, path: Any, model: nn.Module) -> str | None:
+        """The reason to refuse this recorded step, or None (after a warning, if one is due)."""
+        if self.hooks_ran and (traced or self.warned):
+            return None
+        ran = counts.act_calls[slot].any(axis=0) | (counts.grad_calls[slot] > 0)
+        trained = counts.grad_rows[slot] & self.probed
+        if not self.hooks_ran:
+            if traced or ran.any() or counts.block_calls[slot].any():
+                self.hooks_ran = True
+            elif trained.any():
+                return hooks_never_ran(step, path, model)
+        elif (trained & ~ran).any():
+            self.warned = True
+            missing = [self.names[row] for row in np.flatnonzero(trained & ~ran)]
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            warnings.warn(
+                f"gradscope: in step {step} the parameters of {len(missing)} watched layer(s) have gradients, but "
+                f"gradscope's hooks on them did not run, while those on other layers did: {shown}. Their rows "
+                "hold parameter norms only. Most likely these modules were compiled on their own "
+                "(torch.compile(layer), layer.compile()) after watch(), on a step the schedule did not record: "
+                "Dynamo runs code compiled without hooks. Compile them before watch() or before the first step, "
+                "or use every=1. Hooks also never run for modules called through .forward().",
+                RuntimeWarning, stacklevel=5)
+        return None

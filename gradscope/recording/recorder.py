@@ -32,7 +32,7 @@ from gradscope.recording.batching import enabled as batching_enabled
 from gradscope.recording.blocks import Block, select_blocks
 from gradscope.recording.buffer import StatsBuffer, copies_done, to_host
 from gradscope.recording.clock import StepClock
-from gradscope.recording.compilation import compiled, hooks_never_ran
+from gradscope.recording.compilation import HookCheck, compiled
 from gradscope.recording.exchange import Exchange
 from gradscope.recording.hooks import ProbeHooks
 from gradscope.recording.layers import ExecutionOrder, Layer, ModuleFilter, Ownership, ParameterRow, select_layers
@@ -117,7 +117,8 @@ class Recorder:
             self._nonfinite = NonFiniteCheck(on_nonfinite, self.layers, self._layer_order, backward=scaler is None)
             self._calls = np.zeros(len(self.layers), np.int64)  # most calls in one recorded step
             self._block_calls = np.zeros(len(self.blocks), np.int64)
-            self._probed = np.array([not isinstance(m, ParameterRow) for _, m in chosen], bool)  # module hooks
+            probed = np.array([not isinstance(m, ParameterRow) for _, m in chosen], bool)  # module hooks
+            self._hook_check = HookCheck(probed, [layer.name for layer in self.layers])
             self._bounded = np.array([layer.saturation_bounds is not None for layer in self.layers], bool)
             self._zero_counted = np.array([layer.zero_counted for layer in self.layers], bool)
 
@@ -145,7 +146,6 @@ class Recorder:
             self._forwards_open = 0  # model forwards begun and not returned (an exception can leave one open)
             self._dropped_step: int | None = None  # the step in progress when an exception or a signal closed us
             self._compiled = compiled(wrapped)  # (or later: a probe traced by Dynamo says so)
-            self._hooks_ran = False  # some probe ran in a recorded step (else, with gradients: refused)
             self._refusal: str | None = None  # why the recorder closed itself, for meta.json's errors
         except Exception as exc:
             if self._exchange is None:
@@ -460,7 +460,7 @@ class Recorder:
         self._gradients_read = None
         self._clock.advance()
         self._staging.next_step(self._clock.recording)  # what traced probes staged was folded if recorded
-        if self._compiled and not self._probes.always:
+        if (self._compiled or self._staging.used) and not self._probes.always:  # used: a part compiled alone
             self._probes.pin()
         self._probes.sync(self._clock.recording)
         if self._exchange is not None:
@@ -500,19 +500,12 @@ class Recorder:
         if self._micro is not None:
             self._micro.end_step(slot)
         self._loss_scale.note_parameter_gradients(slot)
-        if not self._hooks_ran:
-            self._check_hooks_ran(slot)
-
-    def _check_hooks_ran(self, slot: int) -> None:
-        """Refuse a recorded step that trained watched layers (their parameters have gradients)
-        while none of their probes ran: hooks a compiled model never runs (``recording.compilation``)."""
-        counts = self._buffer.counts
-        if self._staging.used or counts.act_calls[slot].any() or counts.block_calls[slot].any():
-            self._hooks_ran = True
-        elif (counts.grad_rows[slot] & self._probed).any():
-            self._refusal = hooks_never_ran(self._clock.step, self.path, self.model)
+        refusal = self._hook_check.refusal(self._buffer.counts, slot, self._staging.used, self._clock.step,
+                                           self.path, self.model)
+        if refusal is not None:  # hooks a compiled model never runs (recording.compilation)
+            self._refusal = refusal
             self._close("failed")
-            raise RuntimeError(self._refusal)
+            raise RuntimeError(refusal)
 
     def _attribute_if_due(self) -> None:
         """Run the attribution checkpoint for the step about to begin, if one is due.
