@@ -20,7 +20,7 @@ import gradscope  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 TWO = ["ddp", "every3", "bn", "fsdp2", "fsdp1_orig", "fsdp1_flat", "fsdp1_blocks", "watch_first", "observer",
-       "disagree", "noise", "compiled", "compiled_fsdp2"]
+       "disagree", "noise", "compiled", "compiled_fsdp2", "regional_fsdp2"]
 
 
 def _job(tmp_path_factory, world: int, names: list[str]) -> Path:
@@ -99,11 +99,12 @@ def test_every_n_schedules_agree_across_ranks(two, references):
     assert steps == {0: [0, 3], 1: [0, 3]}
 
 
-@pytest.mark.parametrize("name", ["compiled", "compiled_fsdp2"])
+@pytest.mark.parametrize("name", ["compiled", "compiled_fsdp2", "regional_fsdp2"])
 def test_a_compiled_ddp_or_fsdp2_model_records_as_one_process_eager(two, references, name):
-    """``torch.compile(DDP(model))`` and ``torch.compile(fully_shard(model))`` after ``watch()``:
-    the probes traced into the graphs (DDP's buckets and FSDP2's hooks split them) merge across
-    the ranks like the eager ones."""
+    """``torch.compile(DDP(model))`` and ``torch.compile(fully_shard(model))`` after ``watch()``,
+    and torchtitan's order (each block compiled on its own, then sharded, then watched): the
+    probes traced into the graphs (DDP's buckets and FSDP2's hooks split them) merge across the
+    ranks like the eager ones."""
     run = gradscope.load_run(two / name)
     assert run.meta["env"]["compiled"]
     _assert_matches(run, references["every3"])

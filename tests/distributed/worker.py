@@ -133,6 +133,14 @@ def scenario(name: str, out: Path, rank: int, world: int) -> dict:
             scenarios.train(torch.compile(wrapped, backend="aot_eager"), opt, rec, scenarios.batches(), rank, world,
                             eval_at=1)
         return {}
+    if name == "regional_fsdp2":  # torchtitan's order: each block compiled on its own, then sharded, then watched
+        for i, block in enumerate(model[2]):
+            model[2][i] = torch.compile(block, backend="aot_eager")
+        wrapped = fsdp2(model)
+        opt = scenarios.optimizer(wrapped)
+        with gradscope.watch(wrapped, optimizer=opt, **{**options, "every": 3, "flush_every": 2}) as rec:
+            scenarios.train(wrapped, opt, rec, scenarios.batches(), rank, world, eval_at=1)
+        return {}
     if name == "every3":
         options.update(every=3, flush_every=2, per_rank=True)
     if name == "ddp":
