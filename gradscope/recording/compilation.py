@@ -96,6 +96,7 @@ class HookCheck:
                 "hold parameter norms only. Most likely these modules were compiled on their own "
                 "(torch.compile(layer), layer.compile()) after watch(), on a step the schedule did not record: "
                 "Dynamo runs code compiled without hooks. Compile them before watch() or before the first step, "
-                "or use every=1. Hooks also never run for modules called through .forward().",
+                "or use every=1. Hooks also never run for modules called through .forward(), and a layer that "
+                "did not run in this step keeps an earlier step's gradient under zero_grad(set_to_none=False).",
                 RuntimeWarning, stacklevel=5)
         return None
