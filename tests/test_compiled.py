@@ -259,7 +259,7 @@ def test_layers_compiled_on_their_own_on_a_skipped_step_are_named_in_a_warning(t
     model = models.create(name, **overrides)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with pytest.warns(RuntimeWarning, match=r"in step 3 the parameters of 12 watched layer\(s\) have gradients, "
-                      r"but gradscope's hooks on them did not run.*layers\.0\.attn\.fn\.qkv"):
+                      r"but gradscope's hooks on them did not run.*layers\.0\.attn\.fn\.qkv") as caught:
         with gradscope.watch(model, tmp_path / "r", optimizer=opt, every=3) as rec:
             for i, (x, y) in enumerate(reference_batches(name, 7, **overrides)):
                 if i == 1:  # step 1 is not recorded: the probes are detached while Dynamo traces
@@ -271,6 +271,7 @@ def test_layers_compiled_on_their_own_on_a_skipped_step_are_named_in_a_warning(t
                 loss.backward()
                 rec.step(loss=loss)
                 opt.step()
+    assert {w.filename for w in caught if "did not run" in str(w.message)} == {__file__}  # the user's line
     run = gradscope.load_run(tmp_path / "r")
     assert run.meta["status"] == "finished"
     layers = run.layers[(run.layers.phase == "train") & (run.layers.step == 3)].set_index("layer")

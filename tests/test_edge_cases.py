@@ -75,8 +75,9 @@ def test_loss_given_after_manual_flush_is_dropped_with_a_warning(run_dir):
         F.cross_entropy(model(x), y).backward()
         opt.step()
         rec.flush()
-        with pytest.warns(RuntimeWarning, match="dropped"):
+        with pytest.warns(RuntimeWarning, match="dropped") as caught:
             rec.step(loss=1.0)
+    assert caught[0].filename == __file__  # the user's line, not torch.compiler.disable's wrapper
 
 
 def _amp_loop(model, opt, scaler, rec, losses_scale, unscale_first=False):

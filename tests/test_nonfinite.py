@@ -70,6 +70,7 @@ def test_a_nan_in_one_layers_output_is_located(tmp_path, every):
     with pytest.warns(RuntimeWarning, match=r"step 5, forward pass: layers\.2 \(Linear\)") as caught:
         run = _train(tmp_path / "r", every, at=5, forward_nan=2)
     assert sum("first NaN or inf" in str(w.message) for w in caught) == 1  # warned once
+    assert {w.filename for w in caught if "first NaN" in str(w.message)} == {__file__}  # the user's line
     forward = run.meta["nonfinite"][0]
     assert forward == {"step": 5, "phase": "forward", "layer": "layers.2", "type": "Linear",
                        "statistic": "act_mean", "index": 2}

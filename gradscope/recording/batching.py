@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import warnings
 from typing import Any
 
 import torch
@@ -38,6 +37,7 @@ from gradscope.recording import kernels
 from gradscope.recording.buffer import StatsBuffer
 from gradscope.recording.identity import sample_squares, token_direction_sums
 from gradscope.recording.layers import Layer
+from gradscope.recording.user_warnings import warn_user
 from gradscope.store.schema import ACTIVATION, PHASES, SATURATION_MARGIN
 
 #: Bytes of outputs (and, separately, of gradients) held before they are reduced early.
@@ -332,8 +332,8 @@ class Batcher:
                 return
             except Exception as exc:  # noqa: BLE001 - never break the user's training over statistics
                 self.broken = True
-                warnings.warn(f"gradscope: batched statistics kernel failed ({type(exc).__name__}: {exc}); "
-                              "reducing tensors one at a time from now on", RuntimeWarning, stacklevel=3)
+                warn_user(f"gradscope: batched statistics kernel failed ({type(exc).__name__}: {exc}); "
+                          "reducing tensors one at a time from now on")
         fallback()
 
 

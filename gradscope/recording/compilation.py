@@ -18,12 +18,13 @@ kept and a warning names those layers.
 from __future__ import annotations
 
 import sys
-import warnings
 import weakref
 from typing import Any
 
 import numpy as np
 from torch import nn
+
+from gradscope.recording.user_warnings import warn_user
 
 #: Models whose hooks a closed recorder removed after Dynamo had traced them (``note_unhooked``).
 _UNHOOKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -90,13 +91,12 @@ class HookCheck:
             self.warned = True
             missing = [self.names[row] for row in np.flatnonzero(trained & ~ran)]
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            warnings.warn(
+            warn_user(
                 f"gradscope: in step {step} the parameters of {len(missing)} watched layer(s) have gradients, but "
                 f"gradscope's hooks on them did not run, while those on other layers did: {shown}. Their rows "
                 "hold parameter norms only. Most likely these modules were compiled on their own "
                 "(torch.compile(layer), layer.compile()) after watch(), on a step the schedule did not record: "
                 "Dynamo runs code compiled without hooks. Compile them before watch() or before the first step, "
                 "or use every=1. Hooks also never run for modules called through .forward(), and a layer that "
-                "did not run in this step keeps an earlier step's gradient under zero_grad(set_to_none=False).",
-                RuntimeWarning, stacklevel=5)
+                "did not run in this step keeps an earlier step's gradient under zero_grad(set_to_none=False).")
         return None

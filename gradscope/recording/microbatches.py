@@ -17,7 +17,6 @@ step (SAM, LBFGS closures), the ones before the reset. All of it is told from ho
 
 from __future__ import annotations
 
-import warnings
 from functools import partial
 from typing import Any
 
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 
 from gradscope.recording.buffer import StatsBuffer
 from gradscope.recording.clock import StepClock
+from gradscope.recording.user_warnings import warn_user
 from gradscope.store.schema import GRAD_SMALL_SS
 
 
@@ -169,7 +169,7 @@ class MicroBatchNorms:
     def _warn(self, kind: str, message: str) -> None:
         if kind not in self._warned:
             self._warned.add(kind)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            warn_user(message)
 
     def remove(self) -> None:
         for handle in self._handles:

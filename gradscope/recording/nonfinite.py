@@ -12,13 +12,13 @@ non-finite from a finite output gradient.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from gradscope.recording.layers import ExecutionOrder, Layer
+from gradscope.recording.user_warnings import warn_user
 from gradscope.store.schema import ACT_ABSMAX, ACT_MEAN, ACT_VAR, EVAL, GRAD_OUT_SS, GRAD_SS, TRAIN, HostCounts
 
 #: What ``watch(on_nonfinite=...)`` may do when a flush finds one.
@@ -117,4 +117,4 @@ class NonFiniteCheck:
                    + " (recorded in meta.json's nonfinite)")
         if self.action == "raise" and may_raise:
             raise FloatingPointError(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=5)
+        warn_user(message)

@@ -44,6 +44,7 @@ from gradscope.recording.processes import Holding, detect, fsdp1_segments, unwra
 from gradscope.recording.run_meta import run_meta
 from gradscope.recording.sink import Sink
 from gradscope.recording.traced import Staging
+from gradscope.recording.user_warnings import warn_user
 from gradscope.store.appending import analysis_table
 from gradscope.store.meta import now
 from gradscope.store.parts import AttributionJob, FlushJob, TableJob
@@ -218,9 +219,8 @@ class Recorder:
             self._sink.step_scalars(slot, *scalars, counted_here=self.processes.writes)
         elif step >= 0 and not self._late_scalars_dropped:
             self._late_scalars_dropped = True
-            warnings.warn(f"gradscope: step(loss=...) for step {step} came after that step was flushed; "
-                          "it was dropped (call step() before optimizer.step() to avoid this)",
-                          RuntimeWarning, stacklevel=2)
+            warn_user(f"gradscope: step(loss=...) for step {step} came after that step was flushed; "
+                      "it was dropped (call step() before optimizer.step() to avoid this)")
 
     @_eager
     def read_gradients(self, *, clipped: bool) -> None:
@@ -349,7 +349,7 @@ class Recorder:
                         lost.extend(self._exchange.failures())
                     if status == "finished":
                         raise
-                    warnings.warn(f"gradscope: closing {self.path}: {lost[0]}", RuntimeWarning, stacklevel=3)
+                    warn_user(f"gradscope: closing {self.path}: {lost[0]}")
                 finally:
                     self._buffer.closed = True  # gradients of a backward still to come find no slot
                     self._writer.finish(lambda errors: self._meta("failed" if errors or lost else status,
