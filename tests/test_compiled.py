@@ -246,36 +246,100 @@ def test_regional_compilation_of_each_block_records_as_eager(tmp_path, regional,
     assert_same_parameters(eager_model, compiled_model, regional)
 
 
-def test_layers_compiled_on_their_own_on_a_skipped_step_are_named_in_a_warning(tmp_path):
-    """Compiled on a step the schedule skips, the layers are traced without gradscope's probes
-    (detached on such steps), and Dynamo then runs that code on recorded steps too: their rows
-    would be empty while the other layers record. The step is kept and a warning names them."""
+def _train_lm(run, every, steps, compile_at=None, part="layers", warm_up=False):
+    """The small Pre-LN LM trained watched; its layers (or the whole model, ``part="model"``)
+    compiled at step ``compile_at``, or before ``watch()`` and called once (``warm_up``)."""
     from gradscope.lab import models
     from gradscope.testing import reference_batches, small_overrides
+
+    def compile_layers():
+        for j, layer in enumerate(model.layers):
+            model.layers[j] = torch.compile(layer, backend="aot_eager")
 
     name = "transformer_lm_pre"
     overrides = small_overrides(name)
     torch.manual_seed(0)
     model = models.create(name, **overrides)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    with pytest.warns(RuntimeWarning, match=r"in step 3 the parameters of 12 watched layer\(s\) have gradients, "
-                      r"but gradscope's hooks on them did not run.*layers\.0\.attn\.fn\.qkv") as caught:
-        with gradscope.watch(model, tmp_path / "r", optimizer=opt, every=3) as rec:
-            for i, (x, y) in enumerate(reference_batches(name, 7, **overrides)):
-                if i == 1:  # step 1 is not recorded: the probes are detached while Dynamo traces
-                    for j, layer in enumerate(model.layers):
-                        model.layers[j] = torch.compile(layer, backend="aot_eager")
-                opt.zero_grad()
-                out = model(x)
-                loss = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
-                loss.backward()
-                rec.step(loss=loss)
-                opt.step()
+    data = reference_batches(name, steps, **overrides)
+    if warm_up:  # a sanity check before training: the compiled layers run without gradscope's hooks
+        compile_layers()
+        model(data[0][0]).sum().backward()
+        model.zero_grad()
+    runner = model
+    with gradscope.watch(model, run, optimizer=opt, every=every) as rec:
+        for i, (x, y) in enumerate(data):
+            if i == compile_at and part == "layers":
+                compile_layers()
+            elif i == compile_at:
+                runner = torch.compile(model, backend="aot_eager")
+            opt.zero_grad()
+            out = runner(x)
+            loss = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+            loss.backward()
+            rec.step(loss=loss)
+            opt.step()
+    return gradscope.load_run(run)
+
+
+@pytest.mark.parametrize("how", ["compiled on a skipped step", "compiled and called before watch()"])
+def test_layers_compiled_without_gradscopes_hooks_are_named_in_a_warning(tmp_path, how):
+    """Compiled on a step the schedule skips (the probes are detached while Dynamo traces), or
+    compiled and called before ``watch()``, the layers run code without gradscope's probes, and
+    Dynamo keeps it: their rows would be empty while the other layers record. The steps are kept
+    and a warning names them, at the first step it happens (step 0 in the second case)."""
+    first = 3 if how == "compiled on a skipped step" else 0
+    with pytest.warns(RuntimeWarning, match=rf"in step {first} gradscope's hooks did not run on 12 watched "
+                      r"layer\(s\) inside compiled modules.*layers\.0\.attn\.fn\.qkv") as caught:
+        if first:
+            run = _train_lm(tmp_path / "r", every=3, steps=7, compile_at=1)  # step 1 is not recorded
+        else:
+            run = _train_lm(tmp_path / "r", every=3, steps=7, warm_up=True)
     assert {w.filename for w in caught if "did not run" in str(w.message)} == {__file__}  # the user's line
-    run = gradscope.load_run(tmp_path / "r")
     assert run.meta["status"] == "finished"
-    layers = run.layers[(run.layers.phase == "train") & (run.layers.step == 3)].set_index("layer")
+    layers = run.layers[(run.layers.phase == "train") & (run.layers.step == first)].set_index("layer")
     assert layers.act_std.isna().sum() == 12 and layers.loc["head"].act_std > 0  # as the warning says
+
+
+def test_a_whole_model_compiled_on_a_skipped_step_is_refused(tmp_path):
+    """Compiled whole on a step the schedule skips, after recorded steps in eager: no hook runs on
+    the next recorded step, and it is refused as the first would be, never recorded empty."""
+    with pytest.raises(RuntimeError, match="in step 3 the watched layers' parameters have gradients, but none"):
+        _train_lm(tmp_path / "r", every=3, steps=7, compile_at=1, part="model")
+    run = gradscope.load_run(tmp_path / "r")
+    assert run.meta["status"] == "failed" and "compiled on a step the schedule did not record" in run.meta["errors"][0]
+    assert sorted(run.layers.step.unique()) == [0]
+
+
+def test_layers_whose_hooks_never_run_in_an_eager_model_are_not_warned_about(tmp_path):
+    """Ordinary eager models have watched layers with gradients whose hooks never run:
+    ``nn.MultiheadAttention`` uses its ``out_proj``'s weight without calling it, and a position
+    table is often read as ``.weight``. Nothing is compiled, so no warning, and no refusal."""
+
+    class Positions(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos = torch.nn.Embedding(16, 8), torch.nn.Embedding(5, 8)
+            self.encoder = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2)
+            self.head = torch.nn.Linear(8, 16)
+
+        def forward(self, ids):
+            return self.head(self.encoder(self.tok(ids) + self.pos.weight[: ids.shape[1]]))
+
+    torch.manual_seed(0)
+    model = Positions()
+    opt = torch.optim.AdamW(model.parameters())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradscope.watch(model, tmp_path / "r", optimizer=opt) as rec:
+            for _ in range(3):
+                opt.zero_grad()
+                model(torch.randint(0, 16, (4, 5))).sum().backward()
+                opt.step()
+    layers = {layer["name"]: layer["calls"] for layer in gradscope.load_run(tmp_path / "r").meta["layers"]}
+    assert layers["pos"] == 0 and layers["encoder.layers.0.self_attn.out_proj"] == 0  # the case this is about
+    assert not [w for w in caught if "did not run" in str(w.message)]
+    assert rec.closed and gradscope.load_run(tmp_path / "r").meta["status"] == "finished"
 
 
 def test_a_pre_hook_that_replaces_a_blocks_input_is_seen_by_the_compiled_probes(tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -33,10 +34,15 @@ _UNHOOKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 def compiled(model: nn.Module) -> bool:
     """Whether ``model`` is compiled already: a ``torch.compile`` wrapper (OptimizedModule), or a
     module compiled in place by ``model.compile()``. Looked up without importing Dynamo."""
+    return next(_compiled_parts(model), None) is not None
+
+
+def _compiled_parts(model: nn.Module) -> Iterator[nn.Module]:
+    """The modules of ``model`` (itself included) that are compiled: wrappers and in-place ones."""
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")
     optimized: Any = getattr(eval_frame, "OptimizedModule", None)
-    return any((optimized is not None and isinstance(m, optimized))
-               or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+    return (m for m in model.modules() if (optimized is not None and isinstance(m, optimized))
+            or getattr(m, "_compiled_call_impl", None) is not None)
 
 
 def note_unhooked(model: nn.Module) -> None:
@@ -53,8 +59,9 @@ def hooks_never_ran(step: int, path: Any, model: nn.Module) -> str:
                "how often it records). ") if model in _UNHOOKED else ""
     return (f"gradscope: in step {step} the watched layers' parameters have gradients, but none of "
             f"gradscope's hooks on them ran. {earlier}The model was most likely compiled (torch.compile or "
-            "model.compile()) and called before watch(), or another instance of its class was compiled and "
-            "called first: Dynamo does not guard on module hooks, so it runs code compiled without them. "
+            "model.compile()) and called before watch(), or compiled on a step the schedule did not record "
+            "(every > 1, when gradscope's hooks are detached), or another instance of its class was compiled "
+            "and called first: Dynamo does not guard on module hooks, so it runs code compiled without them. "
             "Call gradscope.watch() before any compiled call (or torch._dynamo.reset() before watch()), or set "
             "torch._dynamo.config.skip_nnmodule_hook_guards = False to make Dynamo recompile for hooks. "
             "Hooks also never run for modules called through .forward() instead of module(...). "
@@ -62,41 +69,51 @@ def hooks_never_ran(step: int, path: Any, model: nn.Module) -> str:
 
 
 class HookCheck:
-    """Whether the watched layers' probes ran in a recorded step, read from the host's counts.
+    """Whether the watched layers' probes ran in a recorded step, read from the host's counts (only
+    while nothing was traced: a traced probe's counts stay on the device until a flush).
 
-    A step whose watched parameters have gradients while no probe ran is refused
-    (``hooks_never_ran``); checked until some probe has run. After that, while every probe runs
-    eagerly (nothing was traced: the counts are all on the host), layers with gradients whose
-    probes did not run while others' did are named in a warning, once.
+    A training step whose watched parameters have gradients while no probe ran is refused
+    (``hooks_never_ran``). Layers whose probes did not run while others' did are named in a
+    warning, once, if they lie inside a compiled module: elsewhere that is ordinary (a
+    ``MultiheadAttention`` uses its ``out_proj``'s weight without calling it; DDP hands a layer
+    unused on this rank the gradient of the others), so those are noted and not looked up again.
     """
 
-    def __init__(self, probed: np.ndarray, names: list[str]) -> None:
+    def __init__(self, probed: np.ndarray, modules: list[Any], names: list[str]) -> None:
         self.probed = probed  # rows with module hooks (a ParameterRow has none)
-        self.names = names
+        self.modules, self.names = modules, names
         self.hooks_ran = False
+        self.explained = np.zeros_like(probed)  # not run, outside any compiled module: ordinary
         self.warned = False
 
-    def refusal(self, counts: Any, slot: int, traced: bool, step: int, path: Any, model: nn.Module) -> str | None:
+    def refusal(self, counts: Any, slot: int, traced: bool, forward_seen: bool, step: int, path: Any,
+                model: nn.Module) -> str | None:
         """The reason to refuse this recorded step, or None (after a warning, if one is due)."""
-        if self.hooks_ran and (traced or self.warned):
+        if traced:
             return None
         ran = counts.act_calls[slot].any(axis=0) | (counts.grad_calls[slot] > 0)
         trained = counts.grad_rows[slot] & self.probed
-        if not self.hooks_ran:
-            if traced or ran.any() or counts.block_calls[slot].any():
-                self.hooks_ran = True
-            elif trained.any():
-                return hooks_never_ran(step, path, model)
-        elif (trained & ~ran).any():
+        if not ran.any() and not counts.block_calls[slot].any():
+            # (once hooks have run, a step without a training forward is a second step() call)
+            return hooks_never_ran(step, path, model) if trained.any() and (forward_seen or not self.hooks_ran) \
+                else None
+        self.hooks_ran = True
+        unexplained = trained & ~ran & ~self.explained
+        if self.warned or not unexplained.any():
+            return None
+        inside = np.zeros_like(unexplained)
+        compiled_modules = {id(m) for part in _compiled_parts(model) for m in part.modules()}
+        inside[[row for row in np.flatnonzero(unexplained) if id(self.modules[row]) in compiled_modules]] = True
+        self.explained |= unexplained & ~inside
+        if inside.any():
             self.warned = True
-            missing = [self.names[row] for row in np.flatnonzero(trained & ~ran)]
+            missing = [self.names[row] for row in np.flatnonzero(inside)]
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             warn_user(
-                f"gradscope: in step {step} the parameters of {len(missing)} watched layer(s) have gradients, but "
-                f"gradscope's hooks on them did not run, while those on other layers did: {shown}. Their rows "
-                "hold parameter norms only. Most likely these modules were compiled on their own "
-                "(torch.compile(layer), layer.compile()) after watch(), on a step the schedule did not record: "
-                "Dynamo runs code compiled without hooks. Compile them before watch() or before the first step, "
-                "or use every=1. Hooks also never run for modules called through .forward(), and a layer that "
-                "did not run in this step keeps an earlier step's gradient under zero_grad(set_to_none=False).")
+                f"gradscope: in step {step} gradscope's hooks did not run on {len(missing)} watched layer(s) inside "
+                f"compiled modules, while those on other layers did: {shown}. Their rows hold parameter norms "
+                "only. Dynamo runs code compiled without the hooks: these modules were compiled and called before "
+                "watch(), or compiled on a step the schedule did not record (every > 1, when gradscope's hooks are "
+                "detached). Call watch() before their first compiled call (or torch._dynamo.reset() before "
+                "watch()), and compile before the first step.")
         return None

@@ -119,7 +119,7 @@ class Recorder:
             self._calls = np.zeros(len(self.layers), np.int64)  # most calls in one recorded step
             self._block_calls = np.zeros(len(self.blocks), np.int64)
             probed = np.array([not isinstance(m, ParameterRow) for _, m in chosen], bool)  # module hooks
-            self._hook_check = HookCheck(probed, [layer.name for layer in self.layers])
+            self._hook_check = HookCheck(probed, [m for _, m in chosen], [layer.name for layer in self.layers])
             self._bounded = np.array([layer.saturation_bounds is not None for layer in self.layers], bool)
             self._zero_counted = np.array([layer.zero_counted for layer in self.layers], bool)
 
@@ -500,8 +500,8 @@ class Recorder:
         if self._micro is not None:
             self._micro.end_step(slot)
         self._loss_scale.note_parameter_gradients(slot)
-        refusal = self._hook_check.refusal(self._buffer.counts, slot, self._staging.used, self._clock.step,
-                                           self.path, self.model)
+        refusal = self._hook_check.refusal(self._buffer.counts, slot, self._staging.used,
+                                           self._clock.grad_forward_seen, self._clock.step, self.path, self.model)
         if refusal is not None:  # hooks a compiled model never runs (recording.compilation)
             self._refusal = refusal
             self._close("failed")
