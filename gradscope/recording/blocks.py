@@ -13,7 +13,7 @@ non-leaf module with a sibling of the same class in an ``nn.Sequential`` or ``nn
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -64,7 +64,8 @@ def declared_blocks(model: nn.Module) -> list[BlockSpec] | None:
     def named(name: str | None) -> str | None:
         return None if name is None else user_name(name)
 
-    return [replace(s, name=user_name(s.name), branch=named(s.branch), shortcut=named(s.shortcut)) for s in declare()]
+    return [BlockSpec(user_name(s.name), named(getattr(s, "branch", None)), getattr(s, "residual", True),
+                      named(getattr(s, "shortcut", None))) for s in declare()]  # (or any object with these)
 
 
 def discover_blocks(model: nn.Module) -> list[str]:
