@@ -186,6 +186,37 @@ class _CachingNet(nn.Module):
         return self.head(x)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("how", ["torch.compile", "model.compile"])
+def test_lesion_of_a_compiled_model_is_the_eager_lesion(how):
+    """Dynamo runs code compiled without the lesion's identity hook (added after the model's
+    first compiled call), so every block read as removed without effect (loss increase 0). The
+    analyses run the model's Python instead; the compiled code is kept: nothing recompiles after."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = models.create("mlp_residual", depth=6, width=16, in_channels=1, input_size=4, num_classes=3)
+    x, y = torch.randn(32, 1, 4, 4), torch.randint(0, 3, (32,))
+    eager = gradscope.analyses.lesion(model, x, y)
+    if how == "torch.compile":
+        runner = target = torch.compile(model, backend="aot_eager")
+    else:
+        model.compile(backend="aot_eager")
+        runner = target = model
+    counters.clear()
+    with torch.no_grad():
+        runner.eval()(x)  # compiled now, without any lesion hook
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = gradscope.analyses.lesion(target, x, y)
+    assert (eager.loss_increase.abs() > 1e-3).all()  # (removing a block matters)
+    pd.testing.assert_frame_equal(compiled, eager)
+    with torch.no_grad():
+        runner(x)
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()
+
+
 def test_lesion_of_blocks_returning_several_outputs():
     torch.manual_seed(0)
     model, x, y = _CachingNet(), torch.randn(16, 4), torch.randint(0, 3, (16,))

@@ -109,6 +109,33 @@ def test_path_methods_match_the_closed_form(method, tmp_path):
         assert row.attr_abs == pytest.approx(float(attr.abs().sum(1).mean()), rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_attribution_of_a_model_compiled_in_place_is_the_eager_one(tmp_path):
+    """``model.compile()`` ran the checkpoints' forwards through Dynamo's code, compiled for the
+    first Captum pass's hooks: a later pass's hooks (resnet20's shortcut modules) never ran, and
+    Captum raised KeyError. Checkpoints run the model's Python instead, and equal eager ones."""
+    from gradscope.lab import models
+    from gradscope.testing import reference_batches, small_overrides
+
+    overrides = small_overrides("resnet20", {"resnet": {"input_size": 8}})
+    data = reference_batches("resnet20", 3, **overrides)
+    probe_batch = reference_batches("resnet20", 1, batch=4, **overrides)[0]
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = models.create("resnet20", **overrides)
+        if compiled:
+            model.compile(backend="aot_eager")
+        attribution = Attribution(probe_batch, every=2, method="integrated_gradients", n_steps=4)
+        train(model, data, run=tmp_path / str(compiled), lr=0.05, call_step=False, attribution=attribution)
+        runs.append(gradscope.load_run(tmp_path / str(compiled)).attribution.set_index(["step", "block"]).sort_index())
+    eager, compiled = runs
+    assert list(eager.index.get_level_values("step").unique()) == [0, 2]
+    numeric = [c for c in eager.columns if eager[c].dtype.kind == "f"]
+    assert compiled[numeric].equals(eager[numeric])
+    torch._dynamo.reset()
+
 def test_zero_branch_gives_skip_share_one_and_plain_block_branch_share_one(tmp_path):
     torch.manual_seed(0)
     model = LinearResidualNet()
