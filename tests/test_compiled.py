@@ -189,72 +189,20 @@ def test_a_compiled_optimizer_or_training_step_runs_gradscopes_bookkeeping_eager
     assert_no_hooks(watched)
 
 
-@pytest.mark.parametrize(("regional", "watch_first"), [
-    ("torch.compile(layer)", False), ("torch.compile(layer)", True), ("layer.compile()", False)])
-def test_regional_compilation_of_each_block_records_as_eager(tmp_path, regional, watch_first):
-    """PyTorch's regional compilation: each repeated layer compiled on its own, to compile once for
-    all of them. ``model.layers[i] = torch.compile(layer)`` before ``watch()`` puts ``_orig_mod``
-    into the names the model's ``gradscope_blocks()`` declares, and watch() used to refuse them as
-    not its modules; every block and layer now keeps its eager name and figures."""
-    from gradscope.lab import models
-    from gradscope.testing import reference_batches, small_overrides
-
-    name = "transformer_lm_pre"
-    overrides = small_overrides(name)
-    torch.manual_seed(0)
-    eager_model = models.create(name, **overrides)
-    compiled_model = copy.deepcopy(eager_model)
-    data = reference_batches(name, 7, **overrides)
-
-    def compile_layers(model):
-        for i, layer in enumerate(model.layers):
-            if regional == "layer.compile()":
-                layer.compile(backend="aot_eager")
-            else:
-                model.layers[i] = torch.compile(layer, backend="aot_eager")
-
-    def train_on(model, run, compiled):
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        if compiled and not watch_first:
-            compile_layers(model)
-        rec = gradscope.watch(model, run, optimizer=opt, every=3)
-        if compiled and watch_first:
-            compile_layers(model)
-        with rec:
-            for x, y in data:
-                opt.zero_grad()
-                out = model(x)
-                loss = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
-                loss.backward()
-                rec.step(loss=loss)
-                opt.step()
-        return gradscope.load_run(run)
-
-    eager = train_on(eager_model, tmp_path / "eager", compiled=False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        compiled = train_on(compiled_model, tmp_path / "compiled", compiled=True)
-    assert not [w for w in caught if "did not run" in str(w.message)]
-    assert compiled.meta["status"] == "finished" and compiled.meta["env"]["compiled"]
-    assert [b["name"] for b in compiled.meta["blocks"]] == [b["name"] for b in eager.meta["blocks"]]
-    assert [b["branch"] for b in compiled.meta["blocks"]] == [b["branch"] for b in eager.meta["blocks"]]
-    a, b = _figures(eager), _figures(compiled)
-    assert a.index.equals(b.index) and sorted(compiled.layers.step.unique()) == [0, 3, 6]
-    np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(_block_figures(compiled).to_numpy(), _block_figures(eager).to_numpy(),
-                               rtol=1e-5, atol=1e-7)
-    assert_same_parameters(eager_model, compiled_model, regional)
-
-
-def _train_lm(run, every, steps, compile_at=None, part="layers", warm_up=False):
-    """The small Pre-LN LM trained watched; its layers (or the whole model, ``part="model"``)
-    compiled at step ``compile_at``, or before ``watch()`` and called once (``warm_up``)."""
+def _train_lm(run, every=3, steps=7, compile_at=None, part="layers", how="torch.compile(layer)",
+              before_watch=False, warm_up=False):
+    """The small Pre-LN LM (seeded) trained watched, and its run: its layers (``how``), or the whole
+    model (``part="model"``), compiled at step ``compile_at``, or before ``watch()`` (and called
+    once there, ``warm_up``)."""
     from gradscope.lab import models
     from gradscope.testing import reference_batches, small_overrides
 
     def compile_layers():
         for j, layer in enumerate(model.layers):
-            model.layers[j] = torch.compile(layer, backend="aot_eager")
+            if how == "layer.compile()":
+                layer.compile(backend="aot_eager")
+            else:
+                model.layers[j] = torch.compile(layer, backend="aot_eager")
 
     name = "transformer_lm_pre"
     overrides = small_overrides(name)
@@ -262,8 +210,9 @@ def _train_lm(run, every, steps, compile_at=None, part="layers", warm_up=False):
     model = models.create(name, **overrides)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     data = reference_batches(name, steps, **overrides)
-    if warm_up:  # a sanity check before training: the compiled layers run without gradscope's hooks
+    if before_watch or warm_up:
         compile_layers()
+    if warm_up:  # a sanity check before training: the compiled layers run without gradscope's hooks
         model(data[0][0]).sum().backward()
         model.zero_grad()
     runner = model
@@ -279,7 +228,31 @@ def _train_lm(run, every, steps, compile_at=None, part="layers", warm_up=False):
             loss.backward()
             rec.step(loss=loss)
             opt.step()
-    return gradscope.load_run(run)
+    return gradscope.load_run(run), model
+
+
+@pytest.mark.parametrize(("regional", "watch_first"), [
+    ("torch.compile(layer)", False), ("torch.compile(layer)", True), ("layer.compile()", False)])
+def test_regional_compilation_of_each_block_records_as_eager(tmp_path, regional, watch_first):
+    """PyTorch's regional compilation: each repeated layer compiled on its own, to compile once for
+    all of them. ``model.layers[i] = torch.compile(layer)`` before ``watch()`` puts ``_orig_mod``
+    into the names the model's ``gradscope_blocks()`` declares, and watch() used to refuse them as
+    not its modules; every block and layer now keeps its eager name and figures."""
+    eager, eager_model = _train_lm(tmp_path / "eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled, compiled_model = _train_lm(tmp_path / "compiled", how=regional, before_watch=not watch_first,
+                                             compile_at=0 if watch_first else None)
+    assert not [w for w in caught if "did not run" in str(w.message)]
+    assert compiled.meta["status"] == "finished" and compiled.meta["env"]["compiled"]
+    assert [b["name"] for b in compiled.meta["blocks"]] == [b["name"] for b in eager.meta["blocks"]]
+    assert [b["branch"] for b in compiled.meta["blocks"]] == [b["branch"] for b in eager.meta["blocks"]]
+    a, b = _figures(eager), _figures(compiled)
+    assert a.index.equals(b.index) and sorted(compiled.layers.step.unique()) == [0, 3, 6]
+    np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(_block_figures(compiled).to_numpy(), _block_figures(eager).to_numpy(),
+                               rtol=1e-5, atol=1e-7)
+    assert_same_parameters(eager_model, compiled_model, regional)
 
 
 @pytest.mark.parametrize("how", ["compiled on a skipped step", "compiled and called before watch()"])
@@ -292,9 +265,9 @@ def test_layers_compiled_without_gradscopes_hooks_are_named_in_a_warning(tmp_pat
     with pytest.warns(RuntimeWarning, match=rf"in step {first} gradscope's hooks did not run on 12 watched "
                       r"layer\(s\) inside compiled modules.*layers\.0\.attn\.fn\.qkv") as caught:
         if first:
-            run = _train_lm(tmp_path / "r", every=3, steps=7, compile_at=1)  # step 1 is not recorded
+            run, _ = _train_lm(tmp_path / "r", compile_at=1)  # step 1 is not recorded
         else:
-            run = _train_lm(tmp_path / "r", every=3, steps=7, warm_up=True)
+            run, _ = _train_lm(tmp_path / "r", warm_up=True)
     assert {w.filename for w in caught if "did not run" in str(w.message)} == {__file__}  # the user's line
     assert run.meta["status"] == "finished"
     layers = run.layers[(run.layers.phase == "train") & (run.layers.step == first)].set_index("layer")
@@ -305,7 +278,7 @@ def test_a_whole_model_compiled_on_a_skipped_step_is_refused(tmp_path):
     """Compiled whole on a step the schedule skips, after recorded steps in eager: no hook runs on
     the next recorded step, and it is refused as the first would be, never recorded empty."""
     with pytest.raises(RuntimeError, match="in step 3 the watched layers' parameters have gradients, but none"):
-        _train_lm(tmp_path / "r", every=3, steps=7, compile_at=1, part="model")
+        _train_lm(tmp_path / "r", compile_at=1, part="model")
     run = gradscope.load_run(tmp_path / "r")
     assert run.meta["status"] == "failed" and "compiled on a step the schedule did not record" in run.meta["errors"][0]
     assert sorted(run.layers.step.unique()) == [0]
