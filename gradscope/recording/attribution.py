@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from gradscope.recording.blocks import Block, declared_blocks
 from gradscope.recording.probe_state import probe_state
-from gradscope.recording.processes import user_name
+from gradscope.recording.processes import modules_by_user_name
 from gradscope.store.schema import columns
 
 METHODS = ("grad_x_act", "integrated_gradients", "conductance")
@@ -114,7 +114,7 @@ class AttributionProbe:
             what = f"matching {list(config.blocks)}" if config.blocks else "to attribute"
             raise ValueError(f"gradscope attribution: no watched block {what}; the watched blocks are "
                              f"{[b.name for b, _, _ in blocks] or 'none (pass blocks= to watch())'}")
-        modules = {user_name(n): m for n, m in model.named_modules()}  # as declared_blocks names them
+        modules = modules_by_user_name(model)  # as declared_blocks names them
         shortcuts = {s.name: modules.get(s.shortcut) for s in declared_blocks(model) or [] if s.shortcut}
         self.units = [_Unit(i, b, m, br, shortcuts.get(b.name)) for i, (b, m, br) in enumerate(chosen)]
         self.names = [u.block.name for u in self.units]

@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from gradscope.recording.layers import ModuleFilter, as_predicate
-from gradscope.recording.processes import inner_module, user_class, user_name
+from gradscope.recording.processes import inner_module, modules_by_user_name, user_class, user_name
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,7 @@ def select_blocks(model: nn.Module, blocks: ModuleFilter | None) -> list[tuple[B
     ``blocks=None`` takes the model's declaration, else discovery; a filter picks modules
     itself (declared branches are still used for the modules it picks).
     """
-    # by the user's names: a wrapper (FSDP1) and the module it wraps share one, and the module wins
-    modules = {user_name(name): m for name, m in model.named_modules()}
+    modules = modules_by_user_name(model)  # (FSDP1's and compile's wrappers: the wrapped module)
     declared = {spec.name: spec for spec in declared_blocks(model) or []}
     if blocks is not None:
         keep = as_predicate(blocks)

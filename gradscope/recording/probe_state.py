@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from gradscope.recording.compilation import compiled
+
 
 @contextlib.contextmanager
 def probe_state(model: nn.Module, *, train: bool = False) -> Iterator[None]:
@@ -42,8 +44,6 @@ def _uncompiled(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     set_stance = getattr(torch.compiler, "set_stance", None)
     if set_stance is not None:
         return set_stance("force_eager")
-    from gradscope.recording.compilation import compiled
-
     if compiled(model):
         raise RuntimeError("gradscope: an analysis or attribution on a compiled model needs torch 2.6 or newer "
                            "(torch.compiler.set_stance), to run the model without the code Dynamo compiled "

@@ -38,6 +38,12 @@ def user_name(name: str) -> str:
     return _WRAPPER_RE.sub("", name).lstrip(".") if "_" in name else name
 
 
+def modules_by_user_name(model: nn.Module) -> dict[str, nn.Module]:
+    """``model``'s modules by their user names: a wrapper and the module it wraps share one, and
+    the module (named after it) wins."""
+    return {user_name(name): m for name, m in model.named_modules()}
+
+
 def inner_module(module: nn.Module) -> nn.Module:
     """The user's module inside wrappers that hold it as a child (FSDP1, checkpoint, compile)."""
     while True:
