@@ -31,7 +31,7 @@ class Logs(transformers.TrainerCallback):
             self.train.append(dict(logs))
 
 
-def _train(tmp_path: Path, callbacks: list, accumulate: int = 1, clip: float = 0.5):
+def _train(tmp_path: Path, callbacks: list, accumulate: int = 1, clip: float = 0.5, **more_args):
     example = runpy.run_path(str(EXAMPLE))  # its dataset, without running its main()
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)
@@ -39,7 +39,7 @@ def _train(tmp_path: Path, callbacks: list, accumulate: int = 1, clip: float = 0
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), max_steps=5, per_device_train_batch_size=4,
         gradient_accumulation_steps=accumulate, max_grad_norm=clip, learning_rate=1e-3, logging_steps=1,
-        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0, **more_args)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=example["Sequences"](n=64),
                                    callbacks=callbacks)
     trainer.train()
@@ -80,6 +80,33 @@ def test_training_is_unchanged_by_the_callback(tmp_path):
     plain = _train(tmp_path / "a", [])
     watched = _train(tmp_path / "b", [GradScopeCallback(tmp_path / "r")])
     assert_same_parameters(plain, watched, "the HF Trainer with GradScopeCallback")
+
+
+def test_a_compiled_model_records_as_eager_and_trains_unchanged(tmp_path):
+    """``TrainingArguments(torch_compile=True)``: the Trainer compiles the model before training
+    begins and the callback watches at ``on_train_begin``, before its first compiled call, so the
+    probes are traced into the graph. Figures as eager; training as without the callback."""
+    from torch._dynamo.utils import counters
+
+    def train(name, callbacks, **compiled):
+        torch._dynamo.reset()  # each its own code (Dynamo shares code between instances of a class)
+        counters.clear()
+        model = _train(tmp_path / name, callbacks, **compiled)
+        return model, counters["stats"]["unique_graphs"]
+
+    compiled = {"torch_compile": True, "torch_compile_backend": "aot_eager"}
+    train("eager", [GradScopeCallback(tmp_path / "eager", every=2)])
+    watched, graphs = train("compiled", [GradScopeCallback(tmp_path / "compiled", every=2)], **compiled)
+    unwatched, _ = train("unwatched", [], **compiled)
+    assert graphs >= 1  # it did run compiled
+    assert_same_parameters(unwatched, watched, "the HF Trainer compiling the model, with GradScopeCallback")
+    runs = [gradscope.load_run(tmp_path / name) for name in ("eager", "compiled")]
+    layers = [r.layers[r.layers.phase == "train"].set_index(["step", "layer"]).sort_index() for r in runs]
+    assert list(layers[1].index.unique("step")) == [0, 2, 4]
+    assert layers[1].index.equals(layers[0].index)
+    for column in ("act_std", "act_absmax", "grad_out_norm", "grad_norm", "param_norm"):
+        assert layers[1][column].to_numpy() == pytest.approx(layers[0][column].to_numpy(), rel=1e-5, abs=1e-7), column
+    torch._dynamo.reset()
 
 
 def test_model_and_optimizer_come_from_the_trainer():

@@ -179,3 +179,42 @@ def test_noise_scale_from_lightnings_gradient_accumulation(tmp_path):
     assert list(s.batch_small) == [16, 16] and list(s.batch_big) == [64, 64]
     table = gradscope.analyses.noise_scale(tmp_path / "r")
     assert table.g_big_sq.tolist() == pytest.approx(np.square(module.seen_norms).tolist(), rel=1e-5)  # pre-clip
+
+
+class _NoReads(Net):
+    """``Net`` without its host reads (``.item()``): a compiled ``training_step`` keeps one graph."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def on_before_optimizer_step(self, optimizer):
+        pass
+
+
+def test_a_compiled_lightning_module_records_as_eager_and_trains_unchanged(tmp_path):
+    """``trainer.fit(torch.compile(module))``, as Lightning documents it: Lightning unwraps the module
+    and compiles its ``forward`` and ``training_step``. The callback watches at fit start, before the
+    first compiled call, so the probes are traced into that graph: figures as eager, training as
+    without the callback, no graph break."""
+    from torch._dynamo.utils import counters
+
+    def fit(module, callbacks, compiled):
+        torch._dynamo.reset()  # each fit compiles its own code (Dynamo shares it between instances)
+        counters.clear()
+        _fit(torch.compile(module, backend="aot_eager") if compiled else module, callbacks, max_steps=6)
+        return dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
+
+    eager, compiled, unwatched = _NoReads(), _NoReads(), _NoReads()
+    fit(eager, [GradScope(tmp_path / "eager", every=2)], compiled=False)
+    breaks, graphs = fit(compiled, [GradScope(tmp_path / "compiled", every=2)], compiled=True)
+    fit(unwatched, [], compiled=True)
+    assert breaks == {} and graphs >= 1  # it did run compiled, in one piece
+    assert_same_parameters(unwatched, compiled, "a compiled LightningModule with the GradScope callback")
+    runs = [gradscope.load_run(tmp_path / name) for name in ("eager", "compiled")]
+    layers = [r.layers[r.layers.phase == "train"].set_index(["step", "layer"]).sort_index() for r in runs]
+    assert list(layers[1].index.unique("step")) == [0, 2, 4]
+    for column in ("act_mean", "act_std", "act_absmax", "grad_out_norm", "grad_norm", "param_norm"):
+        assert layers[1][column].to_numpy() == pytest.approx(layers[0][column].to_numpy(), rel=1e-5, abs=1e-7), column
+    assert_no_hooks(compiled)
+    torch._dynamo.reset()
