@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,12 +70,24 @@ def _block_figures(run, columns=("grad_in_norm", "grad_out_norm", "id_rel_residu
     return run.blocks.set_index(["step", "block"]).sort_index()[list(columns)].astype(float)
 
 
+class _OwnForward(torch.nn.Module):
+    """TinyMLP behind a forward of its own: ``model.compile()`` of a bare ``nn.Sequential`` compiles
+    nothing, since Dynamo does not compile torch's own ``forward`` as a frame of its own."""
+
+    def __init__(self, depth: int = 3) -> None:
+        super().__init__()
+        self.body = TinyMLP(depth=depth)
+
+    def forward(self, x):
+        return self.body(x)
+
+
 @pytest.mark.parametrize(("compile_how", "watch_first", "every"), [
     ("torch.compile", True, 1), ("torch.compile", True, 3), ("torch.compile", False, 3),
     ("model.compile", True, 3), ("model.compile", False, 1)])
 def test_compiled_model_records_every_scheduled_step_as_eager(tmp_path, compile_how, watch_first, every):
     torch.manual_seed(0)
-    eager_model = TinyMLP()
+    eager_model = _OwnForward()
     compiled_model = copy.deepcopy(eager_model)
     eager, _ = _record(eager_model, tmp_path / "eager", every)
     compiled, runner = _record(compiled_model, tmp_path / "compiled", every, compile_how, watch_first)
@@ -89,6 +102,49 @@ def test_compiled_model_records_every_scheduled_step_as_eager(tmp_path, compile_
     np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-5, atol=1e-7)
     assert_same_parameters(eager_model, compiled_model, f"{compile_how}, every={every}")
     assert_no_hooks(compiled_model)
+
+
+class _WithLSTM(torch.nn.Module):
+    """An ``nn.LSTM``, which Dynamo does not trace: it runs that part of the model as Python."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = torch.nn.Linear(1, 8), torch.nn.Linear(8, 4)
+        self.rnn = torch.nn.LSTM(8, 8, batch_first=True)
+
+    def forward(self, x):
+        h, _ = self.rnn(torch.tanh(self.inp(x.unsqueeze(-1))))
+        return self.out(h[:, -1])
+
+
+@pytest.mark.parametrize("case", ["an nn.LSTM inside", "model.compile() of an nn.Sequential"])
+def test_hooks_dynamo_enters_from_python_are_not_compiled_on_their_own(tmp_path, case):
+    """Where Dynamo runs part of a compiled model as Python (an ``nn.LSTM``; torch's own ``forward``
+    of an ``nn.Sequential`` under ``model.compile()``), it enters gradscope's hooks from there, and
+    they run as Python too (``compilation.python_when_entered``). Before, Dynamo compiled each
+    probe as a frame of its own, once per layer up to its recompile limit of 8 with a warning
+    naming gradscope, and under the LSTM the eager path's callees once per step."""
+    from torch._dynamo import convert_frame
+
+    if not hasattr(convert_frame, "input_codes"):
+        pytest.skip("this torch does not list the frames Dynamo compiled")
+    torch.manual_seed(0)
+    eager_model = _WithLSTM() if case.startswith("an nn.LSTM") else TinyMLP(depth=5)  # 11 layers: over 8
+    compiled_model = copy.deepcopy(eager_model)
+    eager, _ = _record(eager_model, tmp_path / "eager", every=3)
+    how = "torch.compile" if case.startswith("an nn.LSTM") else "model.compile"
+    compiled, _ = _record(compiled_model, tmp_path / "compiled", every=3, compile_how=how)
+
+    package = str(Path(gradscope.__file__).parent)
+    entered = {(code.co_filename, code.co_name) for ref in convert_frame.input_codes.seen if (code := ref())}
+    assert not [c for c in entered if c[0].startswith(package)]
+    assert any(name == "forward" for _, name in entered)  # Dynamo did compile parts of the model
+    assert compiled.meta["status"] == "finished", compiled.meta["errors"]
+    assert sorted(compiled.layers.step.unique()) == [0, 3, 6, 9]
+    a, b = _figures(eager), _figures(compiled)
+    assert a.index.equals(b.index)
+    np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-5, atol=1e-7)
+    assert_same_parameters(eager_model, compiled_model, case)
 
 
 class _TwoGraphs(torch.nn.Module):

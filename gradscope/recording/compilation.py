@@ -19,13 +19,42 @@ from __future__ import annotations
 
 import sys
 import weakref
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 from torch import nn
 
 from gradscope.recording.user_warnings import warn_user
+
+
+def _skip_recursively() -> Any:
+    """Dynamo's per-code strategy "run this frame and every frame it calls as Python" (torch 2.6+,
+    private), or None."""
+    try:
+        from torch._C._dynamo.eval_frame import _FrameAction, _FrameExecStrategy, set_code_exec_strategy
+    except ImportError:
+        return None
+    return set_code_exec_strategy, _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.SKIP)
+
+
+_SKIP_RECURSIVELY = _skip_recursively()
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def python_when_entered(hook: F) -> F:
+    """Mark ``hook``, a function PyTorch calls (a module or autograd hook), so that Dynamo runs it and
+    all it calls as Python where it is entered from code Dynamo runs uncompiled: inside a compiled
+    model, a part Dynamo cannot trace (an ``nn.LSTM``) or a function it gave up on. Dynamo would
+    compile it there as a frame of its own, once per probe (its guards hold the probe) up to its
+    recompile limit, and the eager path's callees once per step, with warnings naming gradscope
+    (torch 2.13: a model with an LSTM compiled 23 graphs watched against none unwatched). Where
+    Dynamo traces the module that calls the hook, it still inlines it (``recording.traced``)."""
+    if _SKIP_RECURSIVELY is not None:
+        set_strategy, strategy = _SKIP_RECURSIVELY
+        set_strategy(hook.__code__, strategy)
+    return hook
+
 
 #: Models whose hooks a closed recorder removed after Dynamo had traced them (``note_unhooked``).
 _UNHOOKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from gradscope.recording.buffer import StatsBuffer
 from gradscope.recording.clock import StepClock
+from gradscope.recording.compilation import python_when_entered
 from gradscope.recording.user_warnings import warn_user
 from gradscope.store.schema import GRAD_SMALL_SS
 
@@ -70,6 +71,7 @@ class MicroBatchNorms:
         self._handles = [p.register_hook(partial(self._gradient, i)) for i, p in enumerate(self._params)]
         self._handles.append(self._outer.register_forward_pre_hook(self._forward, with_kwargs=True))
 
+    @python_when_entered
     def _forward(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         """Samples of a training forward: the first dimension of its first tensor argument (keyword
         arguments too: Hugging Face models take ``input_ids=``). None found: none counted, and the
@@ -90,6 +92,7 @@ class MicroBatchNorms:
             self._pass = None
             self._norms.zero_()
 
+    @python_when_entered
     def _gradient(self, i: int, grad: Tensor) -> None:
         if self._pass is None:  # the first parameter gradient of a backward (a nested backward of
             fresh, self._fresh = self._fresh, False  # reentrant checkpointing is part of the one in progress)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from gradscope.recording.blocks import Block
 from gradscope.recording.clock import StepClock
+from gradscope.recording.compilation import python_when_entered
 from gradscope.recording.layers import ExecutionOrder
 from gradscope.recording.sink import Sink
 from gradscope.recording.traced import (
@@ -150,6 +151,7 @@ class LayerProbe:
         self.row, self.bounds, self.count_zeros, self.staging = row, bounds, count_zeros, staging
         self.feeds_branch = False  # the last layer of a residual branch (``BranchProbe.tail``)
 
+    @python_when_entered
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
         clock = self.clock  # skipped AMP steps are detected by the recorder's model pre-hook, before this
         grad_on = torch.is_grad_enabled()
@@ -216,6 +218,7 @@ class GradientProbe:
     def __init__(self, sink: Sink, row: int, step: int, index: int) -> None:
         self.sink, self.row, self.step, self.index = sink, row, step, index
 
+    @python_when_entered
     def __call__(self, grad_outputs: tuple[Tensor | None, ...]) -> None:
         grad = output_gradient(grad_outputs, self.index)
         if grad is None:
@@ -258,12 +261,14 @@ class BlockProbe:
             self.order.note(self.block.row)
         return False
 
+    @python_when_entered
     def before(self, module: nn.Module, args: Any) -> None:
         if torch.compiler.is_compiling():  # the traced path takes x from the hook's args
             return
         x = first_float_tensor(args) if self._active(module) else None
         self._inputs.append((x, x._version) if x is not None else None)
 
+    @python_when_entered
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         if torch.compiler.is_compiling():
             self._traced(module, args, output)
@@ -329,6 +334,7 @@ class BranchProbe:
                  tail: tuple[nn.Module, LayerProbe] | None = None) -> None:
         self.clock, self.sink, self.row, self.staging, self.tail = clock, sink, row, staging, tail
 
+    @python_when_entered
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         if torch.compiler.is_compiling():
             f = first_float_tensor(output)
@@ -376,6 +382,7 @@ class BlockGradientProbe:
     def __init__(self, sink: Sink, row: int, step: int, column: int, index: int) -> None:
         self.sink, self.row, self.step, self.column, self.index = sink, row, step, column, index
 
+    @python_when_entered
     def __call__(self, grad_outputs: tuple[Tensor | None, ...]) -> None:
         grad = output_gradient(grad_outputs, self.index)
         if grad is None:

@@ -32,7 +32,7 @@ from gradscope.recording.batching import enabled as batching_enabled
 from gradscope.recording.blocks import Block, select_blocks
 from gradscope.recording.buffer import StatsBuffer, copies_done, to_host
 from gradscope.recording.clock import StepClock
-from gradscope.recording.compilation import HookCheck, compiled
+from gradscope.recording.compilation import HookCheck, compiled, python_when_entered
 from gradscope.recording.exchange import Exchange
 from gradscope.recording.hooks import ProbeHooks
 from gradscope.recording.layers import ExecutionOrder, Layer, ModuleFilter, Ownership, ParameterRow, select_layers
@@ -398,6 +398,7 @@ class Recorder:
         self.path = writer.path = Path(self._exchange.start(facts, error, refused))  # rank 0's path
         return writer
 
+    @python_when_entered
     def _model_pre_hook(self, module: nn.Module, args: Any) -> None:
         """Before each forward of the whole model: step bookkeeping that must not wait for a probe.
 
@@ -421,6 +422,7 @@ class Recorder:
             clock.grad_forward_seen = True
         self._probes.sync(clock.recording)  # a step the GradScaler skipped may have begun a recorded one
 
+    @python_when_entered
     def _model_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
         self._forwards_open = 0
         if not torch.compiler.is_compiling():
