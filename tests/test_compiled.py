@@ -121,7 +121,7 @@ class _WithLSTM(torch.nn.Module):
 def test_hooks_dynamo_enters_from_python_are_not_compiled_on_their_own(tmp_path, case):
     """Where Dynamo runs part of a compiled model as Python (an ``nn.LSTM``; torch's own ``forward``
     of an ``nn.Sequential`` under ``model.compile()``), it enters gradscope's hooks from there, and
-    they run as Python too (``compilation.python_when_entered``). Before, Dynamo compiled each
+    the probes run as Python too (``compilation.python_when_entered``). Before, Dynamo compiled each
     probe as a frame of its own, once per layer up to its recompile limit of 8 with a warning
     naming gradscope, and under the LSTM the eager path's callees once per step."""
     from torch._dynamo import convert_frame
@@ -137,7 +137,8 @@ def test_hooks_dynamo_enters_from_python_are_not_compiled_on_their_own(tmp_path,
 
     package = str(Path(gradscope.__file__).parent)
     entered = {(code.co_filename, code.co_name) for ref in convert_frame.input_codes.seen if (code := ref())}
-    assert not [c for c in entered if c[0].startswith(package)]
+    # the model's pre-hook and forward hook alone, once: they read nothing that changes per step
+    assert {name for file, name in entered if file.startswith(package)} <= {"_model_pre_hook", "_model_forward_end"}
     assert any(name == "forward" for _, name in entered)  # Dynamo did compile parts of the model
     assert compiled.meta["status"] == "finished", compiled.meta["errors"]
     assert sorted(compiled.layers.step.unique()) == [0, 3, 6, 9]
@@ -369,6 +370,82 @@ def test_layers_whose_hooks_never_run_in_an_eager_model_are_not_warned_about(tmp
     assert layers["pos"] == 0 and layers["encoder.layers.0.self_attn.out_proj"] == 0  # the case this is about
     assert not [w for w in caught if "did not run" in str(w.message)]
     assert rec.closed and gradscope.load_run(tmp_path / "r").meta["status"] == "finished"
+
+
+def test_an_eager_step_that_leaves_the_watched_part_unused_is_recorded_not_refused(tmp_path):
+    """A multi-task model watched on one head, with a step that trains only the other one and
+    gradients zeroed in place (``zero_grad(set_to_none=False)``): the watched parameters hold
+    gradients while none of their hooks ran. Ordinary in an eager model (so is DDP handing a rank
+    the others' gradients of a part it did not use), so the step is kept; the refusal is for
+    compiled models, whose code may run without the hooks."""
+
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+
+        def forward(self, x, task):
+            return self.a(x) if task == "a" else self.b(x)
+
+    torch.manual_seed(0)
+    model = TwoHeads()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.watch(model, tmp_path / "r", optimizer=opt, modules="b", blocks=[]):
+        for task in ["b", "a", "b"]:
+            opt.zero_grad(set_to_none=False)
+            model(torch.randn(8, 4), task).pow(2).mean().backward()
+            opt.step()
+    run = gradscope.load_run(tmp_path / "r")
+    assert run.meta["status"] == "finished"
+    layers = run.layers.set_index("step")
+    assert sorted(layers.index) == [0, 1, 2] and np.isnan(layers.loc[1, "act_std"]) and layers.loc[2, "act_std"] > 0
+
+
+def test_blocks_compiled_and_called_before_watch_name_their_layers_in_a_warning(tmp_path):
+    """Regional compilation whose compiled units are the watched blocks themselves, compiled and
+    called before ``watch()``: the blocks' own probes run (Dynamo enters them from Python), their
+    layers' never do, and the warning names those layers (it was skipped once a probe had run
+    compiled, and Dynamo then compiled the block probes on their own)."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+
+        def forward(self, x):
+            return x + self.f(x)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.blocks, self.out = torch.nn.Linear(4, 8), torch.nn.ModuleList([Block(), Block()]), \
+                torch.nn.Linear(8, 1)
+
+        def forward(self, x):
+            x = self.inp(x)
+            for block in self.blocks:
+                x = block(x)
+            return self.out(x)
+
+    torch.manual_seed(0)
+    model = Model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = torch.compile(block, backend="eager")
+    model(torch.randn(16, 4))  # compiled without gradscope's hooks
+    with pytest.warns(RuntimeWarning, match=r"in step 0 gradscope's hooks did not run on 4 watched layer\(s\) "
+                      r"inside compiled modules.*blocks\.0\.f\.0, blocks\.0\.f\.2, blocks\.1\.f\.0"):
+        with gradscope.watch(model, tmp_path / "r", optimizer=opt):
+            for _ in range(3):
+                opt.zero_grad()
+                model(torch.randn(16, 4)).pow(2).mean().backward()
+                opt.step()
+    run = gradscope.load_run(tmp_path / "r")
+    assert run.meta["status"] == "finished"
+    assert [b["name"] for b in run.meta["blocks"]] == ["blocks.0", "blocks.1"]
+    assert run.blocks.id_rel_residual.notna().all()  # the blocks' own probes ran
+    train = run.layers.set_index("layer")
+    assert train.loc["blocks.0.f.0", "act_std"].isna().all() and (train.loc["inp", "act_std"] > 0).all()
 
 
 def test_a_pre_hook_that_replaces_a_blocks_input_is_seen_by_the_compiled_probes(tmp_path):

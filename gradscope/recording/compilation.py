@@ -8,9 +8,11 @@ never run either. Another instance of the same class, compiled and called first,
 (``torch._dynamo.config.skip_nnmodule_hook_guards``). So once a model is compiled the probes
 stay attached (traced, they run every step: ``recording.traced``), and a recorded step whose
 watched parameters have gradients while no probe ran is refused with the reason, instead of
-recording nothing. A recorder closed on a model that ran compiled removes its hooks, after which
-Dynamo compiles the model without them and runs that code for a later recorder's hooks too: the
-refusal then names that cause. Where only some layers' hooks never run (a part of the model
+recording nothing (after hooks have run once, only in a compiled model). Where Dynamo enters a
+hook from code it runs as Python, the hook runs as Python too (``python_when_entered``). A
+recorder closed on a model that ran compiled removes its hooks, after which Dynamo compiles the
+model without them and runs that code for a later recorder's hooks too: the refusal then names
+that cause. Where only some layers' hooks never run (a part of the model
 compiled on its own on a step the schedule skipped, when the probes were detached), the step is
 kept and a warning names those layers.
 """
@@ -115,17 +117,20 @@ class HookCheck:
         self.explained = np.zeros_like(probed)  # not run, outside any compiled module: ordinary
         self.warned = False
 
-    def refusal(self, counts: Any, slot: int, traced: bool, forward_seen: bool, step: int, path: Any,
-                model: nn.Module) -> str | None:
-        """The reason to refuse this recorded step, or None (after a warning, if one is due)."""
-        if traced:
-            return None
-        ran = counts.act_calls[slot].any(axis=0) | (counts.grad_calls[slot] > 0)
+    def refusal(self, counts: Any, slot: int, staging: Any, compiled_seen: bool, forward_seen: bool, step: int,
+                path: Any, model: nn.Module) -> str | None:
+        """The reason to refuse this recorded step, or None (after a warning, if one is due). A probe
+        traced into a compiled graph counts as run: it runs in every call of that graph, its counts
+        on the device (``staging.traced_layers``, ``traced_blocks``)."""
+        ran = counts.act_calls[slot].any(axis=0) | (counts.grad_calls[slot] > 0) | staging.traced_layers
         trained = counts.grad_rows[slot] & self.probed
-        if not ran.any() and not counts.block_calls[slot].any():
-            # (once hooks have run, a step without a training forward is a second step() call)
-            return hooks_never_ran(step, path, model) if trained.any() and (forward_seen or not self.hooks_ran) \
-                else None
+        if not ran.any() and not counts.block_calls[slot].any() and not staging.traced_blocks.any():
+            # Once hooks have run, a step that ran none is refused only in a compiled model: in an eager
+            # one the watched part may sit unused while its gradients stay (zero_grad(set_to_none=False),
+            # DDP handing a rank the others' gradients); and a step without a training forward is a
+            # second step() call.
+            due = not self.hooks_ran or (forward_seen and (compiled_seen or compiled(model)))
+            return hooks_never_ran(step, path, model) if trained.any() and due else None
         self.hooks_ran = True
         unexplained = trained & ~ran & ~self.explained
         if self.warned or not unexplained.any():

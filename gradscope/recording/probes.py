@@ -144,6 +144,7 @@ class LayerProbe:
     """
 
     __slots__ = ("clock", "sink", "order", "row", "bounds", "count_zeros", "staging", "feeds_branch")
+    TABLE = "layers"  # whose row ``row`` is (``traced.note_traced``)
 
     def __init__(self, clock: StepClock, sink: Sink, order: ExecutionOrder, row: int,
                  bounds: tuple[float, float] | None, count_zeros: bool, staging: Staging) -> None:
@@ -239,6 +240,7 @@ class BlockProbe:
     """
 
     __slots__ = ("clock", "sink", "order", "block", "row", "staging", "seq_first", "_inputs")
+    TABLE = "blocks"
 
     def __init__(self, clock: StepClock, sink: Sink, order: ExecutionOrder, block: Block, module: nn.Module,
                  staging: Staging) -> None:

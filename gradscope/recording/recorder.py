@@ -32,7 +32,7 @@ from gradscope.recording.batching import enabled as batching_enabled
 from gradscope.recording.blocks import Block, select_blocks
 from gradscope.recording.buffer import StatsBuffer, copies_done, to_host
 from gradscope.recording.clock import StepClock
-from gradscope.recording.compilation import HookCheck, compiled, python_when_entered
+from gradscope.recording.compilation import HookCheck, compiled
 from gradscope.recording.exchange import Exchange
 from gradscope.recording.hooks import ProbeHooks
 from gradscope.recording.layers import ExecutionOrder, Layer, ModuleFilter, Ownership, ParameterRow, select_layers
@@ -398,13 +398,15 @@ class Recorder:
         self.path = writer.path = Path(self._exchange.start(facts, error, refused))  # rank 0's path
         return writer
 
-    @python_when_entered
     def _model_pre_hook(self, module: nn.Module, args: Any) -> None:
         """Before each forward of the whole model: step bookkeeping that must not wait for a probe.
 
         Traced into a compiled model it only writes constants: Dynamo guards on every Python value
         it reads, so the counting and the GradScaler's check would recompile the model each step
         (then a skipped AMP step goes unnoticed where this hook is compiled, e.g. model.compile()).
+        Where Dynamo enters it from Python (a model part it runs uncompiled) it compiles it on its
+        own, once, unlike the probes (``compilation.python_when_entered``): that marks the model
+        compiled where nothing else may (compiled on a step the schedule skips, probes detached).
         """
         if torch.compiler.is_compiling():  # a hook traced by Dynamo
             self._compiled = True  # pins the probes at the step's end
@@ -422,7 +424,6 @@ class Recorder:
             clock.grad_forward_seen = True
         self._probes.sync(clock.recording)  # a step the GradScaler skipped may have begun a recorded one
 
-    @python_when_entered
     def _model_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
         self._forwards_open = 0
         if not torch.compiler.is_compiling():
@@ -502,7 +503,7 @@ class Recorder:
         if self._micro is not None:
             self._micro.end_step(slot)
         self._loss_scale.note_parameter_gradients(slot)
-        refusal = self._hook_check.refusal(self._buffer.counts, slot, self._staging.used,
+        refusal = self._hook_check.refusal(self._buffer.counts, slot, self._staging, self._compiled,
                                            self._clock.grad_forward_seen, self._clock.step, self.path, self.model)
         if refusal is not None:  # hooks a compiled model never runs (recording.compilation)
             self._refusal = refusal

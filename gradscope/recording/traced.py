@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
@@ -59,9 +60,12 @@ def note_traced(probe: Any) -> int:
     """While Dynamo traces ``probe`` (it takes the result as a constant and never replays the call,
     so nothing read here becomes a guard): the probe's row takes its place in the execution order,
     and the staging is in use. Only the probe is passed: a value read from it under Dynamo may be
-    a lazy constant, which this call could not take."""
+    a lazy constant, which this call could not take. The row is marked traced on the host (its
+    probe runs in every call of that graph): ``compilation.HookCheck`` reads which probes ran."""
     probe.order.note(probe.row)
-    probe.staging.used = True
+    staging = probe.staging
+    (staging.traced_blocks if probe.TABLE == "blocks" else staging.traced_layers)[probe.row] = True
+    staging.used = True
     return 0
 
 
@@ -99,6 +103,7 @@ class Staging:
             for t in (self.layer, self.block, self.counts, self.tail_squares):
                 torch._dynamo.mark_static_address(t)
         self.used = False  # set while tracing: some probe was traced into a compiled graph
+        self.traced_layers, self.traced_blocks = np.zeros(layers, bool), np.zeros(blocks, bool)  # which ones
         self.key = deposits.register(self)  # names it to ``gradscope::deposit`` in a compiled backward
         self._cells: dict[tuple[int, int], tuple[Tensor, Tensor | None, Tensor]] = {}
 
