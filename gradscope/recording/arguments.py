@@ -61,6 +61,24 @@ def default_run_path(model: nn.Module) -> Path:
     return Path("runs") / f"{type(model).__name__.lower()}-{stamp}"
 
 
+def check_args(model: Any, run: Any, every: Any, flush_every: Any, attribution: Any, on_nonfinite: Any) -> None:
+    """watch()'s plain arguments, checked before anything is attached to the model."""
+    from gradscope.recording.attribution import Attribution  # (captum stays unimported until used)
+    from gradscope.recording.nonfinite import checked_action
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"gradscope.watch expects an nn.Module, got {type(model).__name__}")
+    for name, value in (("every", every), ("flush_every", flush_every)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"gradscope.watch: {name} must be a positive integer, got {value!r}")
+    if attribution is not None and not isinstance(attribution, Attribution):
+        raise TypeError("gradscope.watch: attribution must be a gradscope.Attribution, "
+                        f"got {type(attribution).__name__}")
+    checked_action(on_nonfinite)
+    if run is not None and str(run) == "":
+        raise ValueError("gradscope.watch: run= is empty; name a directory (or leave it out: runs/<model>-<time>)")
+
+
 def refuse_if_watched(model: nn.Module, open_recorders: Any) -> None:
     """One recorder per module: two would measure each other's hooks."""
     mine = {id(m) for m in model.modules()}
