@@ -610,6 +610,42 @@ def test_a_step_that_ran_no_forward_is_not_refused(tmp_path):
     assert gradscope.load_run(tmp_path / "r").meta["status"] == "finished"
 
 
+@pytest.mark.parametrize("compile_how", ["torch.compile", "model.compile"])
+def test_a_step_the_gradscaler_skips_is_its_own_step_in_a_compiled_model(tmp_path, compile_how):
+    """The compiled model's own pre-hook is traced (it only writes constants there), so the step
+    the scaler skips is ended by its ``update()``, which runs in Python: not merged into the next."""
+    torch.manual_seed(0)
+    model = _OwnForward()
+    start = copy.deepcopy(model.state_dict())
+    runs = {}
+    for how in (None, compile_how):
+        model.load_state_dict(start)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        run = tmp_path / str(how)
+        with gradscope.watch(model, run, optimizer=opt, scaler=scaler, every=2, flush_every=2):
+            runner = _compiled(model, how) if how else model
+            for i, (x, y) in enumerate(batches("mlp", steps=6)):
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(runner(x), y) * (float("inf") if i == 2 else 1.0)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+        assert "update" not in vars(scaler)  # the wrapper went with the recorder
+        runs[how] = gradscope.load_run(run)
+        torch._dynamo.reset()
+    eager, compiled = runs[None], runs[compile_how]
+    assert compiled.meta["status"] == "finished", compiled.meta["errors"]
+    assert sorted(compiled.layers.step.unique()) == [0, 2, 4]
+    assert compiled.layer_table.calls.max() == 1  # no two iterations merged into one step
+    skipped = compiled.layers[compiled.layers.step == 2]
+    assert skipped.param_norm.isna().all() and skipped.act_std.notna().all()  # its forward, not its update
+    assert compiled.scalars.loss_scale.tolist() == [1024.0, 1024.0, 512.0]  # backed off after the skip
+    a, b = _figures(eager), _figures(compiled)
+    assert a.index.equals(b.index)
+    np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-5, atol=1e-7)
+
+
 def test_compiled_step_does_not_recompile_after_warm_up(tmp_path):
     """every=3 across 12 steps: the schedule flips the probes' work on and off, which may take one
     more compiled variant, but never one per step (Dynamo's cache limit would fall back to eager)."""

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import gc
 import math
+import pickle
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import pytest
 import torch
@@ -14,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import gradscope
-from gradscope.testing import TinyMLP, assert_no_hooks, batches
+from gradscope.testing import TinyMLP, assert_no_hooks, assert_same_parameters, batches
 
 
 def test_float64_model_records_and_trains(run_dir):
@@ -80,9 +84,9 @@ def test_loss_given_after_manual_flush_is_dropped_with_a_warning(run_dir):
     assert caught[0].filename == __file__  # the user's line, not torch.compiler.disable's wrapper
 
 
-def _amp_loop(model, opt, scaler, rec, losses_scale, unscale_first=False):
+def _amp_loop(model, opt, scaler, rec, losses_scale, unscale_first=False, data=None):
     """A GradScaler loop; ``losses_scale`` multiplies each step's loss (inf forces a skip)."""
-    for i, (x, y) in enumerate(batches("mlp", steps=len(losses_scale))):
+    for i, (x, y) in enumerate(data or batches("mlp", steps=len(losses_scale))):
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y) * losses_scale[i]
         scaler.scale(loss).backward()
@@ -110,6 +114,118 @@ def test_scaler_skipped_step_is_recorded_as_its_own_step(run_dir):
     assert not math.isfinite(float(run.scalars.loss[1]))
     ok = train[train.step == 2]
     assert ok.grad_out_norm.notna().all() and ok.grad_out_norm.lt(10).all()  # unscaled by 512, not 1024
+
+
+def _scaled_training(run, *, wrap_before=None, while_watched=None):
+    """Four GradScaler steps, the second skipped (inf loss); the model and scaler after them.
+    ``while_watched(scaler)`` runs between the steps, inside the recorder."""
+    torch.manual_seed(0)
+    model = TinyMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    if wrap_before is not None:
+        scaler.update = wrap_before(scaler.update)
+    if run is None:
+        for i, (x, y) in enumerate(batches("mlp", steps=4)):
+            opt.zero_grad()
+            scaler.scale(F.cross_entropy(model(x), y) * (float("inf") if i == 1 else 1.0)).backward()
+            scaler.step(opt)
+            scaler.update()
+        return model, scaler
+    with gradscope.watch(model, run, optimizer=opt, scaler=scaler) as rec:
+        for i, (x, y) in enumerate(batches("mlp", steps=4)):
+            _amp_loop(model, opt, scaler, rec, [float("inf") if i == 1 else 1.0], data=[(x, y)])
+            if while_watched is not None:
+                while_watched(scaler)
+    return model, scaler
+
+
+def _counting(calls):
+    def wrap(update):
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return update(*args, **kwargs)
+        return counted
+    return wrap
+
+
+def test_scaler_update_is_watched_on_the_instance_only_and_left_as_it_was(run_dir):
+    """GradScaler has no hooks: watch() wraps this scaler's update() (how a skipped step ends
+    under a compiled model) and close() puts back what was there, a user's own wrapper included.
+    A copy or a pickle of the scaler taken meanwhile is a plain scaler of its own."""
+    plain, plain_scaler = _scaled_training(None)
+    copies = []
+
+    def copy_it(scaler):
+        assert "update" in vars(scaler)  # watched
+        copies.extend([copy.deepcopy(scaler), pickle.loads(pickle.dumps(scaler))])
+
+    watched, scaler = _scaled_training(run_dir, while_watched=copy_it)
+    assert_same_parameters(plain, watched, "GradScaler training with gradscope attached")
+    assert float(scaler.get_scale()) == float(plain_scaler.get_scale()) == 512.0
+    assert "update" not in vars(scaler) and scaler.update.__func__ is torch.amp.GradScaler.update
+    for twin in copies:  # each updates itself, not the watched scaler
+        assert twin.update.__self__ is twin and twin.update.__func__ is torch.amp.GradScaler.update
+
+    calls = []
+    _, scaler = _scaled_training(run_dir.parent / "own", wrap_before=_counting(calls))
+    assert len(calls) == 4 and vars(scaler)["update"].__name__ == "counted"  # the user's, put back
+    assert gradscope.load_run(run_dir.parent / "own").scalars.step.tolist() == [0, 1, 2, 3]
+
+
+def test_a_scaler_update_wrapped_again_after_watch_keeps_no_closed_recorder(run_dir):
+    model = TinyMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu")
+    calls = []
+    with gradscope.watch(model, run_dir, optimizer=opt, scaler=scaler) as rec:
+        scaler.update = _counting(calls)(scaler.update)  # wrapped after watch(): gradscope's stays inside
+        _amp_loop(model, opt, scaler, rec, [1.0])
+    x, y = next(iter(batches("mlp", steps=1)))
+    scaler.scale(F.cross_entropy(model(x), y) * float("inf")).backward()
+    scaler.step(opt)  # skipped, but the recorder is closed: its step does not move
+    scaler.update()
+    assert rec.step_index == 1 and len(calls) == 2
+    closed = weakref.ref(rec)
+    del rec
+    gc.collect()
+    assert closed() is None  # the wrapper left in place does not keep the recorder (and its buffers)
+
+
+def test_two_recorders_on_one_scaler_leave_it_plain_whichever_closes_first(run_dir):
+    scaler = torch.amp.GradScaler("cpu")
+    parts = [TinyMLP() for _ in range(2)]
+    recs = [gradscope.watch(m, run_dir / str(i), optimizer=torch.optim.SGD(m.parameters(), lr=0.01),
+                            scaler=scaler) for i, m in enumerate(parts)]
+    for rec in recs:  # closed in the order they were opened: the first's wrapper is inside the second's
+        rec.close()
+    assert "update" not in vars(scaler)
+
+
+def test_one_scaler_for_two_optimizers_skips_no_step_it_did_not_skip(run_dir):
+    """A GAN's loop, one scaler updated after each optimizer (as accelerate does): the update for
+    the other optimizer, after the watched model's forward, ends no step; a real skip of the
+    watched one is still its own step."""
+    torch.manual_seed(0)
+    watched, other = TinyMLP(), nn.Linear(4, 1)
+    opt_w = torch.optim.SGD(watched.parameters(), lr=0.01)
+    opt_o = torch.optim.SGD(other.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    with gradscope.watch(watched, run_dir, optimizer=opt_w, scaler=scaler) as rec:
+        for i, (x, y) in enumerate(batches("mlp", steps=4)):
+            out = watched(x)  # the generator's output
+            opt_o.zero_grad()
+            scaler.scale(other(out.detach()).square().mean()).backward()  # the critic's step
+            scaler.step(opt_o)
+            scaler.update()
+            opt_w.zero_grad()
+            scaler.scale(F.cross_entropy(out, y) * (float("inf") if i == 2 else 1.0)).backward()
+            scaler.step(opt_w)
+            scaler.update()
+    assert rec.step_index == 4
+    run = gradscope.load_run(run_dir)
+    assert run.scalars.step.tolist() == [0, 1, 2, 3] and run.layer_table.calls.max() == 1
+    assert run.layers[run.layers.step == 2].param_norm.isna().all()  # the skipped one
 
 
 def test_scaler_without_optimizer_after_unscale(run_dir):

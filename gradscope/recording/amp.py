@@ -9,12 +9,19 @@ Parameter gradients carry the scale only until the scaler unscales them, which t
 from the scaler's own per-optimizer state: a stage of UNSCALED or STEPPED, or a state dict that
 ``update()`` has replaced since the step began (``update()`` needs the inf checks that only
 ``unscale_()``, and so ``scaler.step()``, records).
+
+A step the scaler skips (it found inf) runs no ``optimizer.step()``, so no optimizer hook ends it;
+``ScalerUpdateHook`` lets ``scaler.update()`` end it instead (before the update changes the scale),
+which runs in Python even where the model is compiled and gradscope's forward hooks are traced
+into its graph.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from gradscope.store.schema import LOSS_SCALE, HostCounts
@@ -53,6 +60,12 @@ class LossScale:
         if self.counts.step_set[slot, LOSS_SCALE]:
             self.counts.grads_scaled[slot] = not self._unscaled()
 
+    def optimizer_in_update(self) -> bool:
+        """As ``scaler.update()`` begins: whether it acts on the watched optimizer's inf checks (one
+        scaler may serve several optimizers, and accelerate updates it after each one's step)."""
+        state = getattr(self.scaler, "_per_optimizer_states", {}).get(id(self.optimizer), {})
+        return getattr(state.get("stage"), "name", None) in ("UNSCALED", "STEPPED")
+
     def _unscaled(self) -> bool:
         """Whether the scaler has already unscaled the gradients in this step.
 
@@ -66,3 +79,46 @@ class LossScale:
             return True
         chosen = [states.get(id(self.optimizer), {})] if self.optimizer is not None else list(states.values())
         return any(getattr(s.get("stage"), "name", None) in ("UNSCALED", "STEPPED") for s in chosen)
+
+
+class ScalerUpdateHook:
+    """Set as a scaler's ``update`` (GradScaler has no hooks of its own): calls ``callback`` as each
+    ``update()`` begins, eagerly even inside a compiled function, then the update (also when the
+    callback raised). Only this instance is touched; ``remove()`` puts back what was there, and a
+    copy or pickle of the scaler made meanwhile gets the plain ``update``."""
+
+    def __init__(self, scaler: Any, callback: Callable[[], None]) -> None:
+        self.scaler = scaler
+        self.previous = vars(scaler).get("update")  # a wrapper someone else set on this instance
+        self.original = scaler.update
+        self.callback: Callable[[], None] | None = torch.compiler.disable(callback)
+        scaler.update = self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        callback = self.callback
+        try:
+            if callback is not None:
+                callback()
+        finally:
+            result = self.original(*args, **kwargs)
+        return result
+
+    def remove(self) -> None:
+        self.callback = None  # a wrapper left in place (wrapped again since) keeps no recorder alive
+        if vars(self.scaler).get("update") is self:
+            previous = self.previous
+            while isinstance(previous, ScalerUpdateHook) and previous.callback is None:
+                previous = previous.previous  # another recorder's, removed already
+            if previous is None:
+                del self.scaler.update
+            else:
+                self.scaler.update = previous
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self.previous is not None:
+            return _itself, (self.previous,)
+        return getattr, (self.scaler, "update")  # the class's, while the copy has no attribute of its own
+
+
+def _itself(value: Any) -> Any:
+    return value

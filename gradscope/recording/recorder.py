@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from gradscope.recording import termination
-from gradscope.recording.amp import LossScale
-from gradscope.recording.arguments import checked_device, checked_meta, default_run_path, refuse_if_watched
+from gradscope.recording.amp import LossScale, ScalerUpdateHook
+from gradscope.recording.arguments import check_args, checked_device, checked_meta, default_run_path, refuse_if_watched
 from gradscope.recording.attribution import Attribution, AttributionProbe
 from gradscope.recording.batching import Batcher
 from gradscope.recording.batching import enabled as batching_enabled
@@ -37,7 +37,7 @@ from gradscope.recording.exchange import Exchange
 from gradscope.recording.hooks import ProbeHooks
 from gradscope.recording.layers import ExecutionOrder, Layer, ModuleFilter, Ownership, ParameterRow, select_layers
 from gradscope.recording.microbatches import MicroBatchNorms
-from gradscope.recording.nonfinite import NonFiniteCheck, checked_action
+from gradscope.recording.nonfinite import NonFiniteCheck
 from gradscope.recording.optimizers import has_closure, unwrap_optimizer
 from gradscope.recording.parameters import ParameterNorms
 from gradscope.recording.processes import Holding, detect, fsdp1_segments, unwrap
@@ -78,19 +78,9 @@ class Recorder:
         on_nonfinite: str = "warn",
         noise_scale: bool = False,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"gradscope.watch expects an nn.Module, got {type(model).__name__}")
-        for name, value in (("every", every), ("flush_every", flush_every)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"gradscope.watch: {name} must be a positive integer, got {value!r}")
-        checked_action(on_nonfinite)
-        if attribution is not None and not isinstance(attribution, Attribution):
-            raise TypeError("gradscope.watch: attribution must be a gradscope.Attribution, "
-                            f"got {type(attribution).__name__}")
+        check_args(model, run, every, flush_every, attribution, on_nonfinite)
         wrapped, model = model, unwrap(model)  # DDP's forward calls the user's model unchanged
         refuse_if_watched(model, _OPEN)
-        if run is not None and str(run) == "":
-            raise ValueError("gradscope.watch: run= is empty; name a directory (or leave it out: runs/<model>-<time>)")
         self.model, self.every, self.flush_every = model, every, flush_every
         optimizer, self._optimizer_wrappers = unwrap_optimizer(optimizer)  # accelerate's, Lightning's
         self.optimizer, self.scaler = optimizer, scaler
@@ -173,6 +163,8 @@ class Recorder:
             if optimizer is not None:
                 self._handles.append(optimizer.register_step_pre_hook(_eager(self._before_optimizer_step)))
                 self._handles.append(optimizer.register_step_post_hook(_eager(self._after_optimizer_step)))
+                if scaler is not None:
+                    self._handles.append(ScalerUpdateHook(scaler, self._before_scaler_update))
             self._attribute_if_due()  # step 0: the model as training begins
         except BaseException:
             self._remove_hooks()
@@ -230,7 +222,8 @@ class Recorder:
         ``clipped`` says whether the framework has clipped them yet (meta.json's ``gradients``).
         After ``clipped=False`` the global norm is read again at ``optimizer.step()``, so the run
         holds it on both sides of the clip. Needs ``optimizer=``: its step still ends the step, or,
-        where an AMP scaler skips it, the next training forward does.
+        where an AMP scaler skips it, the scaler's ``update()`` does (without ``scaler=``, the next
+        training forward).
         """
         self._check_open()
         if self.optimizer is None:
@@ -402,8 +395,7 @@ class Recorder:
         """Before each forward of the whole model: step bookkeeping that must not wait for a probe.
 
         Traced into a compiled model it only writes constants: Dynamo guards on every Python value
-        it reads, so the counting and the GradScaler's check would recompile the model each step
-        (then a skipped AMP step goes unnoticed where this hook is compiled, e.g. model.compile()).
+        it reads, so counting here would recompile the model each step.
         Where Dynamo enters it from Python (a model part it runs uncompiled) it compiles it on its
         own, once, unlike the probes (``compilation.python_when_entered``): that marks the model
         compiled where nothing else may (compiled on a step the schedule skips, probes detached).
@@ -415,14 +407,11 @@ class Recorder:
             return
         self._forwards_open += 1
         clock = self._clock
-        if clock.scaler_skipped():  # ended a step the GradScaler skipped
-            self._gradients_read = None
-            self._staging.next_step(clock.recording)
         if self._gradients_read is not None and not self._closure and torch.is_grad_enabled():
             self._advance()  # gradients were read, and the optimizer skipped its step (an AMP scaler found inf)
         if torch.is_grad_enabled():
             clock.grad_forward_seen = True
-        self._probes.sync(clock.recording)  # a step the GradScaler skipped may have begun a recorded one
+        self._probes.sync(clock.recording)
 
     def _model_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
         self._forwards_open = 0
@@ -441,6 +430,20 @@ class Recorder:
             self._closure = False
         self._advance()
         self._attribute_if_due()
+
+    def _before_scaler_update(self) -> None:
+        """End a step the scaler skipped (it found inf), with what its probes measured and the
+        scale its backward ran with; its gradients, never applied, are not its parameters'."""
+        clock = self._clock
+        if not (self._loss_scale.optimizer_in_update() and clock.skipped_by_scaler()):
+            return
+        if self._gradients_read is None and clock.recording and clock.grad_forward_seen:
+            slot = self._sink.slot()
+            self._sink.commit()
+            if self._staging.used:  # what probes traced into a compiled model staged is this step's
+                self._staging.fold(self._buffer, slot)
+            self._loss_scale.capture(slot, at_end=True)
+        self._advance()
 
     def _gradients_at_update(self) -> None:
         """The gradients the update uses: the step's statistics, unless read earlier (then the
