@@ -306,8 +306,7 @@ class BlockProbe:
             on_gradient(x, BlockGradientProbe(sink, row, step, B_GRAD_IN_SS, x.output_nr))
         elif x.requires_grad and _in_backward() and not isinstance(x, nn.Parameter):
             # a reentrant checkpoint's detached input (a leaf): the hook dies with it
-            probe = BlockGradientProbe(sink, row, step, B_GRAD_IN_SS, 0)
-            x.register_hook(lambda grad: probe((grad,)))
+            x.register_hook(BlockGradientProbe(sink, row, step, B_GRAD_IN_SS, 0).of_tensor)
         if y.grad_fn is not None:
             on_gradient(y, BlockGradientProbe(sink, row, step, B_GRAD_OUT_SS, y.output_nr))
 
@@ -393,6 +392,11 @@ class BlockGradientProbe:
         if slot is None:
             return
         self.sink.block_gradient(slot, self.row, self.column, grad)
+
+    @python_when_entered
+    def of_tensor(self, grad: Tensor) -> None:
+        """As a tensor hook (a reentrant checkpoint's detached input has no node to hook)."""
+        self((grad,))
 
 
 #: gradscope's forward hooks: they never return a value, so never replace a module's output
