@@ -277,6 +277,8 @@ def _train_lm(run, every=3, steps=7, compile_at=None, part="layers", how="torch.
         for i, (x, y) in enumerate(data):
             if i == compile_at and part == "layers":
                 compile_layers()
+            elif i == compile_at and part == "forward":  # an older way: the model's own forward compiled
+                model.forward = torch.compile(model.forward, backend="aot_eager")
             elif i == compile_at:
                 runner = torch.compile(model, backend="aot_eager")
             opt.zero_grad()
@@ -331,11 +333,13 @@ def test_layers_compiled_without_gradscopes_hooks_are_named_in_a_warning(tmp_pat
     assert layers.act_std.isna().sum() == 12 and layers.loc["head"].act_std > 0  # as the warning says
 
 
-def test_a_whole_model_compiled_on_a_skipped_step_is_refused(tmp_path):
+@pytest.mark.parametrize("part", ["model", "forward"])
+def test_a_whole_model_compiled_on_a_skipped_step_is_refused(tmp_path, part):
     """Compiled whole on a step the schedule skips, after recorded steps in eager: no hook runs on
-    the next recorded step, and it is refused as the first would be, never recorded empty."""
+    the next recorded step, and it is refused as the first would be, never recorded empty. Also
+    where only its ``forward`` is compiled: its pre-hook then runs as Python."""
     with pytest.raises(RuntimeError, match="in step 3 the watched layers' parameters have gradients, but none"):
-        _train_lm(tmp_path / "r", compile_at=1, part="model")
+        _train_lm(tmp_path / "r", compile_at=1, part=part)
     run = gradscope.load_run(tmp_path / "r")
     assert run.meta["status"] == "failed" and "compiled on a step the schedule did not record" in run.meta["errors"][0]
     assert sorted(run.layers.step.unique()) == [0]
@@ -372,29 +376,39 @@ def test_layers_whose_hooks_never_run_in_an_eager_model_are_not_warned_about(tmp
     assert rec.closed and gradscope.load_run(tmp_path / "r").meta["status"] == "finished"
 
 
-def test_an_eager_step_that_leaves_the_watched_part_unused_is_recorded_not_refused(tmp_path):
+@pytest.mark.parametrize("compiled_part", [None, "an unwatched trunk", "the model, for evaluation only"])
+def test_an_eager_step_that_leaves_the_watched_part_unused_is_recorded_not_refused(tmp_path, compiled_part):
     """A multi-task model watched on one head, with a step that trains only the other one and
     gradients zeroed in place (``zero_grad(set_to_none=False)``): the watched parameters hold
     gradients while none of their hooks ran. Ordinary in an eager model (so is DDP handing a rank
     the others' gradients of a part it did not use), so the step is kept; the refusal is for
-    compiled models, whose code may run without the hooks."""
+    compiled training, whose code may run without the hooks, not for a compiled part that holds no
+    watched layer or a compiled copy used only under ``no_grad``."""
 
     class TwoHeads(torch.nn.Module):
         def __init__(self):
             super().__init__()
+            self.trunk = torch.nn.Linear(4, 4)
             self.a, self.b = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
 
         def forward(self, x, task):
-            return self.a(x) if task == "a" else self.b(x)
+            h = self.trunk(x)
+            return self.a(h) if task == "a" else self.b(h)
 
     torch.manual_seed(0)
     model = TwoHeads()
+    if compiled_part == "an unwatched trunk":
+        model.trunk.compile(backend="eager")
+    evaluate = torch.compile(model, backend="eager") if compiled_part == "the model, for evaluation only" else None
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with gradscope.watch(model, tmp_path / "r", optimizer=opt, modules="b", blocks=[]):
         for task in ["b", "a", "b"]:
             opt.zero_grad(set_to_none=False)
             model(torch.randn(8, 4), task).pow(2).mean().backward()
             opt.step()
+            if evaluate is not None:
+                with torch.no_grad():
+                    evaluate(torch.randn(8, 4), "a")
     run = gradscope.load_run(tmp_path / "r")
     assert run.meta["status"] == "finished"
     layers = run.layers.set_index("step")

@@ -35,9 +35,10 @@ def _skip_recursively() -> Any:
     private), or None."""
     try:
         from torch._C._dynamo.eval_frame import _FrameAction, _FrameExecStrategy, set_code_exec_strategy
-    except ImportError:
+
+        return set_code_exec_strategy, _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.SKIP)
+    except Exception:  # (private: renamed or changed in another torch, hooks compile as before)
         return None
-    return set_code_exec_strategy, _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.SKIP)
 
 
 _SKIP_RECURSIVELY = _skip_recursively()
@@ -69,11 +70,18 @@ def compiled(model: nn.Module) -> bool:
 
 
 def _compiled_parts(model: nn.Module) -> Iterator[nn.Module]:
-    """The modules of ``model`` (itself included) that are compiled: wrappers and in-place ones."""
+    """The modules of ``model`` (itself included) that are compiled: wrappers, in-place ones, and
+    ones whose ``forward`` was replaced by a compiled function."""
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")
     optimized: Any = getattr(eval_frame, "OptimizedModule", None)
     return (m for m in model.modules() if (optimized is not None and isinstance(m, optimized))
-            or getattr(m, "_compiled_call_impl", None) is not None)
+            or getattr(m, "_compiled_call_impl", None) is not None
+            or hasattr(vars(m).get("forward"), "_torchdynamo_orig_callable"))  # m.forward = torch.compile(...)
+
+
+def _compiled_modules(model: nn.Module) -> set[int]:
+    """The ids of the modules inside compiled parts of ``model``."""
+    return {id(m) for part in _compiled_parts(model) for m in part.modules()}
 
 
 def note_unhooked(model: nn.Module) -> None:
@@ -117,26 +125,28 @@ class HookCheck:
         self.explained = np.zeros_like(probed)  # not run, outside any compiled module: ordinary
         self.warned = False
 
-    def refusal(self, counts: Any, slot: int, staging: Any, compiled_seen: bool, forward_seen: bool, step: int,
+    def refusal(self, counts: Any, slot: int, staging: Any, compiled_forward: bool, forward_seen: bool, step: int,
                 path: Any, model: nn.Module) -> str | None:
         """The reason to refuse this recorded step, or None (after a warning, if one is due). A probe
         traced into a compiled graph counts as run: it runs in every call of that graph, its counts
-        on the device (``staging.traced_layers``, ``traced_blocks``)."""
+        on the device (``staging.traced_layers``, ``traced_blocks``). ``compiled_forward``: the
+        step's training forward ran in a compiled graph (the model's pre-hook was traced)."""
         ran = counts.act_calls[slot].any(axis=0) | (counts.grad_calls[slot] > 0) | staging.traced_layers
         trained = counts.grad_rows[slot] & self.probed
         if not ran.any() and not counts.block_calls[slot].any() and not staging.traced_blocks.any():
-            # Once hooks have run, a step that ran none is refused only in a compiled model: in an eager
-            # one the watched part may sit unused while its gradients stay (zero_grad(set_to_none=False),
-            # DDP handing a rank the others' gradients); and a step without a training forward is a
-            # second step() call.
-            due = not self.hooks_ran or (forward_seen and (compiled_seen or compiled(model)))
+            # Once hooks have run, a step that ran none is refused only where its training forward ran
+            # compiled (a traced pre-hook) or a watched layer lies in a compiled module: otherwise the
+            # watched layers ran eagerly or not at all, unused in this step while their gradients stay
+            # (zero_grad(set_to_none=False), DDP handing a rank the others' gradients); and a step
+            # without a training forward is a second step() call.
+            due = not self.hooks_ran or (forward_seen and (compiled_forward or self._compiled_watched(model)))
             return hooks_never_ran(step, path, model) if trained.any() and due else None
         self.hooks_ran = True
         unexplained = trained & ~ran & ~self.explained
         if self.warned or not unexplained.any():
             return None
         inside = np.zeros_like(unexplained)
-        compiled_modules = {id(m) for part in _compiled_parts(model) for m in part.modules()}
+        compiled_modules = _compiled_modules(model)
         inside[[row for row in np.flatnonzero(unexplained) if id(self.modules[row]) in compiled_modules]] = True
         self.explained |= unexplained & ~inside
         if inside.any():
@@ -151,3 +161,8 @@ class HookCheck:
                 "detached). Call watch() before their first compiled call (or torch._dynamo.reset() before "
                 "watch()), and compile before the first step.")
         return None
+
+    def _compiled_watched(self, model: nn.Module) -> bool:
+        """Whether a watched layer with hooks lies inside a compiled module (the model included)."""
+        inside = _compiled_modules(model)
+        return bool(inside) and any(id(m) in inside for m, hooked in zip(self.modules, self.probed) if hooked)

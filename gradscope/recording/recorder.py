@@ -402,8 +402,8 @@ class Recorder:
         """
         if torch.compiler.is_compiling():  # a hook traced by Dynamo
             self._compiled = True  # pins the probes at the step's end
-            if torch.is_grad_enabled():
-                self._clock.grad_forward_seen = True
+            if torch.is_grad_enabled():  # (Dynamo replays these writes in every call of the graph)
+                self._clock.grad_forward_seen = self._clock.compiled_forward = True
             return
         self._forwards_open += 1
         clock = self._clock
@@ -506,7 +506,7 @@ class Recorder:
         if self._micro is not None:
             self._micro.end_step(slot)
         self._loss_scale.note_parameter_gradients(slot)
-        refusal = self._hook_check.refusal(self._buffer.counts, slot, self._staging, self._compiled,
+        refusal = self._hook_check.refusal(self._buffer.counts, slot, self._staging, self._clock.compiled_forward,
                                            self._clock.grad_forward_seen, self._clock.step, self.path, self.model)
         if refusal is not None:  # hooks a compiled model never runs (recording.compilation)
             self._refusal = refusal
