@@ -11,6 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradscope.recording.attribution import Attribution
+from gradscope.recording.nonfinite import checked_action
+
 
 def model_device(model: nn.Module) -> torch.device:
     for tensor in itertools.chain(model.parameters(), model.buffers()):
@@ -63,9 +66,6 @@ def default_run_path(model: nn.Module) -> Path:
 
 def check_args(model: Any, run: Any, every: Any, flush_every: Any, attribution: Any, on_nonfinite: Any) -> None:
     """watch()'s plain arguments, checked before anything is attached to the model."""
-    from gradscope.recording.attribution import Attribution  # (captum stays unimported until used)
-    from gradscope.recording.nonfinite import checked_action
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"gradscope.watch expects an nn.Module, got {type(model).__name__}")
     for name, value in (("every", every), ("flush_every", flush_every)):
