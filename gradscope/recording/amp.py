@@ -63,8 +63,7 @@ class LossScale:
     def optimizer_in_update(self) -> bool:
         """As ``scaler.update()`` begins: whether it acts on the watched optimizer's inf checks (one
         scaler may serve several optimizers, and accelerate updates it after each one's step)."""
-        state = getattr(self.scaler, "_per_optimizer_states", {}).get(id(self.optimizer), {})
-        return getattr(state.get("stage"), "name", None) in ("UNSCALED", "STEPPED")
+        return _unscaled_stage(getattr(self.scaler, "_per_optimizer_states", {}).get(id(self.optimizer), {}))
 
     def _unscaled(self) -> bool:
         """Whether the scaler has already unscaled the gradients in this step.
@@ -78,7 +77,12 @@ class LossScale:
         if states is not self._states:
             return True
         chosen = [states.get(id(self.optimizer), {})] if self.optimizer is not None else list(states.values())
-        return any(getattr(s.get("stage"), "name", None) in ("UNSCALED", "STEPPED") for s in chosen)
+        return any(_unscaled_stage(s) for s in chosen)
+
+
+def _unscaled_stage(state: dict[str, Any]) -> bool:
+    """Whether one optimizer's scaler state says ``unscale_()`` ran for it (UNSCALED, or STEPPED)."""
+    return getattr(state.get("stage"), "name", None) in ("UNSCALED", "STEPPED")
 
 
 class ScalerUpdateHook:

@@ -154,7 +154,7 @@ class LayerProbe:
 
     @python_when_entered
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        clock = self.clock  # skipped AMP steps are detected by the recorder's model pre-hook, before this
+        clock = self.clock  # a skipped AMP step ended before this (scaler.update(), or the model's pre-hook)
         grad_on = torch.is_grad_enabled()
         if grad_on:  # lets step(loss=) tell this step from the previous one
             clock.grad_forward_seen = True
@@ -276,7 +276,7 @@ class BlockProbe:
             self._traced(module, args, output)
             return
         entry = self._inputs.pop() if self._inputs else None
-        if entry is None or not self.clock.recording:  # (the model's pre-hook may end a skipped AMP step)
+        if entry is None or not self.clock.recording:  # (the model's pre-hook may end a step the optimizer skipped)
             return
         x, version = entry
         y = first_float_tensor(output)
