@@ -179,23 +179,19 @@ def test_the_traced_shift_is_the_eager_one_and_in_range_for_any_size():
 def test_traced_sums_on_the_cpu_are_float64_only_where_a_size_is_symbolic(dynamic):
     """A float32 sum over a symbolic size makes Inductor guard how it accumulates (a recompile per
     range of lengths), so those graphs sum in float64; a graph of static sizes keeps float32,
-    which is more than twice as fast there. An int read from a buffer (BatchNorm's
-    ``num_batches_tracked``) is a symbol too, but not a size: it must not count."""
+    which is more than twice as fast there. A BatchNorm in training reads its
+    ``num_batches_tracked`` as an int, a symbol of the graph even where every size is static: it
+    must not count."""
     graphs = []
 
     def keep(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
-    counter = torch.zeros((), dtype=torch.int64)
-
-    def statistics(x):
-        x = x * (counter.item() + 1)  # an int symbol while tracing: ``.item()`` of a buffer
-        return traced_statistics.layer_statistics(x, False, None)
-
+    norm = torch.nn.BatchNorm1d(5)
     torch._dynamo.reset()
-    with torch._dynamo.config.patch(capture_scalar_outputs=True):
-        torch.compile(statistics, backend=keep, dynamic=dynamic)(torch.randn(6, 5, 7))
+    torch.compile(lambda x: traced_statistics.layer_statistics(norm(x), False, None), backend=keep,
+                  dynamic=dynamic)(torch.randn(6, 5, 7))
     dtypes = {node.kwargs.get("dtype") for gm in graphs for node in gm.graph.nodes}
     assert (torch.float64 in dtypes) == dynamic, dtypes
     assert not traced_statistics._symbolic_sizes()  # outside tracing: nothing to guard
