@@ -175,13 +175,14 @@ def test_the_traced_shift_is_the_eager_one_and_in_range_for_any_size():
     assert traced_statistics._traced_shift(torch.empty(0)).isnan()
 
 
-@pytest.mark.parametrize("dynamic", [False, True])
-def test_traced_sums_on_the_cpu_are_float64_only_where_a_size_is_symbolic(dynamic):
+@pytest.mark.parametrize("sizes", ["static", "a dynamic length", "an int argument"])
+def test_traced_sums_on_the_cpu_are_float64_only_where_a_size_is_symbolic(sizes):
     """A float32 sum over a symbolic size makes Inductor guard how it accumulates (a recompile per
     range of lengths), so those graphs sum in float64; a graph of static sizes keeps float32,
     which is more than twice as fast there. A BatchNorm in training reads its
     ``num_batches_tracked`` as an int, a symbol of the graph even where every size is static: it
-    must not count."""
+    must not count. An int argument that Dynamo made dynamic after a second value, slicing a
+    tensor, must."""
     graphs = []
 
     def keep(gm, example_inputs):
@@ -190,10 +191,12 @@ def test_traced_sums_on_the_cpu_are_float64_only_where_a_size_is_symbolic(dynami
 
     norm = torch.nn.BatchNorm1d(5)
     torch._dynamo.reset()
-    torch.compile(lambda x: traced_statistics.layer_statistics(norm(x), False, None), backend=keep,
-                  dynamic=dynamic)(torch.randn(6, 5, 7))
-    dtypes = {node.kwargs.get("dtype") for gm in graphs for node in gm.graph.nodes}
-    assert (torch.float64 in dtypes) == dynamic, dtypes
+    measure = torch.compile(lambda x, n: traced_statistics.layer_statistics(norm(x)[..., :n], False, None),
+                            backend=keep, dynamic=True if sizes == "a dynamic length" else None)
+    for n in (7, 4) if sizes == "an int argument" else (7,):
+        measure(torch.randn(6, 5, 7), n)
+    float64 = [torch.float64 in {node.kwargs.get("dtype") for node in gm.graph.nodes} for gm in graphs]
+    assert float64 == {"static": [False], "a dynamic length": [True], "an int argument": [False, True]}[sizes]
     assert not traced_statistics._symbolic_sizes()  # outside tracing: nothing to guard
 
 

@@ -108,12 +108,13 @@ def _accumulation(t: Tensor) -> torch.dtype | None:
 
 @torch.compiler.assume_constant_result
 def _symbolic_sizes() -> bool:
-    """Whether the graph being traced has a symbolic tensor size (Dynamo made a length dynamic
-    after seeing a second one, or ``dynamic=True``). Dynamo calls this once while tracing and keeps
-    the answer, with no guard. It reads the symbols of the tracing context's shape environment
-    that stand for a tensor's size (not, say, a BatchNorm's ``num_batches_tracked`` read as an
-    int), which exist once the graph's inputs were read, as they are before any probe. Those are
-    torch internals: where they differ, True, the choice that never recompiles."""
+    """Whether the graph being traced has a symbolic size: Dynamo made a tensor's length dynamic
+    after seeing a second one (or ``dynamic=True``), or an int argument that sizes tensors. Dynamo
+    calls this once while tracing and keeps the answer, with no guard. It reads the symbols of the
+    tracing context's shape environment, which exist once the graph's inputs were read, as they
+    are before any probe; except those of ``.item()`` of a tensor, such as a BatchNorm's
+    ``num_batches_tracked``, read as an int in every graph with a BatchNorm in training, static or
+    not. Those are torch internals: where they differ, True, the choice that never recompiles."""
     try:
         context = torch._guards.TracingContext.try_get()
         if context is None:  # not tracing: no guard to avoid
@@ -121,9 +122,9 @@ def _symbolic_sizes() -> bool:
         env = context.fake_mode.shape_env
         if env is None:
             return False
-        from torch._dynamo.source import TensorProperty, TensorPropertySource
+        from torch._dynamo.source import CallMethodItemSource
 
-        return any(isinstance(source, TensorPropertySource) and source.prop is TensorProperty.SIZE
+        return any(not isinstance(source, CallMethodItemSource)
                    for sources in env.var_to_sources.values() for source in sources)
     except Exception:
         return True
