@@ -175,14 +175,16 @@ def test_the_traced_shift_is_the_eager_one_and_in_range_for_any_size():
     assert traced_statistics._traced_shift(torch.empty(0)).isnan()
 
 
-@pytest.mark.parametrize("sizes", ["static", "a dynamic length", "an int argument"])
-def test_traced_sums_on_the_cpu_are_float64_only_where_a_size_is_symbolic(sizes):
+@pytest.mark.parametrize(("sizes", "expected"), [
+    ("static", [False]), ("dynamic=True", [True]), ("a length made dynamic", [False, True]),
+    ("an int argument", [False, True]), ("a float argument", [False, False])])
+def test_traced_sums_on_the_cpu_are_float64_only_where_a_size_is_symbolic(sizes, expected):
     """A float32 sum over a symbolic size makes Inductor guard how it accumulates (a recompile per
     range of lengths), so those graphs sum in float64; a graph of static sizes keeps float32,
-    which is more than twice as fast there. A BatchNorm in training reads its
-    ``num_batches_tracked`` as an int, a symbol of the graph even where every size is static: it
-    must not count. An int argument that Dynamo made dynamic after a second value, slicing a
-    tensor, must."""
+    which is more than twice as fast there. Dynamo recompiles for a second length, int or float
+    (each then a symbol). A BatchNorm in training reads its ``num_batches_tracked`` as an int, a
+    symbol of the graph even where every size is static, and a float sizes nothing: neither may
+    count. An int argument that slices a tensor must."""
     graphs = []
 
     def keep(gm, example_inputs):
@@ -191,12 +193,15 @@ def test_traced_sums_on_the_cpu_are_float64_only_where_a_size_is_symbolic(sizes)
 
     norm = torch.nn.BatchNorm1d(5)
     torch._dynamo.reset()
-    measure = torch.compile(lambda x, n: traced_statistics.layer_statistics(norm(x)[..., :n], False, None),
-                            backend=keep, dynamic=True if sizes == "a dynamic length" else None)
-    for n in (7, 4) if sizes == "an int argument" else (7,):
-        measure(torch.randn(6, 5, 7), n)
+    measure = torch.compile(lambda x, n, scale: traced_statistics.layer_statistics(norm(x)[..., :n] * scale, False,
+                                                                                    None),
+                            backend=keep, dynamic=True if sizes == "dynamic=True" else None)
+    calls = {"a length made dynamic": [(7, 7, 1.0), (9, 9, 1.0)], "an int argument": [(7, 7, 1.0), (7, 4, 1.0)],
+             "a float argument": [(7, 7, 1.0), (7, 7, 2.0)]}.get(sizes, [(7, 7, 1.0)])
+    for length, n, scale in calls:
+        measure(torch.randn(6, 5, length), n, scale)
     float64 = [torch.float64 in {node.kwargs.get("dtype") for node in gm.graph.nodes} for gm in graphs]
-    assert float64 == {"static": [False], "a dynamic length": [True], "an int argument": [False, True]}[sizes]
+    assert float64 == expected
     assert not traced_statistics._symbolic_sizes()  # outside tracing: nothing to guard
 
 

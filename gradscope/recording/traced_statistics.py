@@ -109,12 +109,13 @@ def _accumulation(t: Tensor) -> torch.dtype | None:
 @torch.compiler.assume_constant_result
 def _symbolic_sizes() -> bool:
     """Whether the graph being traced has a symbolic size: Dynamo made a tensor's length dynamic
-    after seeing a second one (or ``dynamic=True``), or an int argument that sizes tensors. Dynamo
-    calls this once while tracing and keeps the answer, with no guard. It reads the symbols of the
-    tracing context's shape environment, which exist once the graph's inputs were read, as they
-    are before any probe; except those of ``.item()`` of a tensor, such as a BatchNorm's
-    ``num_batches_tracked``, read as an int in every graph with a BatchNorm in training, static or
-    not. Those are torch internals: where they differ, True, the choice that never recompiles."""
+    after seeing a second one (or ``dynamic=True``), or an int argument that may size tensors.
+    Dynamo runs this at each call while tracing and puts the answer in the graph as a constant,
+    with no guard. It reads the integer symbols of the tracing context's shape environment (a
+    tensor's size symbols exist before the tensor does), except those of ``.item()`` of a tensor,
+    such as a BatchNorm's ``num_batches_tracked``, read as an int in every graph with a BatchNorm
+    in training, static or not; a float argument that changes is a symbol too, but sizes nothing.
+    Those are torch internals: where they differ, True, the choice that never recompiles."""
     try:
         context = torch._guards.TracingContext.try_get()
         if context is None:  # not tracing: no guard to avoid
@@ -124,8 +125,8 @@ def _symbolic_sizes() -> bool:
             return False
         from torch._dynamo.source import CallMethodItemSource
 
-        return any(not isinstance(source, CallMethodItemSource)
-                   for sources in env.var_to_sources.values() for source in sources)
+        return any(symbol.is_integer and not isinstance(source, CallMethodItemSource)
+                   for symbol, sources in env.var_to_sources.items() for source in sources)
     except Exception:
         return True
 
