@@ -87,7 +87,8 @@ def _traced_shift(flat: Tensor) -> Tensor:
 def _sum(t: Tensor) -> Tensor:
     """The sum of ``t`` (int64 for bools, float32 for floats); a conv feature map [N, C, ...] is
     summed per channel first, as BatchNorm reduces, so Inductor takes both in one loop over it in
-    memory order. On the CPU floats are accumulated in float64 (``_accumulation``)."""
+    memory order. On the CPU, in a graph with a symbolic size, floats are accumulated in float64
+    (``_accumulation``)."""
     acc = _accumulation(t)
     s = t.sum((0, *range(2, t.dim())), dtype=acc).sum() if t.dim() >= 4 else t.sum(dtype=acc)
     return s if acc is None else s.float()
