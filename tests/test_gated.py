@@ -14,7 +14,8 @@ from gradscope.recording import traced_statistics as formulas
 
 pytestmark = pytest.mark.skipif(not gated.AVAILABLE, reason="the gated ops need torch >= 2.5")
 
-ON, OFF = torch.ones((), dtype=torch.bool), torch.zeros((), dtype=torch.bool)
+ON, OFF = gated.Gate(), gated.Gate()
+OFF.open = False
 
 
 def _layouts(shape):
@@ -60,12 +61,12 @@ def test_without_a_gate_the_formulas_are_traced():
                                torch.stack(formulas.layer_statistics(x, True, None)))
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    def ops(gated_by):
-        graph = make_fx(lambda t, gate: gated.branch_squares(gated_by(gate), t), tracing_mode="fake")(x, ON).graph
+    def ops(gate):
+        graph = make_fx(lambda t: gated.branch_squares(gate, t), tracing_mode="fake")(x).graph
         return {str(node.target) for node in graph.nodes if "gradscope" in str(node.target)}
 
-    assert ops(lambda gate: None) == set()
-    assert ops(lambda gate: gate) == {"gradscope.gated_squared_norm.default"}
+    assert ops(None) == set()
+    assert ops(ON) == {"gradscope.gated_squared_norm.default"}
 
 
 def test_a_tensor_off_the_cpu_keeps_the_traced_formulas():
@@ -74,5 +75,41 @@ def test_a_tensor_off_the_cpu_keeps_the_traced_formulas():
     from torch.fx.experimental.proxy_tensor import make_fx
 
     x = torch.randn(2, 3, device="meta")
-    graph = make_fx(lambda t, gate: gated.gradient_squares(gate, t), tracing_mode="fake")(x, ON).graph
+    graph = make_fx(lambda t: gated.gradient_squares(ON, t), tracing_mode="fake")(x).graph
     assert not any("gradscope" in str(node.target) for node in graph.nodes)
+
+
+def test_the_gate_is_read_when_a_compiled_graph_runs_not_when_it_is_traced():
+    """The graph holds the gate's key, a constant: closing and opening it between calls changes
+    what the op returns without a recompile; a gate whose recorder is gone reads as closed."""
+    gate, x = gated.Gate(), torch.arange(4.0)
+    f = torch.compile(lambda t: gated.branch_squares(gate, t) + 0, backend="aot_eager", fullgraph=True)
+    assert f(x).item() == pytest.approx(14, rel=1e-6)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        gate.open = False
+        assert f(x).item() == 0
+        gate.open = True
+        assert f(x).item() == pytest.approx(14, rel=1e-6)
+    dropped = gated.Gate()
+    key = dropped.key
+    del dropped
+    assert gated.is_open(gate.key) and not gated.is_open(key)
+
+
+def test_a_deposit_on_a_step_the_gate_skips_adds_nothing():
+    """``deposits``: a compiled backward's ||dL/dy||^2 lands in the staging only while the gate is
+    open (every=1, a ungated staging, takes every one)."""
+    from gradscope.recording import deposits
+    from gradscope.recording.traced import Staging
+
+    for every, closed_adds in ((10, 0.0), (1, 4.0)):
+        staging = Staging(2, 0, torch.device("cpu"), every)
+        if staging.gate is not None:
+            staging.gate.open = False
+        deposits.deposit(staging, deposits.LAYER_GRAD_OUT, 1, torch.tensor(4.0), 3)
+        total, seen, calls = staging.backward_cells(deposits.LAYER_GRAD_OUT, 1)
+        assert (total.item(), seen.item(), calls.item()) == (closed_adds, 3 * (closed_adds > 0), closed_adds > 0)
+        if staging.gate is not None:
+            staging.gate.open = True
+            deposits.deposit(staging, deposits.LAYER_GRAD_OUT, 1, torch.tensor(4.0), 3)
+            assert (total.item(), seen.item(), calls.item()) == (4.0, 3, 1)

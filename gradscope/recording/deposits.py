@@ -61,7 +61,9 @@ def _add(cells: tuple[Tensor, Tensor | None, Tensor], squares: Tensor, elements:
 
 def _deposit(squares: Tensor, elements: int, key: int, kind: int, row: int) -> None:
     staging = _STAGINGS.get(key)
-    if staging is not None:  # else the graph of a closed recorder
+    # none: the graph of a closed recorder; a closed gate (``gated``, CPU): a step the schedule skips,
+    # whose staging is zeroed unread, so its three adds are not made
+    if staging is not None and (staging.gate is None or staging.gate.open):
         _add(staging.backward_cells(kind, row), squares, elements)
 
 

@@ -87,9 +87,7 @@ class Staging:
     def __init__(self, layers: int, blocks: int, device: torch.device, every: int = 1) -> None:
         self.layers, self.blocks = layers, blocks
         # read by the ``gated`` ops: whether this step is recorded, set between steps (None: not gated)
-        self.gate = torch.ones((), dtype=torch.bool, device=device) \
-            if every > 1 and device.type == "cpu" and gated.AVAILABLE else None
-        self._gate_open = True
+        self.gate = gated.Gate() if every > 1 and device.type == "cpu" and gated.AVAILABLE else None
         self.layer = torch.zeros(len(PHASES), layers, LAYER.width, device=device)
         self.block = torch.zeros(blocks, BLOCK.width, device=device)
         self.width = count_width(layers, blocks)
@@ -152,9 +150,8 @@ class Staging:
         if not self.used:
             return
         self.zero()
-        if self.gate is not None and self._gate_open != recording:
-            self.gate.fill_(recording)
-            self._gate_open = recording
+        if self.gate is not None:
+            self.gate.open = recording
 
     def fold(self, buffer: StatsBuffer, slot: int) -> None:
         """Merge the staging into a recorded step's ``slot``, beside what the eager probes wrote there
