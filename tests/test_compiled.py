@@ -575,6 +575,34 @@ def test_watch_after_the_compiled_model_ran_records_or_refuses_with_the_reason(t
     np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-5, atol=1e-7)
 
 
+def test_a_graph_compiled_before_watch_is_refused_on_any_step_it_serves(tmp_path):
+    """Dynamo keeps the code compiled before watch(): a batch of 1 (a size it specialises) traces a
+    graph with gradscope's hooks, and a later batch of 8 runs the old dynamic graph, which measures
+    nothing. That step is refused rather than recorded empty beside step 0: the torch.compile
+    wrapper's own hooks, which run eagerly, see a forward that never entered the model's."""
+    torch.manual_seed(0)
+    model = TinyMLP()
+    runner = torch.compile(model, backend="eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for size in (8, 16):  # a graph with a dynamic batch, compiled without gradscope's hooks
+        runner(torch.randn(size, 8)).sum().backward()
+    opt.zero_grad()
+    rec = gradscope.watch(runner, tmp_path / "r", optimizer=opt)
+    runner(torch.randn(1, 8)).sum().backward()
+    opt.step()  # step 0: a new graph, traced with the hooks
+    opt.zero_grad()
+    runner(torch.randn(8, 8)).sum().backward()
+    with pytest.raises(RuntimeError, match="in step 1 a training forward of the compiled model ran code that Dynamo "
+                       "compiled without gradscope's hooks.*called before watch"):
+        opt.step()
+    assert rec.closed
+    run = gradscope.load_run(tmp_path / "r")
+    assert run.meta["status"] == "failed"
+    assert list(run.layers.step.unique()) == [0] and run.layers.act_mean.notna().all()
+    assert_no_hooks(model, opt)
+    assert_no_hooks(runner, opt)
+
+
 def test_a_recorder_after_one_closed_on_the_compiled_model_is_refused_with_that_cause(tmp_path):
     """Closing a recorder removes its hooks, so Dynamo compiles the model again without them
     and runs that code for a later recorder's hooks too: the later recorder's first step is

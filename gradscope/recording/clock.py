@@ -20,7 +20,7 @@ class StepClock:
     """Step numbers and the ``every`` schedule: steps 0, every, 2*every, ... are recorded."""
 
     __slots__ = ("every", "step", "recording", "grad_forward_seen", "held", "_watch_scaler",
-                 "compiled_forward")
+                 "compiled_forward", "hookless_forward")
 
     def __init__(self, every: int, scaler: Any = None, optimizer: Any = None) -> None:
         self.every = every
@@ -28,6 +28,7 @@ class StepClock:
         self.recording = True
         self.grad_forward_seen = False  # a forward with autograd on ran in this step
         self.compiled_forward = False  # ... and it ran in a graph Dynamo compiled (its traced pre-hook)
+        self.hookless_forward = False  # one ran in code compiled without the model's hooks (compilation)
         self.held = False  # inside paused(): the forwards are an analysis's, not training's
         self._watch_scaler = scaler is not None and optimizer is not None
 
@@ -35,7 +36,7 @@ class StepClock:
         """The step ended: the next one begins (recorded or not)."""
         self.step += 1
         self.recording = self.step % self.every == 0
-        self.grad_forward_seen = self.compiled_forward = False
+        self.grad_forward_seen = self.compiled_forward = self.hookless_forward = False
 
     def skipped_by_scaler(self) -> bool:
         """As an ``update()`` of the optimizer's scaler begins: whether a training forward ran and no
@@ -49,10 +50,12 @@ class StepClock:
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Nothing is recorded inside (attribution checkpoints run the model between steps)."""
-        saved = (self.recording, self.grad_forward_seen, self.compiled_forward, self._watch_scaler, self.held)
+        saved = (self.recording, self.grad_forward_seen, self.compiled_forward, self.hookless_forward,
+                 self._watch_scaler, self.held)
         self.recording = self._watch_scaler = False
         self.held = True
         try:
             yield
         finally:
-            self.recording, self.grad_forward_seen, self.compiled_forward, self._watch_scaler, self.held = saved
+            (self.recording, self.grad_forward_seen, self.compiled_forward, self.hookless_forward,
+             self._watch_scaler, self.held) = saved

@@ -14,7 +14,9 @@ recorder closed on a model that ran compiled removes its hooks, after which Dyna
 model without them and runs that code for a later recorder's hooks too: the refusal then names
 that cause. Where only some layers' hooks never run (a part of the model
 compiled on its own on a step the schedule skipped, when the probes were detached), the step is
-kept and a warning names those layers.
+kept and a warning names those layers. Where ``watch()`` was given a ``torch.compile`` wrapper,
+its own hooks, which run eagerly around the compiled call, see a training forward that ran code
+compiled without the model's hooks in any step (``WrapperForwards``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 from torch import nn
 
 from gradscope.recording.user_warnings import warn_user
@@ -89,15 +92,18 @@ def note_unhooked(model: nn.Module) -> None:
     _UNHOOKED.add(model)
 
 
-def hooks_never_ran(step: int, path: Any, model: nn.Module) -> str:
-    """The refusal when a recorded step trained the watched layers but none of their hooks ran."""
+def hooks_never_ran(step: int, path: Any, model: nn.Module, hookless_forward: bool = False) -> str:
+    """The refusal when a recorded step trained the watched layers but none of their hooks ran, or
+    (``hookless_forward``) one of its forwards ran code compiled without them."""
     earlier = ("An earlier gradscope recorder watched this model while it ran compiled. When it closed, its "
                "hooks were removed and Dynamo compiled the model again without hooks; Dynamo runs that code "
                "whatever hooks are added later. Call torch._dynamo.reset() before watch() (every compiled "
                "model then compiles again), or keep one recorder open for the whole training (every= sets "
                "how often it records). ") if model in _UNHOOKED else ""
-    return (f"gradscope: in step {step} the watched layers' parameters have gradients, but none of "
-            f"gradscope's hooks on them ran. {earlier}The model was most likely compiled (torch.compile or "
+    what = ("a training forward of the compiled model ran code that Dynamo compiled without gradscope's hooks, "
+            "so what it measured is missing" if hookless_forward else
+            "the watched layers' parameters have gradients, but none of gradscope's hooks on them ran")
+    return (f"gradscope: in step {step} {what}. {earlier}The model was most likely compiled (torch.compile or "
             "model.compile()) and called before watch(), or compiled on a step the schedule did not record "
             "(every > 1, when gradscope's hooks are detached), or another instance of its class was compiled "
             "and called first: Dynamo does not guard on module hooks, so it runs code compiled without them. "
@@ -125,14 +131,17 @@ class HookCheck:
         self.explained = np.zeros_like(probed)  # not run, outside any compiled module: ordinary
         self.warned = False
 
-    def refusal(self, counts: Any, slot: int, staging: Any, compiled_forward: bool, forward_seen: bool, step: int,
-                path: Any, model: nn.Module) -> str | None:
+    def refusal(self, counts: Any, slot: int, staging: Any, clock: Any, path: Any, model: nn.Module) -> str | None:
         """The reason to refuse this recorded step, or None (after a warning, if one is due). A probe
         traced into a compiled graph counts as run: it runs in every call of that graph, its counts
-        on the device (``staging.traced_layers``, ``traced_blocks``). ``compiled_forward``: the
-        step's training forward ran in a compiled graph (the model's pre-hook was traced)."""
-        ran = counts.act_calls[slot].any(axis=0) | (counts.grad_calls[slot] > 0) | staging.traced_layers
+        on the device (``staging.traced_layers``, ``traced_blocks``). ``clock.compiled_forward``:
+        the step's training forward ran in a compiled graph (the model's pre-hook was traced);
+        ``clock.hookless_forward``: one ran code compiled without it (``WrapperForwards``)."""
+        step, compiled_forward, forward_seen = clock.step, clock.compiled_forward, clock.grad_forward_seen
         trained = counts.grad_rows[slot] & self.probed
+        if clock.hookless_forward and trained.any():  # whatever else ran: that forward's figures are missing
+            return hooks_never_ran(step, path, model, hookless_forward=True)
+        ran = counts.act_calls[slot].any(axis=0) | (counts.grad_calls[slot] > 0) | staging.traced_layers
         if not ran.any() and not counts.block_calls[slot].any() and not staging.traced_blocks.any():
             # Once hooks have run, a step that ran none is refused only where its training forward ran
             # compiled (a traced pre-hook) or a watched layer lies in a compiled module: otherwise the
@@ -166,3 +175,54 @@ class HookCheck:
         """Whether a watched layer with hooks lies inside a compiled module (the model included)."""
         inside = _compiled_modules(model)
         return bool(inside) and any(id(m) in inside for m, hooked in zip(self.modules, self.probed) if hooked)
+
+
+class WrapperForwards:
+    """Training forwards of a compiled model that ran code compiled without gradscope's hooks, seen
+    from the ``torch.compile`` wrapper given to ``watch()`` (alone or inside DDP).
+
+    Dynamo's code for a model compiled and called before ``watch()`` stays in its cache: a new shape
+    or grad mode traces a graph with the hooks, while the old graph still serves the shapes it was
+    compiled for, and its steps would record nothing beside steps that did (a dynamic batch, then
+    one of 1, specialised). The wrapper's own hooks run eagerly around the compiled call; a
+    pre-hook on the module it compiles runs inside it, traced, and Dynamo replays its write of
+    ``pending`` after the graph, on every call. So a forward that ends with ``pending`` still set
+    ran code compiled without that hook, and the step is refused. Not seen: a model compiled in
+    place (``model.compile()``: no eager hook outside the compiled call)."""
+
+    def __init__(self, wrapped: nn.Module, clock: Any) -> None:
+        self.pending = False
+        self.clock = clock
+        self.handles: list[Any] = []
+        outer, inner = _compile_wrapper(wrapped)
+        if outer is not None:
+            self.handles = [outer.register_forward_pre_hook(self._before), outer.register_forward_hook(self._after),
+                            inner.register_forward_pre_hook(self._entered)]
+
+    def _before(self, module: nn.Module, args: Any) -> None:
+        if not torch.compiler.is_compiling():  # (a compiled function calling the wrapper: not checked)
+            self.pending = torch.is_grad_enabled() and not self.clock.held
+
+    def _entered(self, module: nn.Module, args: Any) -> None:
+        self.pending = False  # a constant written: traced, no guard
+
+    def _after(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.pending and not torch.compiler.is_compiling():
+            self.clock.hookless_forward = True
+        self.pending = False
+
+
+def _compile_wrapper(wrapped: nn.Module) -> tuple[nn.Module | None, nn.Module]:
+    """The outermost ``torch.compile`` wrapper (OptimizedModule) of ``wrapped``, through DDP, and the
+    module it compiles; (None, wrapped) where there is none."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    optimized: Any = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+    outer, m = None, wrapped
+    while True:
+        if optimized is not None and isinstance(m, optimized):
+            outer, m = outer or m, m._orig_mod
+        elif isinstance(m, DistributedDataParallel):
+            m = m.module
+        else:
+            return outer, m if outer is not None else wrapped

@@ -32,7 +32,7 @@ from gradscope.recording.batching import enabled as batching_enabled
 from gradscope.recording.blocks import Block, select_blocks
 from gradscope.recording.buffer import StatsBuffer, copies_done, to_host
 from gradscope.recording.clock import StepClock
-from gradscope.recording.compilation import HookCheck, compiled
+from gradscope.recording.compilation import HookCheck, WrapperForwards, compiled
 from gradscope.recording.exchange import Exchange
 from gradscope.recording.hooks import ProbeHooks
 from gradscope.recording.layers import ExecutionOrder, Layer, ModuleFilter, Ownership, ParameterRow, select_layers
@@ -152,14 +152,12 @@ class Recorder:
                                   self._block_order, self._staging)
         self._handles: list[Any] = []  # the model's and the optimizer's hooks, attached throughout
         try:
-            if self._compiled:
-                self._probes.pin()
-            else:
-                self._probes.sync(self._clock.recording)
+            self._probes.pin() if self._compiled else self._probes.sync(self._clock.recording)
             if self._micro is not None:
                 self._micro.attach()
             self._handles.append(model.register_forward_pre_hook(self._model_pre_hook))
             self._handles.append(model.register_forward_hook(self._model_forward_end))
+            self._handles += WrapperForwards(wrapped, self._clock).handles  # whether its forwards ran hooked code
             if optimizer is not None:
                 self._handles.append(optimizer.register_step_pre_hook(_eager(self._before_optimizer_step)))
                 self._handles.append(optimizer.register_step_post_hook(_eager(self._after_optimizer_step)))
@@ -506,8 +504,7 @@ class Recorder:
         if self._micro is not None:
             self._micro.end_step(slot)
         self._loss_scale.note_parameter_gradients(slot)
-        refusal = self._hook_check.refusal(self._buffer.counts, slot, self._staging, self._clock.compiled_forward,
-                                           self._clock.grad_forward_seen, self._clock.step, self.path, self.model)
+        refusal = self._hook_check.refusal(self._buffer.counts, slot, self._staging, self._clock, self.path, self.model)
         if refusal is not None:  # hooks a compiled model never runs (recording.compilation)
             self._refusal = refusal
             self._close("failed")
