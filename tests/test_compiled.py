@@ -575,13 +575,26 @@ def test_watch_after_the_compiled_model_ran_records_or_refuses_with_the_reason(t
     np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-5, atol=1e-7)
 
 
-def test_a_graph_compiled_before_watch_is_refused_on_any_step_it_serves(tmp_path):
+class _OwnForward(torch.nn.Module):
+    """A forward of its own (Dynamo runs such a module's hooks outside its forward's frame) that
+    calls only the elements of a ModuleList."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)])
+
+    def forward(self, x):
+        return self.layers[1](torch.relu(self.layers[0](x)))
+
+
+@pytest.mark.parametrize("make", [TinyMLP, _OwnForward], ids=["Sequential", "own forward"])
+def test_a_graph_compiled_before_watch_is_refused_on_any_step_it_serves(tmp_path, make):
     """Dynamo keeps the code compiled before watch(): a batch of 1 (a size it specialises) traces a
     graph with gradscope's hooks, and a later batch of 8 runs the old dynamic graph, which measures
     nothing. That step is refused rather than recorded empty beside step 0: the torch.compile
-    wrapper's own hooks, which run eagerly, see a forward that never entered the model's."""
+    wrapper's own hooks, which run eagerly, see a forward that never entered the model's modules."""
     torch.manual_seed(0)
-    model = TinyMLP()
+    model = make()
     runner = torch.compile(model, backend="eager")
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     for size in (8, 16):  # a graph with a dynamic batch, compiled without gradscope's hooks
@@ -592,8 +605,8 @@ def test_a_graph_compiled_before_watch_is_refused_on_any_step_it_serves(tmp_path
     opt.step()  # step 0: a new graph, traced with the hooks
     opt.zero_grad()
     runner(torch.randn(8, 8)).sum().backward()
-    with pytest.raises(RuntimeError, match="in step 1 a training forward of the compiled model ran code that Dynamo "
-                       "compiled without gradscope's hooks.*called before watch"):
+    with pytest.raises(RuntimeError, match="in step 1 a training forward of the compiled model ran code that has "
+                       "none of gradscope's hooks.*compiled .* and called before watch"):
         opt.step()
     assert rec.closed
     run = gradscope.load_run(tmp_path / "r")

@@ -100,10 +100,17 @@ def hooks_never_ran(step: int, path: Any, model: nn.Module, hookless_forward: bo
                "whatever hooks are added later. Call torch._dynamo.reset() before watch() (every compiled "
                "model then compiles again), or keep one recorder open for the whole training (every= sets "
                "how often it records). ") if model in _UNHOOKED else ""
-    what = ("a training forward of the compiled model ran code that Dynamo compiled without gradscope's hooks, "
-            "so what it measured is missing" if hookless_forward else
-            "the watched layers' parameters have gradients, but none of gradscope's hooks on them ran")
-    return (f"gradscope: in step {step} {what}. {earlier}The model was most likely compiled (torch.compile or "
+    if hookless_forward:
+        return (f"gradscope: in step {step} a training forward of the compiled model ran code that has none of "
+                "gradscope's hooks, so that forward was not measured. " + (earlier or "The model (or another "
+                "instance of its class) was compiled (torch.compile) and called before watch(). ") + "Dynamo keeps "
+                "code compiled without the hooks and runs it for the shapes it was compiled for, even after a new "
+                "shape compiled code with them, because it does not guard on module hooks. Call "
+                "gradscope.watch() before the model's first compiled call (or "
+                "torch._dynamo.reset() before watch()), or set torch._dynamo.config.skip_nnmodule_hook_guards = "
+                f"False to make Dynamo recompile for hooks. The run at {path} is marked failed.")
+    return (f"gradscope: in step {step} the watched layers' parameters have gradients, but none of "
+            f"gradscope's hooks on them ran. {earlier}The model was most likely compiled (torch.compile or "
             "model.compile()) and called before watch(), or compiled on a step the schedule did not record "
             "(every > 1, when gradscope's hooks are detached), or another instance of its class was compiled "
             "and called first: Dynamo does not guard on module hooks, so it runs code compiled without them. "
@@ -184,11 +191,14 @@ class WrapperForwards:
     Dynamo's code for a model compiled and called before ``watch()`` stays in its cache: a new shape
     or grad mode traces a graph with the hooks, while the old graph still serves the shapes it was
     compiled for, and its steps would record nothing beside steps that did (a dynamic batch, then
-    one of 1, specialised). The wrapper's own hooks run eagerly around the compiled call; a
-    pre-hook on the module it compiles runs inside it, traced, and Dynamo replays its write of
-    ``pending`` after the graph, on every call. So a forward that ends with ``pending`` still set
-    ran code compiled without that hook, and the step is refused. Not seen: a model compiled in
-    place (``model.compile()``: no eager hook outside the compiled call)."""
+    one of 1, specialised). The wrapper's own hooks run eagerly around the compiled call. A
+    pre-hook on each module inside the compiled one is traced into the forward's graph, and Dynamo
+    replays its write of ``pending`` after the graph, on every call; so a forward that ends with
+    ``pending`` still set ran code compiled without those hooks, and the step is refused. Not on
+    the compiled module itself: for a class with a ``forward`` of its own, Dynamo runs that
+    module's hooks outside the forward's frame (compiled on their own), whatever graph then runs.
+    Not seen: a model compiled in place (``model.compile()``: no eager hook outside the compiled
+    call), and a forward that calls none of its modules (then no gradscope hook ran either)."""
 
     def __init__(self, wrapped: nn.Module, clock: Any) -> None:
         self.pending = False
@@ -196,8 +206,8 @@ class WrapperForwards:
         self.handles: list[Any] = []
         outer, inner = _compile_wrapper(wrapped)
         if outer is not None:
-            self.handles = [outer.register_forward_pre_hook(self._before), outer.register_forward_hook(self._after),
-                            inner.register_forward_pre_hook(self._entered)]
+            self.handles = [outer.register_forward_pre_hook(self._before), outer.register_forward_hook(self._after)]
+            self.handles += [m.register_forward_pre_hook(self._entered) for m in list(inner.modules())[1:]]
 
     def _before(self, module: nn.Module, args: Any) -> None:
         if not torch.compiler.is_compiling():  # (a compiled function calling the wrapper: not checked)

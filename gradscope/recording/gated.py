@@ -30,7 +30,8 @@ AVAILABLE = formulas.OPAQUE_OPS
 
 class Gate:
     """Whether the current step is recorded, for the gated ops' kernels: set by the recorder between
-    steps (``traced.Staging.next_step``), never read while Dynamo traces (it would guard on it)."""
+    steps (``traced.Staging.next_step``). Dynamo reads only its key, which never changes: the flag
+    would be a guard, and each step would recompile."""
 
     def __init__(self) -> None:
         self.open = True
