@@ -587,7 +587,8 @@ class _OwnForward(torch.nn.Module):
         return self.layers[1](torch.relu(self.layers[0](x)))
 
 
-@pytest.mark.parametrize("make", [TinyMLP, _OwnForward], ids=["Sequential", "own forward"])
+@pytest.mark.parametrize("make", [TinyMLP, _OwnForward, lambda: torch.nn.Linear(8, 4)],
+                         ids=["Sequential", "own forward", "a single Linear"])
 def test_a_graph_compiled_before_watch_is_refused_on_any_step_it_serves(tmp_path, make):
     """Dynamo keeps the code compiled before watch(): a batch of 1 (a size it specialises) traces a
     graph with gradscope's hooks, and a later batch of 8 runs the old dynamic graph, which measures

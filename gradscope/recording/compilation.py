@@ -197,8 +197,10 @@ class WrapperForwards:
     ``pending`` still set ran code compiled without those hooks, and the step is refused. Not on
     the compiled module itself: for a class with a ``forward`` of its own, Dynamo runs that
     module's hooks outside the forward's frame (compiled on their own), whatever graph then runs.
-    Not seen: a model compiled in place (``model.compile()``: no eager hook outside the compiled
-    call), and a forward that calls none of its modules (then no gradscope hook ran either)."""
+    A model without modules inside is hooked itself: a ``torch.nn`` one is inlined, and one with a
+    ``forward`` of its own is then not checked. Not seen either: a model compiled in place
+    (``model.compile()``: no eager hook outside the compiled call). A forward that calls none of
+    the modules inside would be refused, but then no gradscope hook ran in it either."""
 
     def __init__(self, wrapped: nn.Module, clock: Any) -> None:
         self.pending = False
@@ -207,7 +209,8 @@ class WrapperForwards:
         outer, inner = _compile_wrapper(wrapped)
         if outer is not None:
             self.handles = [outer.register_forward_pre_hook(self._before), outer.register_forward_hook(self._after)]
-            self.handles += [m.register_forward_pre_hook(self._entered) for m in list(inner.modules())[1:]]
+            inside = list(inner.modules())[1:] or [inner]  # a leaf model (nn.Linear): Dynamo inlines its hooks
+            self.handles += [m.register_forward_pre_hook(self._entered) for m in inside]
 
     def _before(self, module: nn.Module, args: Any) -> None:
         if not torch.compiler.is_compiling():  # (a compiled function calling the wrapper: not checked)
