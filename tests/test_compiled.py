@@ -587,16 +587,25 @@ class _OwnForward(torch.nn.Module):
         return self.layers[1](torch.relu(self.layers[0](x)))
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["torch.compile", "model.compile()"])
 @pytest.mark.parametrize("make", [TinyMLP, _OwnForward, lambda: torch.nn.Linear(8, 4)],
                          ids=["Sequential", "own forward", "a single Linear"])
-def test_a_graph_compiled_before_watch_is_refused_on_any_step_it_serves(tmp_path, make):
+def test_a_graph_compiled_before_watch_is_refused_on_any_step_it_serves(tmp_path, make, in_place):
     """Dynamo keeps the code compiled before watch(): a batch of 1 (a size it specialises) traces a
     graph with gradscope's hooks, and a later batch of 8 runs the old dynamic graph, which measures
     nothing. That step is refused rather than recorded empty beside step 0: the torch.compile
-    wrapper's own hooks, which run eagerly, see a forward that never entered the model's modules."""
+    wrapper's own hooks, or around a model compiled in place its compiled call, which run eagerly,
+    see a forward that never entered the model's modules. Compiled in place, the model's own call
+    is the compiled frame, and Dynamo guards on its hooks (gradscope adds some): the old code is
+    not run again, except for a class with a forward of its own, whose forward Dynamo compiles as a
+    frame of its own (recorded empty before 2026-12-02)."""
     torch.manual_seed(0)
     model = make()
-    runner = torch.compile(model, backend="eager")
+    if in_place:
+        model.compile(backend="eager")
+        runner, compiled_call = model, model._compiled_call_impl
+    else:
+        runner = torch.compile(model, backend="eager")
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     for size in (8, 16):  # a graph with a dynamic batch, compiled without gradscope's hooks
         runner(torch.randn(size, 8)).sum().backward()
@@ -606,15 +615,23 @@ def test_a_graph_compiled_before_watch_is_refused_on_any_step_it_serves(tmp_path
     opt.step()  # step 0: a new graph, traced with the hooks
     opt.zero_grad()
     runner(torch.randn(8, 8)).sum().backward()
-    with pytest.raises(RuntimeError, match="in step 1 a training forward of the compiled model ran code that has "
-                       "none of gradscope's hooks.*compiled .* and called before watch"):
+    if in_place and not isinstance(model, _OwnForward):  # compiled again with the hooks: step 1 recorded
         opt.step()
+        rec.close()
+        steps = [0, 1]
+    else:
+        with pytest.raises(RuntimeError, match="in step 1 a training forward of the compiled model ran code that "
+                           "has none of gradscope's hooks.*compiled .* and called before watch"):
+            opt.step()
+        steps = [0]
     assert rec.closed
     run = gradscope.load_run(tmp_path / "r")
-    assert run.meta["status"] == "failed"
-    assert list(run.layers.step.unique()) == [0] and run.layers.act_mean.notna().all()
+    assert run.meta["status"] == ("finished" if steps == [0, 1] else "failed")
+    assert list(run.layers.step.unique()) == steps and run.layers.act_mean.notna().all()
     assert_no_hooks(model, opt)
     assert_no_hooks(runner, opt)
+    if in_place:  # gradscope's call around the compiled one is gone
+        assert model._compiled_call_impl is compiled_call
 
 
 def test_a_recorder_after_one_closed_on_the_compiled_model_is_refused_with_that_cause(tmp_path):
@@ -792,3 +809,28 @@ def test_changing_lengths_compile_no_more_graphs_than_without_gradscope(tmp_path
     a, b = (_figures(gradscope.load_run(tmp_path / name)) for name in ("eager", "compiled"))
     assert a.index.equals(b.index) and len(a.index.unique("step")) == len(data)
     np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_calls_around_a_model_compiled_in_place_are_removed_in_either_order():
+    """Two recorders on a model compiled in place each wrap its compiled call; whichever is removed
+    first stops running and the compiled call is back once both are."""
+    from gradscope.recording.compilation import AroundCompiledCall
+
+    model = torch.nn.Linear(2, 2)
+    model.compile(backend="eager")
+    compiled_call, x = model._compiled_call_impl, torch.randn(1, 2)
+    for first in (0, 1):
+        seen = []
+        arounds = [AroundCompiledCall(model, lambda m, args, n=n: seen.append(f"{n}<"),
+                                      lambda m, args, out, n=n: seen.append(f"{n}>")) for n in (0, 1)]
+        model(x)
+        assert seen == ["1<", "0<", "0>", "1>"]
+        arounds[first].remove()
+        seen.clear()
+        model(x)
+        assert seen == [f"{1 - first}<", f"{1 - first}>"]
+        arounds[1 - first].remove()
+        assert model._compiled_call_impl is compiled_call
+        seen.clear()
+        model(x)
+        assert seen == []

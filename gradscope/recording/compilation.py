@@ -198,9 +198,10 @@ class WrapperForwards:
     the compiled module itself: for a class with a ``forward`` of its own, Dynamo runs that
     module's hooks outside the forward's frame (compiled on their own), whatever graph then runs.
     A model without modules inside is hooked itself: a ``torch.nn`` one is inlined, and one with a
-    ``forward`` of its own is then not checked. Not seen either: a model compiled in place
-    (``model.compile()``: no eager hook outside the compiled call). A forward that calls none of
-    the modules inside would be refused, but then no gradscope hook ran in it either."""
+    ``forward`` of its own is then not checked. A model compiled in place (``model.compile()``)
+    has no wrapper: its compiled call is wrapped instead (``AroundCompiledCall``), and there its
+    own hooks run inside the compiled frame. A forward that calls none of the modules inside
+    would be refused, but then no gradscope hook ran in it either."""
 
     def __init__(self, wrapped: nn.Module, clock: Any) -> None:
         self.pending = False
@@ -209,8 +210,12 @@ class WrapperForwards:
         outer, inner = _compile_wrapper(wrapped)
         if outer is not None:
             self.handles = [outer.register_forward_pre_hook(self._before), outer.register_forward_hook(self._after)]
-            inside = list(inner.modules())[1:] or [inner]  # a leaf model (nn.Linear): Dynamo inlines its hooks
-            self.handles += [m.register_forward_pre_hook(self._entered) for m in inside]
+        elif (in_place := _compiled_in_place(wrapped)) is not None:
+            self.handles, inner = [AroundCompiledCall(in_place, self._before, self._after)], in_place
+        else:
+            return
+        inside = list(inner.modules())[1:] or [inner]  # a leaf model (nn.Linear): Dynamo inlines its hooks
+        self.handles += [m.register_forward_pre_hook(self._entered) for m in inside]
 
     def _before(self, module: nn.Module, args: Any) -> None:
         if not torch.compiler.is_compiling():  # (a compiled function calling the wrapper: not checked)
@@ -220,9 +225,52 @@ class WrapperForwards:
         self.pending = False  # a constant written: traced, no guard
 
     def _after(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self.pending and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and self.pending:
             self.clock.hookless_forward = True
         self.pending = False
+
+
+class AroundCompiledCall:
+    """``before`` and ``after`` run eagerly around the compiled call of a module compiled in place
+    (``model.compile()`` sets ``_compiled_call_impl``, which ``module(...)`` calls instead of its
+    hooks and forward); ``remove()`` puts the compiled call back, as a hook handle does, or where
+    another call has wrapped this one since (a second recorder), makes this one pass calls through."""
+
+    def __init__(self, module: nn.Module, before: Callable[..., None], after: Callable[..., None]) -> None:
+        self.module, self.compiled_call = module, module._compiled_call_impl
+        self.active = True
+        compiled_call = self.compiled_call
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if not self.active:
+                return compiled_call(*args, **kwargs)
+            before(module, args)
+            output = compiled_call(*args, **kwargs)
+            after(module, args, output)
+            return output
+
+        call.around = self  # type: ignore[attr-defined]
+        self.call = call
+        module._compiled_call_impl = call
+
+    def remove(self) -> None:
+        self.active = False
+        if self.module._compiled_call_impl is self.call:  # (else compiled again, or wrapped again: that stays)
+            inner = self.compiled_call
+            while getattr(inner, "around", None) is not None and not inner.around.active:  # removed before
+                inner = inner.around.compiled_call
+            self.module._compiled_call_impl = inner
+
+
+def _compiled_in_place(wrapped: nn.Module) -> nn.Module | None:
+    """The module compiled in place (``model.compile()``) that calls to ``wrapped`` run, through
+    DDP; None where there is none."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    m = wrapped
+    while m._compiled_call_impl is None and isinstance(m, DistributedDataParallel):
+        m = m.module
+    return m if m._compiled_call_impl is not None else None
 
 
 def _compile_wrapper(wrapped: nn.Module) -> tuple[nn.Module | None, nn.Module]:
