@@ -595,10 +595,9 @@ def test_a_graph_compiled_before_watch_is_refused_on_any_step_it_serves(tmp_path
     graph with gradscope's hooks, and a later batch of 8 runs the old dynamic graph, which measures
     nothing. That step is refused rather than recorded empty beside step 0: the torch.compile
     wrapper's own hooks, or around a model compiled in place its compiled call, which run eagerly,
-    see a forward that never entered the model's modules. Compiled in place, the model's own call
-    is the compiled frame, and Dynamo guards on its hooks (gradscope adds some): the old code is
-    not run again, except for a class with a forward of its own, whose forward Dynamo compiles as a
-    frame of its own (recorded empty before 2026-12-02)."""
+    see a forward that never entered the model's modules. Compiled in place, Dynamo compiles only
+    a forward of the model's own class (recorded empty before 2026-12-02); a bare torch.nn model
+    compiles nothing and runs eagerly: recorded, not refused, with gradscope's call around it."""
     torch.manual_seed(0)
     model = make()
     if in_place:
@@ -615,7 +614,7 @@ def test_a_graph_compiled_before_watch_is_refused_on_any_step_it_serves(tmp_path
     opt.step()  # step 0: a new graph, traced with the hooks
     opt.zero_grad()
     runner(torch.randn(8, 8)).sum().backward()
-    if in_place and not isinstance(model, _OwnForward):  # compiled again with the hooks: step 1 recorded
+    if in_place and not isinstance(model, _OwnForward):  # nothing compiled: step 1 recorded as eager
         opt.step()
         rec.close()
         steps = [0, 1]
@@ -834,3 +833,33 @@ def test_calls_around_a_model_compiled_in_place_are_removed_in_either_order():
         seen.clear()
         model(x)
         assert seen == []
+
+
+class _ParametersDirectly(torch.nn.Module):
+    """A forward that uses its layer's parameters without calling the layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.lin.weight, self.lin.bias)
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["torch.compile", "model.compile()"])
+def test_a_compiled_forward_that_calls_no_module_is_refused_naming_that_cause(tmp_path, in_place):
+    """Compiled after watch() (the order asked for), a forward that calls none of the model's
+    modules ran no gradscope hook: refused, and the message says so beside the usual cause."""
+    model = _ParametersDirectly()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    if in_place:
+        model.compile(backend="eager")
+        runner = model
+    else:
+        runner = torch.compile(model, backend="eager")
+    gradscope.watch(runner, tmp_path / "r", optimizer=opt)
+    runner(torch.randn(2, 8)).sum().backward()
+    with pytest.raises(RuntimeError, match="called none of the model's modules, using their parameters directly"):
+        opt.step()
+    assert gradscope.load_run(tmp_path / "r").meta["status"] == "failed"
+    assert_no_hooks(model, opt)

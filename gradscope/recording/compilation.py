@@ -108,7 +108,9 @@ def hooks_never_ran(step: int, path: Any, model: nn.Module, hookless_forward: bo
                 "shape compiled code with them, because it does not guard on module hooks. Call "
                 "gradscope.watch() before the model's first compiled call (or "
                 "torch._dynamo.reset() before watch()), or set torch._dynamo.config.skip_nnmodule_hook_guards = "
-                f"False to make Dynamo recompile for hooks. The run at {path} is marked failed.")
+                "False to make Dynamo recompile for hooks. (Or the forward called none of the model's modules, "
+                "using their parameters directly: gradscope measures nothing of such a forward; call the modules.) "
+                f"The run at {path} is marked failed.")
     return (f"gradscope: in step {step} the watched layers' parameters have gradients, but none of "
             f"gradscope's hooks on them ran. {earlier}The model was most likely compiled (torch.compile or "
             "model.compile()) and called before watch(), or compiled on a step the schedule did not record "
@@ -199,23 +201,33 @@ class WrapperForwards:
     module's hooks outside the forward's frame (compiled on their own), whatever graph then runs.
     A model without modules inside is hooked itself: a ``torch.nn`` one is inlined, and one with a
     ``forward`` of its own is then not checked. A model compiled in place (``model.compile()``)
-    has no wrapper: its compiled call is wrapped instead (``AroundCompiledCall``), and there its
-    own hooks run inside the compiled frame. A forward that calls none of the modules inside
-    would be refused, but then no gradscope hook ran in it either."""
+    has no wrapper: its compiled call is wrapped instead (``AroundCompiledCall``); Dynamo then
+    compiles only a ``forward`` of the model's own class (a bare ``torch.nn`` model runs eagerly).
+    A forward that calls none of the modules inside (it uses their parameters directly) is
+    refused too: no gradscope hook ran in it either, and the message names that cause."""
 
     def __init__(self, wrapped: nn.Module, clock: Any) -> None:
         self.pending = False
         self.clock = clock
         self.handles: list[Any] = []
         outer, inner = _compile_wrapper(wrapped)
-        if outer is not None:
-            self.handles = [outer.register_forward_pre_hook(self._before), outer.register_forward_hook(self._after)]
-        elif (in_place := _compiled_in_place(wrapped)) is not None:
-            self.handles, inner = [AroundCompiledCall(in_place, self._before, self._after)], in_place
-        else:
+        in_place = _compiled_in_place(wrapped) if outer is None else None
+        if outer is None and in_place is None:
             return
-        inside = list(inner.modules())[1:] or [inner]  # a leaf model (nn.Linear): Dynamo inlines its hooks
-        self.handles += [m.register_forward_pre_hook(self._entered) for m in inside]
+        try:
+            if outer is not None:
+                self.handles.append(outer.register_forward_pre_hook(self._before))
+                self.handles.append(outer.register_forward_hook(self._after))
+            else:
+                self.handles.append(AroundCompiledCall(in_place, self._before, self._after))
+                inner = in_place
+            inside = list(inner.modules())[1:] or [inner]  # a leaf model (nn.Linear): Dynamo inlines its hooks
+            for m in inside:
+                self.handles.append(m.register_forward_pre_hook(self._entered))
+        except BaseException:  # nothing of it left on the model
+            for handle in self.handles:
+                handle.remove()
+            raise
 
     def _before(self, module: nn.Module, args: Any) -> None:
         if not torch.compiler.is_compiling():  # (a compiled function calling the wrapper: not checked)
