@@ -210,8 +210,7 @@ class WrapperForwards:
         self.pending = False
         self.clock = clock
         self.handles: list[Any] = []
-        outer, inner = _compile_wrapper(wrapped)
-        in_place = _compiled_in_place(wrapped) if outer is None else None
+        outer, in_place, inner = _compiled_entry(wrapped)
         if outer is None and in_place is None:
             return
         try:
@@ -220,7 +219,6 @@ class WrapperForwards:
                 self.handles.append(outer.register_forward_hook(self._after))
             else:
                 self.handles.append(AroundCompiledCall(in_place, self._before, self._after))
-                inner = in_place
             inside = list(inner.modules())[1:] or [inner]  # a leaf model (nn.Linear): Dynamo inlines its hooks
             for m in inside:
                 self.handles.append(m.register_forward_pre_hook(self._entered))
@@ -274,28 +272,24 @@ class AroundCompiledCall:
             self.module._compiled_call_impl = inner
 
 
-def _compiled_in_place(wrapped: nn.Module) -> nn.Module | None:
-    """The module compiled in place (``model.compile()``) that calls to ``wrapped`` run, through
-    DDP; None where there is none."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    m = wrapped
-    while m._compiled_call_impl is None and isinstance(m, DistributedDataParallel):
-        m = m.module
-    return m if m._compiled_call_impl is not None else None
-
-
-def _compile_wrapper(wrapped: nn.Module) -> tuple[nn.Module | None, nn.Module]:
-    """The outermost ``torch.compile`` wrapper (OptimizedModule) of ``wrapped``, through DDP, and the
-    module it compiles; (None, wrapped) where there is none."""
+def _compiled_entry(wrapped: nn.Module) -> tuple[nn.Module | None, nn.Module | None, nn.Module]:
+    """Where a call to ``wrapped`` enters compiled code, through DDP: the outermost ``torch.compile``
+    wrapper (OptimizedModule), else the first module compiled in place (``model.compile()``), and
+    the module compiled (the innermost one the call reaches; ``wrapped`` where neither is found)."""
     from torch.nn.parallel import DistributedDataParallel
 
     optimized: Any = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
-    outer, m = None, wrapped
+    chain, m = [], wrapped  # the modules a call goes through
     while True:
+        chain.append(m)
         if optimized is not None and isinstance(m, optimized):
-            outer, m = outer or m, m._orig_mod
+            m = m._orig_mod
         elif isinstance(m, DistributedDataParallel):
             m = m.module
         else:
-            return outer, m if outer is not None else wrapped
+            break
+    outer = next((m for m in chain if optimized is not None and isinstance(m, optimized)), None)
+    if outer is not None:
+        return outer, None, chain[-1]
+    in_place = next((m for m in chain if m._compiled_call_impl is not None), None)
+    return None, in_place, in_place if in_place is not None else wrapped
