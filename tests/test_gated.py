@@ -1,7 +1,7 @@
 """The gated ops (``recording.gated``): the traced statistics of ``every > 1`` on the CPU.
 
 They take the tensor Inductor gives them as it is laid out (its CPU conv outputs are
-channels-last) and must measure what the traced formulas measure, or nothing when the gate is off.
+channels-last) and must stage what the traced formulas stage, or nothing when the gate is closed.
 """
 
 from __future__ import annotations
@@ -9,13 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradscope.recording import gated
+from gradscope.recording import deposits, gated
 from gradscope.recording import traced_statistics as formulas
+from gradscope.recording.traced import Staging
+from gradscope.store.schema import B_BRANCH_SS, TRAIN
 
 pytestmark = pytest.mark.skipif(not gated.AVAILABLE, reason="the gated ops need torch >= 2.5")
-
-ON, OFF = gated.Gate(), gated.Gate()
-OFF.open = False
 
 
 def _layouts(shape):
@@ -27,81 +26,77 @@ def _layouts(shape):
             "transposed": t.transpose(2, 3).contiguous().transpose(2, 3)}
 
 
+def _measure(staging, x, y, gated_ops):
+    """Every statistic a traced probe stages, of ``x`` (a layer's output, a block's input, a branch's
+    output and a gradient) and ``y`` (the block's output), through the ops or the formulas."""
+    tokens = y.flatten(2)  # [4, 3, 30]
+    if gated_ops:
+        gated.layer_output(staging, TRAIN, 0, x, True, (0.0, 100.0))
+        gated.block_output(staging, 0, x, y, True, False)
+        gated.block_output(staging, 1, tokens, tokens, False, True)
+        gated.branch_output(staging, 0, x)
+        gated.gradient(staging, deposits.LAYER_GRAD_OUT, 0, x)
+    else:
+        staging.merge_layer(TRAIN, 0, formulas.layer_statistics(x, True, (0.0, 100.0)), x.numel())
+        staging.add_block(0, formulas.identity_sums(x, y), None, x.shape[0], 0)
+        staging.add_block(1, None, formulas.token_cosine_sum(tokens), 0, tokens.shape[0])
+        staging.add_branch(0, formulas.branch_squares(x))
+        deposits.add(staging, deposits.LAYER_GRAD_OUT, 0, formulas.branch_squares(x), x.numel())
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
-def test_gated_ops_measure_as_the_formulas_in_any_layout(layout):
+def test_gated_ops_stage_what_the_formulas_stage_in_any_layout(layout):
     x = _layouts((4, 3, 5, 6))[layout]
     y = (x * 0.5 + 1).contiguous(memory_format=torch.channels_last if layout == "channels_last"
                                  else torch.contiguous_format)
-    plain_x, plain_y = x.contiguous(), y.contiguous()
-    got = torch.stack(gated.layer_statistics(ON, x, True, (0.0, 100.0)))
-    want = torch.stack(formulas.layer_statistics(plain_x, True, (0.0, 100.0)))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gated.identity_sums(ON, x, y), formulas.identity_sums(plain_x, plain_y),
-                               rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gated.gradient_squares(ON, x), (plain_x.double() ** 2).sum().float(), rtol=1e-5, atol=0)
-    torch.testing.assert_close(gated.branch_squares(ON, x), (plain_x.double() ** 2).sum().float(), rtol=1e-5, atol=0)
-    tokens = plain_x.flatten(2)  # [4, 3, 30]
-    torch.testing.assert_close(gated.token_cosine_sum(ON, tokens), formulas.token_cosine_sum(tokens),
-                               rtol=1e-5, atol=1e-6)
+    ops, formula = (Staging(1, 2, torch.device("cpu"), every) for every in (10, 1))
+    for _ in range(2):  # a second call merges with the first
+        _measure(ops, x, y, gated_ops=True)
+        _measure(formula, x.contiguous(), y.contiguous(), gated_ops=False)
+    torch.testing.assert_close(ops.layer, formula.layer, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ops.block, formula.block, rtol=1e-5, atol=1e-6)
+    assert torch.equal(ops.counts, formula.counts)
+    assert ops.layer.count_nonzero() == 6 and ops.block.count_nonzero() == 5  # all that was measured
 
 
-def test_gated_ops_return_zeros_when_the_gate_is_off():
+def test_gated_ops_stage_nothing_when_the_gate_is_closed_or_the_recorder_gone():
     x = _layouts((2, 3, 4, 4))["channels_last"]
-    assert torch.stack(gated.layer_statistics(OFF, x, False, (0.0, 1.0))).eq(0).all()
-    assert len(gated.layer_statistics(OFF, x, False, (0.0, 1.0))) == 5  # the width stays
-    assert gated.identity_sums(OFF, x, x).eq(0).all() and gated.identity_sums(OFF, x, x).shape == (3,)
-    for value in (gated.token_cosine_sum(OFF, x[0]), gated.branch_squares(OFF, x), gated.gradient_squares(OFF, x)):
-        assert value.shape == () and value.item() == 0
+    closed, released = (Staging(1, 2, torch.device("cpu"), 10) for _ in range(2))
+    closed.gate.open = False
+    deposits.release(released.key)
+    for staging in (closed, released):
+        _measure(staging, x, x * 2, gated_ops=True)
+        assert not (staging.layer.any() or staging.block.any() or staging.counts.any())
 
 
-def test_without_a_gate_the_formulas_are_traced():
-    """gate=None (every=1, CUDA): the formulas themselves, which Inductor fuses into the graph."""
-    x = _layouts((2, 3, 4, 4))["contiguous"]
-    torch.testing.assert_close(torch.stack(gated.layer_statistics(None, x, True, None)),
-                               torch.stack(formulas.layer_statistics(x, True, None)))
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    def ops(gate):
-        graph = make_fx(lambda t: gated.branch_squares(gate, t), tracing_mode="fake")(x).graph
-        return {str(node.target) for node in graph.nodes if "gradscope" in str(node.target)}
-
-    assert ops(None) == set()
-    assert ops(ON) == {"gradscope.gated_squared_norm.default"}
-
-
-def test_a_tensor_off_the_cpu_keeps_the_traced_formulas():
-    """The ops have a CPU kernel only: a tensor elsewhere (a model moved after watch()) is measured
-    by the formulas, whatever the gate says."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    x = torch.randn(2, 3, device="meta")
-    graph = make_fx(lambda t: gated.gradient_squares(ON, t), tracing_mode="fake")(x).graph
-    assert not any("gradscope" in str(node.target) for node in graph.nodes)
+def test_without_a_gate_or_off_the_cpu_the_formulas_are_traced():
+    """every=1 (no gate) traces the formulas, which Inductor fuses into the graph; so does a tensor
+    off the CPU (a model moved after watch()), since the ops have a CPU kernel only."""
+    assert gated.applies(Staging(1, 0, torch.device("cpu"), 10), torch.ones(2))
+    assert not gated.applies(Staging(1, 0, torch.device("cpu"), 1), torch.ones(2))
+    assert not gated.applies(Staging(1, 0, torch.device("cpu"), 10), torch.ones(2, device="meta"))
 
 
 def test_the_gate_is_read_when_a_compiled_graph_runs_not_when_it_is_traced():
-    """The graph holds the gate's key, a constant: closing and opening it between calls changes
-    what the op returns without a recompile; a gate whose recorder is gone reads as closed."""
-    gate, x = gated.Gate(), torch.arange(4.0)
-    f = torch.compile(lambda t: gated.branch_squares(gate, t) + 0, backend="aot_eager", fullgraph=True)
-    assert f(x).item() == pytest.approx(14, rel=1e-6)
+    """The graph holds the staging's key, a constant: closing and opening the gate between calls
+    changes what the op stages without a recompile."""
+    staging, x = Staging(0, 1, torch.device("cpu"), 10), torch.arange(4.0)
+    f = torch.compile(lambda t: gated.branch_output(staging, 0, t), backend="aot_eager", fullgraph=True)
+    f(x)
+    assert staging.block[0, B_BRANCH_SS].item() == pytest.approx(14, rel=1e-6)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        gate.open = False
-        assert f(x).item() == 0
-        gate.open = True
-        assert f(x).item() == pytest.approx(14, rel=1e-6)
-    dropped = gated.Gate()
-    key = dropped.key
-    del dropped
-    assert gated.is_open(gate.key) and not gated.is_open(key)
+        staging.gate.open = False
+        f(x)
+        assert staging.block[0, B_BRANCH_SS].item() == pytest.approx(14, rel=1e-6)
+        staging.gate.open = True
+        f(x)
+        assert staging.block[0, B_BRANCH_SS].item() == pytest.approx(28, rel=1e-6)
+    assert staging.block_branch[0].item() == 2
 
 
 def test_a_deposit_on_a_step_the_gate_skips_adds_nothing():
     """``deposits``: a compiled backward's ||dL/dy||^2 lands in the staging only while the gate is
     open (every=1, a ungated staging, takes every one)."""
-    from gradscope.recording import deposits
-    from gradscope.recording.traced import Staging
-
     for every, closed_adds in ((10, 0.0), (1, 4.0)):
         staging = Staging(2, 0, torch.device("cpu"), every)
         if staging.gate is not None:

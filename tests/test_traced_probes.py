@@ -488,30 +488,43 @@ def test_model_compile_fullgraph_records_as_eager(tmp_path):
 
 
 def test_steps_the_schedule_skips_measure_nothing_on_the_cpu(tmp_path):
-    """every=3 on the CPU: the traced statistics run in gated ops (``recording.gated``) that return
-    zeros on the steps the schedule skips, so the staging holds nothing after such a step's backward,
-    while the probes still ran (their calls counted); recorded steps hold the figures (as eager's:
-    test_traced_figures_match_eager; under Inductor: test_compiled). every=1 traces them ungated."""
-    for name in ("transformer_lm_pre", "resnet20"):
+    """every=3 on the CPU: each traced probe is one gated op (``recording.gated``) that measures and
+    counts nothing on the steps the schedule skips, so the staging is all zeros after such a step's
+    backward; recorded steps hold the figures (as eager's: test_traced_figures_match_eager; under
+    Inductor: test_compiled). The staging is no input of the graph: the ops write it, and an
+    in-graph write beside them could undo theirs. every=1 traces the formulas, writing it in-graph."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    for name, every in (("transformer_lm_pre", 3), ("resnet20", 3), ("mlp_residual", 1)):
         overrides = small_overrides(name, SMALL)
         torch.manual_seed(0)
         model = models.create(name, **overrides)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        inputs = []
+
+        def backend(gm, example_inputs):
+            inputs.extend(t.untyped_storage().data_ptr() for t in example_inputs if isinstance(t, torch.Tensor))
+            return lookup_backend("aot_eager")(gm, example_inputs)
+
         held = []
-        with gradscope.watch(model, tmp_path / name, optimizer=opt, every=3) as rec:
-            runner = torch.compile(model, backend="aot_eager", fullgraph=True)
+        torch._dynamo.reset()
+        counters.clear()
+        with gradscope.watch(model, tmp_path / f"{name}-{every}", optimizer=opt, every=every) as rec:
+            runner = torch.compile(model, backend=backend, fullgraph=True)
+            staging = rec._staging
             for x, y in reference_batches(name, 4, **overrides):
                 opt.zero_grad()
                 _loss(runner(x), y).backward()
-                staging = rec._staging
-                held.append((bool(staging.layer.any()), bool(staging.block.any()), int(staging.act_calls.sum())))
+                held.append(bool(staging.layer.any() or staging.block.any() or staging.counts.any()))
                 opt.step()
-        assert [layers for layers, _, _ in held] == [True, False, False, True], name
-        assert [blocks for _, blocks, _ in held] == [True, False, False, True], name
-        assert all(calls > 0 for _, _, calls in held), name
-        run = gradscope.load_run(tmp_path / name)
-        assert sorted(run.layers.step.unique()) == [0, 3]
+            staged = {t.untyped_storage().data_ptr() for t in (staging.layer, staging.block, staging.counts)}
+        assert held == ([True, False, False, True] if every == 3 else [True] * 4), name
+        assert counters["stats"]["unique_graphs"] == 1, name
+        assert bool(staged & set(inputs)) == (every == 1), name
+        run = gradscope.load_run(tmp_path / f"{name}-{every}")
+        assert sorted(run.layers.step.unique()) == ([0, 3] if every == 3 else [0, 1, 2, 3])
         assert run.layers[run.layers.phase == "train"].act_std.notna().all()
+        assert run.layers[run.layers.phase == "train"].grad_norm.gt(0).all()
     with gradscope.watch(models.create("mlp_plain", depth=3, width=8, input_size=4), tmp_path / "every-1") as rec:
         assert rec._staging.gate is None
 

@@ -18,7 +18,6 @@ import itertools
 import weakref
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from gradscope.recording import traced_statistics as formulas
@@ -59,23 +58,24 @@ def _add(cells: tuple[Tensor, Tensor | None, Tensor], squares: Tensor, elements:
     calls.add_(1)
 
 
-def _deposit(squares: Tensor, elements: int, key: int, kind: int, row: int) -> None:
+def open_staging(key: int) -> Any:
+    """In an op's kernel, at run time: the staging named ``key``, or None where its recorder closed
+    or its gate is closed (``gated``, CPU: a step the schedule skips, whose staging is zeroed unread)."""
     staging = _STAGINGS.get(key)
-    # none: the graph of a closed recorder; a closed gate (``gated``, CPU): a step the schedule skips,
-    # whose staging is zeroed unread, so its three adds are not made
-    if staging is not None and (staging.gate is None or staging.gate.open):
+    return staging if staging is not None and (staging.gate is None or staging.gate.open) else None
+
+
+def add(staging: Any, kind: int, row: int, squares: Tensor, elements: Any) -> None:
+    """What a deposit does, for a kernel that found its staging open (``gated``)."""
+    _add(staging.backward_cells(kind, row), squares, elements)
+
+
+def _deposit(squares: Tensor, elements: int, key: int, kind: int, row: int) -> None:
+    staging = open_staging(key)
+    if staging is not None:
         _add(staging.backward_cells(kind, row), squares, elements)
 
 
-def _define() -> Any:
-    keep = getattr(torch.fx.node, "has_side_effect", None)
-    if keep is None:  # an older torch: the hooks add into the staging themselves
-        return None
-    op = formulas.opaque_op("deposit", "(Tensor squares, SymInt elements, int key, int kind, int row) -> ()",
-                            _deposit, lambda *args: None, dispatch="CompositeExplicitAutograd")  # any device
-    if op is not None:
-        keep(op)  # no output: kept only as a side effect
-    return op
-
-
-_deposit_op = _define()
+# None on an older torch: the hooks add into the staging themselves
+_deposit_op = formulas.opaque_op("deposit", "(Tensor squares, SymInt elements, int key, int kind, int row) -> ()",
+                                 _deposit, lambda *args: None, dispatch="CompositeExplicitAutograd")  # any device

@@ -341,7 +341,7 @@ class BranchProbe:
             f = first_float_tensor(output)
             if f is not None and module.training and torch.is_grad_enabled():
                 if self.tail is not None and f.numel() > 0 and _returns_tail_output(module, self, *self.tail):
-                    branch_from_tail(self.staging, self.row, self.tail[1].row)
+                    branch_from_tail(self.staging, self.row, self.tail[1].row, f)
                 else:
                     branch_output(self.staging, self.row, f)
             return

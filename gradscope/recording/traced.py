@@ -34,7 +34,14 @@ from gradscope.recording import deposits, gated
 from gradscope.recording.buffer import StatsBuffer, device_index
 from gradscope.recording.compilation import note_unhooked
 from gradscope.recording.device_counts import count_shapes, count_width
-from gradscope.recording.traced_statistics import batch_norm_statistics
+from gradscope.recording.traced_statistics import (
+    batch_norm_statistics,
+    branch_squares,
+    gradient_squares,
+    identity_sums,
+    layer_statistics,
+    token_cosine_sum,
+)
 from gradscope.store.schema import (
     ACT_ABSMAX,
     ACT_MEAN,
@@ -126,6 +133,42 @@ class Staging:
             self._cells[(kind, row)] = cells
         return cells
 
+    def merge_layer(self, phase: int, row: int, parts: list[Tensor], n: int, tail: bool = False) -> None:
+        """A layer call's moments (``traced_statistics.layer_statistics``) merged into its cell by
+        Chan's update against the calls already staged (``schema.merge_partial``, written out: Dynamo
+        traces this once per layer, and the generic loop costs it several times as long). A
+        branch's last layer (``tail``) also leaves ||y||^2 = n (var + mean^2) in the scratch."""
+        mean, var, k = parts[0], parts[1], len(parts)
+        if tail:
+            self.tail_squares[row] = n * (var + mean * mean)
+        cell, seen = self.layer[phase, row], self.act_n[phase, row]
+        w_old = seen / (seen + n)
+        w_new = 1 - w_old
+        delta = mean - cell[ACT_MEAN]
+        merged = [cell[ACT_MEAN] * w_old + mean * w_new,
+                  cell[ACT_VAR] * w_old + var * w_new + delta * delta * (w_old * w_new),
+                  torch.maximum(cell[ACT_ABSMAX], parts[2])]
+        merged += [cell[ACT_MEAN + i] + parts[i] for i in range(3, k)]
+        cell[ACT_MEAN:ACT_MEAN + k] = torch.stack(merged)
+        seen += n
+        self.act_calls[phase, row] += 1
+
+    def add_block(self, row: int, identity: Tensor | None, token_cosines: Tensor | None, samples: int,
+                  tokens: int) -> None:
+        """A block call: its identity sums (``traced_statistics.identity_sums``) over ``samples``
+        and its token cosine sum over ``tokens`` samples, each where measured."""
+        self.block_calls[row] += 1
+        if identity is not None:
+            self.block[row, B_DIFF_SS:B_COS_SUM + 1] += identity
+            self.block_samples[row] += samples
+        if token_cosines is not None:
+            self.block[row, B_TOKEN_COS_SUM] += token_cosines
+            self.block_tokens[row] += tokens
+
+    def add_branch(self, row: int, squares: Tensor) -> None:
+        self.block[row, B_BRANCH_SS] += squares
+        self.block_branch[row] += 1
+
     def holds_any(self) -> bool:
         """Whether some traced probe ran since the last step's end (waits for the device: at close only)."""
         return bool(self.counts.any())
@@ -188,28 +231,15 @@ def layer_output(staging: Staging, phase: int, row: int, y: Tensor, bounds: tupl
     in training, a tensor hook for ||dL/dy||^2. The last layer of a residual branch (``tail``)
     also leaves ||y||^2 = n (var + mean^2) in the scratch, for the branch's probe."""
     yd = y.detach()
-    x = normalised_input(module, inputs, yd) if staging.gate is None and not count_zeros and bounds is None else None
-    if x is not None:
-        parts = batch_norm_statistics(x, module.weight, module.bias, module.eps)  # type: ignore[union-attr]
+    if gated.applies(staging, yd):
+        gated.layer_output(staging, phase, row, yd, count_zeros, bounds)
     else:
-        parts = gated.layer_statistics(staging.gate, yd, count_zeros, bounds)
-    mean, var = parts[0], parts[1]
-    n, k = yd.numel(), len(parts)
-    if tail:
-        staging.tail_squares[row] = n * (var + mean * mean)
-    cell, seen = staging.layer[phase, row], staging.act_n[phase, row]
-    # Chan's update against the calls already staged (``schema.merge_partial``, written out: Dynamo
-    # traces this once per layer, and the generic loop costs it several times as long)
-    w_old = seen / (seen + n)
-    w_new = 1 - w_old
-    delta = mean - cell[ACT_MEAN]
-    merged = [cell[ACT_MEAN] * w_old + mean * w_new,
-              cell[ACT_VAR] * w_old + var * w_new + delta * delta * (w_old * w_new),
-              torch.maximum(cell[ACT_ABSMAX], parts[2])]
-    merged += [cell[ACT_MEAN + i] + parts[i] for i in range(3, k)]
-    cell[ACT_MEAN:ACT_MEAN + k] = torch.stack(merged)
-    seen += n
-    staging.act_calls[phase, row] += 1
+        x = normalised_input(module, inputs, yd) if not count_zeros and bounds is None else None
+        if x is not None:
+            parts = batch_norm_statistics(x, module.weight, module.bias, module.eps)  # type: ignore[union-attr]
+        else:
+            parts = layer_statistics(yd, count_zeros, bounds)
+        staging.merge_layer(phase, row, parts, yd.numel(), tail)
     if train and y.requires_grad and not y.is_leaf:
         # a convolution's backward (a library call) reads dL/dy: only the loop that wrote it can take the sum
         into_producer = isinstance(module, _ConvNd) and y.dim() == 4 and y.device.type == "cpu"
@@ -238,7 +268,6 @@ def normalised_input(module: nn.Module | None, inputs: Any, y: Tensor) -> Tensor
 def block_output(staging: Staging, probe: Any, row: int, x: Tensor, y: Tensor, seq_first: bool) -> None:
     """A block call in a traced graph: compared with the identity where ``y`` has ``x``'s shape
     (else the reason is noted while tracing), token cosines, and hooks for dL/dx and dL/dy."""
-    staging.block_calls[row] += 1
     pair = False
     if x.shape != y.shape:
         explain_traced(probe, x.shape[1:], y.shape[1:])
@@ -248,12 +277,11 @@ def block_output(staging: Staging, probe: Any, row: int, x: Tensor, y: Tensor, s
         pair = y.numel() > 0
     tokens = y.dim() == 3 and y.shape[1 - seq_first] > 1
     xs, ys = (t.detach().transpose(0, 1) if seq_first and t.dim() == 3 else t.detach() for t in (x, y))
-    if pair:
-        staging.block[row, B_DIFF_SS:B_COS_SUM + 1] += gated.identity_sums(staging.gate, xs, ys)
-        staging.block_samples[row] += xs.shape[0] if xs.dim() else 1
-    if tokens:
-        staging.block[row, B_TOKEN_COS_SUM] += gated.token_cosine_sum(staging.gate, ys)
-        staging.block_tokens[row] += ys.shape[0]
+    if gated.applies(staging, ys):
+        gated.block_output(staging, row, xs, ys, pair, tokens)
+    else:
+        staging.add_block(row, identity_sums(xs, ys) if pair else None, token_cosine_sum(ys) if tokens else None,
+                          xs.shape[0] if xs.dim() else 1, ys.shape[0])
     if x.requires_grad and not x.is_leaf and y is not x:
         x.register_hook(_squares_into(staging, deposits.BLOCK_GRAD_IN, row))
     if y.requires_grad and not y.is_leaf:
@@ -262,16 +290,22 @@ def block_output(staging: Staging, probe: Any, row: int, x: Tensor, y: Tensor, s
 
 def branch_output(staging: Staging, row: int, f: Tensor) -> None:
     """A block's residual-branch output F(x) in a traced graph: ||F(x)||^2."""
-    staging.block[row, B_BRANCH_SS] += gated.branch_squares(staging.gate, f.detach())
-    staging.block_branch[row] += 1
+    fd = f.detach()
+    if gated.applies(staging, fd):
+        gated.branch_output(staging, row, fd)
+    else:
+        staging.add_branch(row, branch_squares(fd))
 
 
-def branch_from_tail(staging: Staging, row: int, tail_row: int) -> None:
-    """``branch_output`` for a branch whose output is its last layer's, as that layer's probe just
-    measured it: ||F(x)||^2 from the layer's moments. Reading F(x) again would make Inductor write a
-    BatchNorm's output to memory, where it otherwise computes it inside the residual add's loop."""
-    staging.block[row, B_BRANCH_SS] += staging.tail_squares[tail_row]
-    staging.block_branch[row] += 1
+def branch_from_tail(staging: Staging, row: int, tail_row: int, f: Tensor) -> None:
+    """``branch_output`` for a branch whose output ``f`` is its last layer's, as that layer's probe
+    just measured it: ||F(x)||^2 from the layer's moments. Reading F(x) again would make Inductor
+    write a BatchNorm's output to memory, where it otherwise computes it inside the residual add's
+    loop. (The gated ops read ``f``: see ``gated.branch_output``.)"""
+    if gated.applies(staging, f):
+        gated.branch_output(staging, row, f.detach())
+    else:
+        staging.add_branch(row, staging.tail_squares[tail_row])
 
 
 def _squares_into(staging: Staging, kind: int, row: int, into_producer: bool = False) -> Callable[[Tensor], None]:
@@ -280,6 +314,9 @@ def _squares_into(staging: Staging, kind: int, row: int, into_producer: bool = F
     into several graphs); returns None, so the gradient passes on untouched."""
     def hook(grad: Tensor) -> None:
         g = grad.detach()
-        deposits.deposit(staging, kind, row, gated.gradient_squares(staging.gate, g, into_producer), g.numel())
+        if gated.applies(staging, g):
+            gated.gradient(staging, kind, row, g)
+        else:
+            deposits.deposit(staging, kind, row, gradient_squares(g, into_producer), g.numel())
 
     return hook

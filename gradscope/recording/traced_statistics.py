@@ -202,13 +202,21 @@ _LIBRARY = torch.library.Library("gradscope", "DEF") if OPAQUE_OPS else None
 
 
 def opaque_op(name: str, schema: str, kernel: Any, fake: Any, dispatch: str = "CPU") -> Any:
-    """Define ``gradscope::name`` (its kernel for ``dispatch``, fake for tracing); None before torch 2.5."""
+    """Define ``gradscope::name`` (its kernel for ``dispatch``, fake for tracing); None before torch 2.5.
+    An op with no output (``-> ()``) is registered as a side effect, which keeps it out of
+    dead-code elimination; None where this torch cannot (the caller then does without it)."""
     if _LIBRARY is None:
+        return None
+    keep = getattr(torch.fx.node, "has_side_effect", None)
+    if schema.endswith("-> ()") and keep is None:
         return None
     _LIBRARY.define(name + schema, tags=(torch.Tag.flexible_layout,))
     _LIBRARY.impl(name, kernel, dispatch)
     torch.library.register_fake(f"gradscope::{name}", fake, lib=_LIBRARY)
-    return getattr(torch.ops.gradscope, name).default
+    op = getattr(torch.ops.gradscope, name).default
+    if schema.endswith("-> ()"):
+        keep(op)
+    return op
 
 
 squared_norm = opaque_op("squared_norm", "(Tensor t) -> Tensor", _squared_norm,
