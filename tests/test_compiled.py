@@ -507,19 +507,20 @@ class _Checkpointed(torch.nn.Module):
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_activation_checkpointing_in_a_compiled_model_records_each_forward_once(tmp_path, reentrant):
+@pytest.mark.parametrize("every", [1, 3])  # 3: the gated ops (``recording.gated``), which the recompute must not rerun
+def test_activation_checkpointing_in_a_compiled_model_records_each_forward_once(tmp_path, reentrant, every):
     torch.manual_seed(0)
     eager_model = _Checkpointed(reentrant)
     compiled_model = copy.deepcopy(eager_model)
-    eager, _ = _record(eager_model, tmp_path / "eager", 1, steps=4)
-    compiled, _ = _record(compiled_model, tmp_path / "compiled", 1, "torch.compile", steps=4, backend="aot_eager")
+    eager, _ = _record(eager_model, tmp_path / "eager", every, steps=4)
+    compiled, _ = _record(compiled_model, tmp_path / "compiled", every, "torch.compile", steps=4, backend="aot_eager")
     assert compiled.meta["status"] == "finished" and compiled.meta["env"]["compiled"]
     assert {layer["calls"] for layer in compiled.meta["layers"] + compiled.meta["blocks"]} == {1}  # not 2
     a, b = _figures(eager), _figures(compiled)
     assert a.index.equals(b.index)
     np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-5, atol=1e-7)
     a, b = _block_figures(eager), _block_figures(compiled)
-    assert len(a) == 8 and a.index.equals(b.index)
+    assert len(a) == (8 if every == 1 else 4) and a.index.equals(b.index)  # 2 blocks, 4 or 2 steps
     np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-5, atol=1e-7)
 
 
