@@ -55,11 +55,6 @@ def batch_norm_statistics(x: Tensor, weight: Tensor | None, bias: Tensor | None,
     return [overall, variances.mean() + (spread * spread).mean(), peak]
 
 
-def statistics_width(count_zeros: bool, bounds: tuple[float, float] | None) -> int:
-    """How many values ``layer_statistics`` returns."""
-    return 3 + (count_zeros or bounds is not None) + (bounds is not None)
-
-
 def shifted_moments(y: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and population variance by the shifted one-pass formula (``moments.shift_of``): plain
     sums, which Inductor's CPU kernels take about four times as fast as a Welford ``var_mean``."""
