@@ -73,7 +73,7 @@ def add(staging: Any, kind: int, row: int, squares: Tensor, elements: Any) -> No
 def _deposit(squares: Tensor, elements: int, key: int, kind: int, row: int) -> None:
     staging = open_staging(key)
     if staging is not None:
-        _add(staging.backward_cells(kind, row), squares, elements)
+        add(staging, kind, row, squares, elements)
 
 
 # None on an older torch: the hooks add into the staging themselves

@@ -303,7 +303,7 @@ def branch_from_tail(staging: Staging, row: int, tail_row: int, f: Tensor) -> No
     write a BatchNorm's output to memory, where it otherwise computes it inside the residual add's
     loop. (The gated ops read ``f``: see ``gated.branch_output``.)"""
     if gated.applies(staging, f):
-        gated.branch_output(staging, row, f.detach())
+        branch_output(staging, row, f)
     else:
         staging.add_branch(row, staging.tail_squares[tail_row])
 
