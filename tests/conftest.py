@@ -17,6 +17,11 @@ from gradscope.testing import batches, train  # noqa: F401  (re-exported)
 # the GPU's batched reductions forced on, on any device.
 kernels.MODE = os.environ.get("GRADSCOPE_TEST_BATCHING") or None
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs two workers on the suite's two cores: one intra-op thread each, so they
+    # do not take turns on oversubscribed cores (processes a test starts keep torch's default)
+    torch.set_num_threads(1)
+
 
 @pytest.fixture
 def run_dir(tmp_path):
