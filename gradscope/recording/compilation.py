@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradscope.recording.copies import MethodHook
 from gradscope.recording.user_warnings import warn_user
 
 
@@ -215,13 +216,14 @@ class WrapperForwards:
             return
         try:
             if outer is not None:
-                self.handles.append(outer.register_forward_pre_hook(self._before))
-                self.handles.append(outer.register_forward_hook(self._after))
+                self.handles.append(outer.register_forward_pre_hook(_WrapperEntered(self._before)))
+                self.handles.append(outer.register_forward_hook(_WrapperLeft(self._after)))
             else:
                 self.handles.append(AroundCompiledCall(in_place, self._before, self._after))
             inside = list(inner.modules())[1:] or [inner]  # a leaf model (nn.Linear): Dynamo inlines its hooks
+            entered = _ModuleEntered(self._entered)  # (objects, not bound methods: ``copies``)
             for m in inside:
-                self.handles.append(m.register_forward_pre_hook(self._entered))
+                self.handles.append(m.register_forward_pre_hook(entered))
         except BaseException:  # nothing of it left on the model
             for handle in self.handles:
                 handle.remove()
@@ -238,6 +240,27 @@ class WrapperForwards:
         if not torch.compiler.is_compiling() and self.pending:
             self.clock.hookless_forward = True
         self.pending = False
+
+
+class _WrapperEntered(MethodHook):
+    __slots__ = ()
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        self.method(module, args)
+
+
+class _WrapperLeft(MethodHook):
+    __slots__ = ()
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.method(module, args, output)
+
+
+class _ModuleEntered(MethodHook):
+    __slots__ = ()
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        self.method(module, args)
 
 
 class AroundCompiledCall:

@@ -21,8 +21,9 @@ from torch import nn
 
 from gradscope.recording.blocks import Block
 from gradscope.recording.clock import StepClock
+from gradscope.recording.copies import MethodHook
 from gradscope.recording.layers import ExecutionOrder, Layer, ParameterRow
-from gradscope.recording.probes import BlockProbe, BranchProbe, LayerProbe, sequential_tail
+from gradscope.recording.probes import BlockEntry, BlockProbe, BranchProbe, LayerProbe, sequential_tail
 from gradscope.recording.sink import Sink
 from gradscope.recording.traced import Staging
 
@@ -45,7 +46,7 @@ class ProbeHooks:
             self.planned.append((module, "forward", probe))
         for block, module, branch in blocks:
             block_probe = BlockProbe(clock, sink, block_order, block, module, staging)
-            self.planned += [(module, "pre", block_probe.before), (module, "forward", block_probe)]
+            self.planned += [(module, "pre", BlockEntry(block_probe)), (module, "forward", block_probe)]
             if branch is not None:
                 last = sequential_tail(branch)  # a watched last layer measures ||F(x)||^2 for the branch
                 tail = layer_probes.get(id(last)) if last is not None else None
@@ -77,3 +78,21 @@ class ProbeHooks:
         handles, self.handles = self.handles, []
         for handle in handles:
             handle.remove()
+
+
+class ModelStart(MethodHook):
+    """The recorder's forward pre-hook on the whole model (``Recorder._model_pre_hook``)."""
+
+    __slots__ = ()
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        self.method(module, args)
+
+
+class ModelEnd(MethodHook):
+    """The recorder's forward hook on the whole model (``Recorder._model_forward_end``)."""
+
+    __slots__ = ()
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.method(module, args, output)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from gradscope.recording.buffer import StatsBuffer
 from gradscope.recording.clock import StepClock
 from gradscope.recording.compilation import python_when_entered
+from gradscope.recording.copies import MethodHook
 from gradscope.recording.user_warnings import warn_user
 from gradscope.store.schema import GRAD_SMALL_SS
 
@@ -69,7 +70,7 @@ class MicroBatchNorms:
     def attach(self) -> None:
         """Hook every parameter and the model (after the run is open: a refused run leaves no hook)."""
         self._handles = [p.register_hook(partial(self._gradient, i)) for i, p in enumerate(self._params)]
-        self._handles.append(self._outer.register_forward_pre_hook(self._forward, with_kwargs=True))
+        self._handles.append(self._outer.register_forward_pre_hook(_SamplesOfForward(self._forward), with_kwargs=True))
 
     @python_when_entered
     def _forward(self, module: nn.Module, args: Any, kwargs: Any) -> None:
@@ -178,3 +179,13 @@ class MicroBatchNorms:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+class _SamplesOfForward(MethodHook):
+    """The outer module's pre-hook (``MicroBatches._forward``), as an object (``copies``)."""
+
+    __slots__ = ()
+
+    @python_when_entered
+    def __call__(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        self.method(module, args, kwargs)

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from gradscope.recording.blocks import Block
 from gradscope.recording.clock import StepClock
 from gradscope.recording.compilation import python_when_entered
+from gradscope.recording.copies import NotCopied
 from gradscope.recording.layers import ExecutionOrder
 from gradscope.recording.sink import Sink
 from gradscope.recording.traced import (
@@ -135,7 +136,7 @@ def output_gradient(grad_outputs: tuple[Tensor | None, ...], index: int) -> Tens
     return grad_outputs[index] if index < len(grad_outputs) else None
 
 
-class LayerProbe:
+class LayerProbe(NotCopied):
     """Forward hook of one watched module.
 
     On recorded steps it hands the output to the sink (its moments; on a GPU the ``Batcher`` may
@@ -230,7 +231,7 @@ class GradientProbe:
         self.sink.layer_gradient(slot, self.row, grad)
 
 
-class BlockProbe:
+class BlockProbe(NotCopied):
     """Forward pre-hook and hook of one block: compares its output with its input.
 
     The pre-hook notes the input tensor and its version counter; the hook measures identity
@@ -321,7 +322,20 @@ class BlockProbe:
         block_output(self.staging, self, self.row, x, y, self.seq_first)
 
 
-class BranchProbe:
+class BlockEntry(NotCopied):
+    """A block's forward pre-hook: its probe's ``before``, as an object (``copies``)."""
+
+    __slots__ = ("probe",)
+
+    def __init__(self, probe: BlockProbe) -> None:
+        self.probe = probe
+
+    @python_when_entered
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        self.probe.before(module, args)
+
+
+class BranchProbe(NotCopied):
     """Forward hook on a block's residual branch F: ||F(x)||^2 for branch_ratio.
 
     In a compiled graph, a branch that is an ``nn.Sequential`` returns its last layer's output,

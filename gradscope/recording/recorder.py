@@ -34,7 +34,7 @@ from gradscope.recording.buffer import StatsBuffer, copies_done, to_host
 from gradscope.recording.clock import StepClock
 from gradscope.recording.compilation import HookCheck, WrapperForwards, compiled
 from gradscope.recording.exchange import Exchange
-from gradscope.recording.hooks import ProbeHooks
+from gradscope.recording.hooks import ModelEnd, ModelStart, ProbeHooks
 from gradscope.recording.layers import ExecutionOrder, Layer, ModuleFilter, Ownership, ParameterRow, select_layers
 from gradscope.recording.microbatches import MicroBatchNorms
 from gradscope.recording.nonfinite import NonFiniteCheck
@@ -155,8 +155,8 @@ class Recorder:
             self._probes.pin() if self._compiled else self._probes.sync(self._clock.recording)
             if self._micro is not None:
                 self._micro.attach()
-            self._handles.append(model.register_forward_pre_hook(self._model_pre_hook))
-            self._handles.append(model.register_forward_hook(self._model_forward_end))
+            self._handles.append(model.register_forward_pre_hook(ModelStart(self._model_pre_hook)))
+            self._handles.append(model.register_forward_hook(ModelEnd(self._model_forward_end)))
             self._handles += WrapperForwards(wrapped, self._clock).handles  # whether its forwards ran hooked code
             if optimizer is not None:
                 self._handles.append(optimizer.register_step_pre_hook(_eager(self._before_optimizer_step)))
