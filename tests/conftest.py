@@ -19,7 +19,8 @@ kernels.MODE = os.environ.get("GRADSCOPE_TEST_BATCHING") or None
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest-xdist runs two workers on the suite's two cores: one intra-op thread each, so they
-    # do not take turns on oversubscribed cores (processes a test starts keep torch's default)
+    # do not take turns on oversubscribed cores (processes a test starts that do not load this
+    # file keep torch's default)
     torch.set_num_threads(1)
 
 

@@ -54,7 +54,7 @@ def _train(model: nn.Module, run, *, copies: bool, compiled: bool, **watch_kwarg
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("noise_scale", [False, True], ids=["", "noise_scale"])
+@pytest.mark.parametrize("noise_scale", [False, True], ids=["plain", "noise_scale"])
 def test_copies_of_a_watched_model_are_not_watched_and_leave_the_run_as_it_was(tmp_path, compiled, noise_scale):
     torch._dynamo.reset()
     alone, with_copies = _model(), _model()
@@ -64,7 +64,7 @@ def test_copies_of_a_watched_model_are_not_watched_and_leave_the_run_as_it_was(t
     a, b = gradscope.load_run(tmp_path / "alone"), gradscope.load_run(tmp_path / "copies")
     assert b.meta["status"] == "finished", b.meta["errors"]
     assert sorted(b.layers.step.unique()) == [0, 1, 2, 3] and len(b.blocks)
-    for table in ("layers", "blocks"):
+    for table in ("layers", "blocks", "scalars"):
         pd.testing.assert_frame_equal(getattr(a, table), getattr(b, table))
     assert_same_parameters(alone, with_copies)
     for c in made:  # each of gradscope's hooks is a hook that does nothing in the copy
